@@ -1,0 +1,1 @@
+"""Calibration data and FP16 / INT8 variants of bundles."""

@@ -1,0 +1,183 @@
+"""The `vlmedge` command. Problems a user can fix print as one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from vlmedge.errors import InputError, VlmedgeError
+
+app = typer.Typer(
+    help="Export, quantize, build, run and compare vision-language models for ONNX Runtime and TensorRT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal and os.environ.get("CI") == "true")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _evaluate(model_name: str, split: str, n_scenes: int) -> dict:
+    from vlmedge.evaluation.scene_eval import evaluate_torch_model, evaluation_set
+    from vlmedge.models.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(model_name)
+    es = evaluation_set(split, n_scenes)
+    with _progress() as p:
+        task = p.add_task(f"evaluating on {split}", total=len(es.scenes) + len(es.questions))
+        return evaluate_torch_model(model, tokenizer, es, progress=lambda n: p.advance(task, n))
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument("shapes-vlm", help="built-in model name or model directory"),
+    split: str = typer.Option("test", help="scene split: train, val or test"),
+    scenes: int = typer.Option(1000, min=1, help="scenes to evaluate (one caption and ~5 questions each)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """Caption exact match, BLEU-4, CIDEr and VQA accuracy of a reference model on a scene split."""
+    from vlmedge.evaluation.report import print_report
+
+    if split not in ("train", "val", "test"):
+        raise InputError(f"--split: expected train, val or test, not {split!r}")
+    report = _evaluate(model, split, scenes)
+    print_report(report, console, title=model)
+    if json_out:
+        _write_json_atomic(json_out, report)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/shapes-vlm"), help="run directory (checkpoint, log, final model)"),
+    steps: int = typer.Option(5600, min=1, help="optimizer steps (the shipped model: 5600, ~45 min on 2 cores)"),
+    seed: int = typer.Option(0, help="seed of the initial weights and of the question mix"),
+    threads: int = typer.Option(2, min=1, help="CPU threads"),
+) -> None:
+    """Train the reference model on generated scenes; resumes from OUT/checkpoint.pt if present.
+
+    Writes OUT/model (model.safetensors, config.json, tokenizer.json) and evaluates it on the test
+    split. The shipped checkpoint is `vlmedge train` with the defaults.
+    """
+    from dataclasses import replace
+
+    from vlmedge.evaluation.report import print_report
+    from vlmedge.training.train import TrainOptions
+    from vlmedge.training.train import train as run_training
+
+    options = replace(TrainOptions(), steps=steps, seed=seed, threads=threads)
+    with _progress() as p:
+        run_training(out, options, progress=p)
+    console.print(f"model written to {out / 'model'}")
+    report = _evaluate(str(out / "model"), "test", 1000)
+    print_report(report, console, title="trained model")
+    _write_json_atomic(out / "test_report.json", report)
+
+
+@app.command("scenes")
+def scenes_cmd(
+    out: Path = typer.Option(..., help="directory for the PNG images and scenes.jsonl"),
+    split: str = typer.Option("test", help="train, val or test"),
+    count: int = typer.Option(8, min=1, help="number of scenes"),
+    start: int = typer.Option(0, min=0, help="index of the first scene in the split"),
+) -> None:
+    """Write scenes of the built-in world as PNG files plus a JSONL of their captions and questions."""
+    from vlmedge.data.scenes import pick_questions, scene_seed
+    from vlmedge.data.scenes import scenes as gen
+
+    if split not in ("train", "val", "test"):
+        raise InputError(f"--split: expected train, val or test, not {split!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, s in enumerate(gen(split, start, count), start):
+        name = f"{split}-{i:06d}.png"
+        s.pil().save(out / name)
+        qs = [{"question": q.text, "answer": q.answer, "type": q.qtype} for q in pick_questions(s)]
+        lines.append(json.dumps({"image": name, "captions": [s.caption], "questions": qs, "seed": scene_seed(split, i)}))
+    (out / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    console.print(f"{count} scenes written to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="where the demo scenes are saved as PNG"),
+    count: int = typer.Option(4, min=1, help="scenes to show"),
+    scenes: int = typer.Option(1000, min=1, help="test scenes for the metrics"),
+) -> None:
+    """Caption and answer a few test scenes with the built-in model, then print test-split metrics."""
+    import torch
+    from rich.table import Table
+
+    from vlmedge.data.scenes import pick_questions
+    from vlmedge.data.scenes import scenes as gen
+    from vlmedge.evaluation.report import print_report
+    from vlmedge.models.checkpoint import load_pretrained
+    from vlmedge.runtime.preprocess import normalize
+
+    model, tok = load_pretrained("shapes-vlm")
+    cfg = model.config
+    decode = lambda ids: tok.decode([t for t in ids if t not in (cfg.pad_id, cfg.eos_id)])  # noqa: E731
+    out.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(gen("test", 0, count)):
+        path = out / f"test-{i:06d}.png"
+        s.pil().save(path)
+        px = torch.from_numpy(normalize(s.image[None], cfg.image_mean, cfg.image_std))
+        t = Table(title=str(path), show_lines=False)
+        t.add_column("")
+        t.add_column("model")
+        t.add_column("truth")
+        t.add_column("", justify="center")
+        pred = decode(model.caption(px)[0].tolist())
+        t.add_row("caption", pred, s.caption, "✓" if pred == s.caption else "✗")
+        for q in pick_questions(s):
+            ids = torch.tensor([tok.encode(q.text).ids])
+            ans = decode(model.answer(px, ids, torch.ones_like(ids))[0].tolist())
+            t.add_row(q.text, ans, q.answer, "✓" if ans == q.answer else "✗")
+        console.print(t)
+    print_report(_evaluate("shapes-vlm", "test", scenes), console, title="shapes-vlm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the app and returns its exit status; a VlmedgeError becomes one line on stderr."""
+    try:
+        app(args=argv, prog_name="vlmedge")  # usage errors: typer prints them and exits 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except VlmedgeError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""The synthetic scene world: scenes, captions and questions, deterministic by seed."""

@@ -1,0 +1,31 @@
+"""The exceptions vlmedge raises for problems a user can fix; the CLI prints them on one line."""
+
+
+class VlmedgeError(Exception):
+    """Base class: the message names the file or field and what was expected."""
+
+    exit_code = 2
+
+
+class InputError(VlmedgeError):
+    """A bad argument, image or question."""
+
+
+class ModelLoadError(VlmedgeError):
+    """A model directory, checkpoint or config that cannot be loaded."""
+
+
+class BundleError(VlmedgeError):
+    """A bundle that is missing files, has an unknown schema or fails its hashes."""
+
+
+class ExportError(VlmedgeError):
+    """Export could not trace or write a graph."""
+
+
+class ValidationError(VlmedgeError):
+    """Exported graphs disagree with the source model beyond tolerance."""
+
+
+class BuildError(VlmedgeError):
+    """A TensorRT engine could not be built or loaded."""

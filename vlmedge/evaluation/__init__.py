@@ -1,0 +1,1 @@
+"""Task metrics (caption exact match, BLEU-4, CIDEr; VQA accuracy) and model evaluation."""

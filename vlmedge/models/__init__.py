@@ -1,0 +1,1 @@
+"""Models: the built-in reference VLM (`shapes-vlm`) and loading of checkpoints by name or path."""

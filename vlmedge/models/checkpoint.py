@@ -1,0 +1,124 @@
+"""Saving and loading the reference model: model.safetensors + config.json + tokenizer.json.
+
+Loading checks every file before building anything, and checks every tensor's name and shape
+against the config, so a corrupt file or a mismatched config is one clear error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from vlmedge.errors import ModelLoadError
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+BUILTIN_DIR = Path(__file__).parent / "weights"
+BUILTIN_MODELS = {"shapes-vlm": BUILTIN_DIR / "shapes-vlm"}
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A built-in model's name or a directory holding the three files."""
+    s = str(name_or_path)
+    if s in BUILTIN_MODELS:
+        return BUILTIN_MODELS[s]
+    p = Path(s)
+    if not p.exists():
+        raise ModelLoadError(
+            f"{s}: no such model: expected a built-in name ({', '.join(BUILTIN_MODELS)}) or a model directory"
+        )
+    if not p.is_dir():
+        raise ModelLoadError(f"{s}: expected a model directory holding {CONFIG}, {WEIGHTS} and {TOKENIZER}")
+    return p
+
+
+def save_pretrained(model, tokenizer, out_dir: Path) -> None:
+    """Write the three files into out_dir atomically (a temp dir renamed into place)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps({"model_type": "shapes-vlm", **model.config.to_dict()}, indent=2) + "\n")
+        tokenizer.save(str(tmp / TOKENIZER))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_config(model_dir: Path):
+    from vlmedge.models.shapes_vlm import ShapesVLMConfig
+
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing model config")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.pop("model_type", None) != "shapes-vlm":
+        raise ModelLoadError(f"{path}: expected a shapes-vlm config (\"model_type\": \"shapes-vlm\")")
+    try:
+        return ShapesVLMConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def load_tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = model_dir / TOKENIZER
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+        raise ModelLoadError(f"{path}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
+
+
+def load_pretrained(name_or_path: str | os.PathLike):
+    """(model in eval mode, tokenizer) from a built-in name or a directory; clear errors otherwise."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from vlmedge.models.shapes_vlm import ShapesVLM
+
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.get_vocab_size() != cfg.vocab_size:
+        raise ModelLoadError(
+            f"{model_dir / TOKENIZER}: {tokenizer.get_vocab_size()} tokens, but {CONFIG} says vocab_size={cfg.vocab_size}"
+        )
+    wpath = model_dir / WEIGHTS
+    if not wpath.is_file():
+        raise ModelLoadError(f"{wpath}: missing weights")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{wpath}: not a readable safetensors file ({e})") from None
+    with torch.device("cpu"):
+        model = ShapesVLM(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ModelLoadError(f"{wpath}: weights do not match {CONFIG} ({what})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ModelLoadError(
+                f"{wpath}: tensor {k} has shape {tuple(state[k].shape)}, {CONFIG} implies {tuple(v.shape)}"
+            )
+    model.load_state_dict(state)
+    model.eval()
+    return model, tokenizer
