@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[train,test]'
+	$(PIP) install -q -c constraints.txt -e '.[train,export,test]'
 	touch $@
 
 demo: venv

@@ -72,7 +72,7 @@ def evaluate(
 @app.command()
 def train(
     out: Path = typer.Option(Path("runs/shapes-vlm"), help="run directory (checkpoint, log, final model)"),
-    steps: int = typer.Option(5600, min=1, help="optimizer steps (the shipped model: 5600, ~45 min on 2 cores)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the shipped model's 9000, ~45 min on 2 cores)"),
     seed: int = typer.Option(0, help="seed of the initial weights and of the question mix"),
     threads: int = typer.Option(2, min=1, help="CPU threads"),
 ) -> None:
@@ -87,7 +87,9 @@ def train(
     from vlmedge.training.train import TrainOptions
     from vlmedge.training.train import train as run_training
 
-    options = replace(TrainOptions(), steps=steps, seed=seed, threads=threads)
+    options = replace(TrainOptions(), seed=seed, threads=threads)
+    if steps is not None:
+        options = replace(options, steps=steps)
     with _progress() as p:
         run_training(out, options, progress=p)
     console.print(f"model written to {out / 'model'}")
@@ -157,6 +159,72 @@ def demo(
             t.add_row(q.text, ans, q.answer, "✓" if ans == q.answer else "✗")
         console.print(t)
     print_report(_evaluate("shapes-vlm", "test", scenes), console, title="shapes-vlm")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="built-in name (shapes-vlm), a model directory, or a hub id"),
+    out: Path = typer.Option(..., "--out", help="bundle directory to write"),
+    task: str = typer.Option("all", help="caption, vqa or all (what the model supports)"),
+    opset: int = typer.Option(18, help="ONNX opset (17 or newer)"),
+    prompt: Optional[str] = typer.Option(None, help='caption prompt for BLIP, e.g. "a picture of"'),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+) -> None:
+    """Export a model's encoders and KV-cache decoder to ONNX, validate against PyTorch, write a bundle."""
+    from vlmedge.export.exporter import ExportOptions, check_out_dir, export_bundle
+
+    check_out_dir(out, force)  # fail before loading anything heavy
+    from vlmedge.models.registry import load_adapter
+
+    _quiet_export_logs()
+    adapter = load_adapter(model, prompt)
+    with _progress() as p:
+        tasks: dict[str, object] = {}
+
+        def on_graph(name: str, state: str) -> None:
+            if name not in tasks:
+                tasks[name] = p.add_task(f"{name}", total=1)
+            if state == "done":
+                p.update(tasks[name], completed=1, description=f"{name} [green]exported[/green]")
+            elif state == "running":
+                p.update(tasks[name], description=f"{name} (ONNX Runtime vs PyTorch)")
+            else:
+                p.update(tasks[name], description=f"{name} {state}")
+
+        manifest = export_bundle(adapter, task, out, ExportOptions(opset=opset, force=force), on_graph=on_graph)
+        if "validation" in tasks:
+            p.update(tasks["validation"], completed=1, description="validation [green]passed[/green]")
+    from vlmedge.export.inspect import print_validation
+
+    print_validation(manifest.validation, console)
+    console.print(f"bundle written to {out}")
+
+
+@app.command("inspect")
+def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
+    """Print a bundle's manifest: graphs, inputs/outputs with dynamic axes, sizes, validation."""
+    from vlmedge.export.inspect import print_bundle
+    from vlmedge.runtime.bundle import load_bundle
+
+    print_bundle(load_bundle(bundle), console)
+
+
+def _quiet_export_logs() -> None:
+    """torch.onnx's exporter logs warnings a user cannot act on; keep the terminal to our progress."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 from dataclasses import replace
 
+import pytest
 import torch
 
 from vlmedge.data.tokenizer import build_tokenizer
 from vlmedge.models.checkpoint import load_pretrained
 from vlmedge.models.shapes_vlm import ShapesVLMConfig
-from vlmedge.training.train import TrainOptions, train
+from vlmedge.training.train import TrainOptions, mix_at, train
 
 TINY = TrainOptions(steps=4, batch_size=4, questions_per_scene=2, warmup=2, checkpoint_every=2, threads=1)
 
@@ -14,9 +15,26 @@ def _cfg():
     return ShapesVLMConfig(vocab_size=build_tokenizer().get_vocab_size(), d_model=32, n_heads=2, vision_layers=1, text_layers=1, decoder_layers=1)
 
 
+class _InterruptAt:
+    """Stands in for the progress bar and presses Ctrl-C during step `at`."""
+
+    def __init__(self, at: int):
+        self.at, self.done = at, 0
+
+    def add_task(self, *a, completed=0, **k):
+        self.done = completed
+        return 0
+
+    def update(self, *a, **k):
+        if self.done == self.at:
+            raise KeyboardInterrupt
+        self.done += 1
+
+
 def test_resumed_training_equals_uninterrupted(tmp_path):
     straight = train(tmp_path / "a", TINY, _cfg())
-    train(tmp_path / "b", replace(TINY, steps=2), _cfg())  # stops after 2 steps, checkpoint on disk
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", TINY, _cfg(), progress=_InterruptAt(2))  # checkpoint of 2 steps on disk
     resumed = train(tmp_path / "b", TINY, _cfg())
     for (k, v), (_, w) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(v, w), k
@@ -34,7 +52,7 @@ def test_training_reduces_the_loss(tmp_path):
 
     cfg = _cfg()
     opts = replace(TINY, steps=30, checkpoint_every=100, lr=3e-3)
-    b = make_batch(list(scenes("val", 0, 16)), build_tokenizer(), cfg, np.random.default_rng(0), dict(opts.mix), 2)
+    b = make_batch(list(scenes("val", 0, 16)), build_tokenizer(), cfg, np.random.default_rng(0), mix_at(opts.steps - 1, opts), 2)
     torch.manual_seed(opts.seed)
     from vlmedge.models.shapes_vlm import ShapesVLM
 

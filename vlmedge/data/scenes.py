@@ -64,6 +64,12 @@ class Question:
     subtype: str  # template name, e.g. "closest_color"
     n_objects: int  # objects in the scene
     chance: float  # accuracy of a blind guess: a random other object (relational), else a random answer
+    ref: int = -1  # index (in Scene.objects) of the object the question names, -1 if none
+    ref_word: int = -1  # index of the word that names it (its colour, or its shape), -1 if none
+
+
+def _naming(text: str, objs, o: SceneObject, word: str) -> dict:
+    return {"ref": objs.index(o), "ref_word": text.split().index(word)}
 
 
 @dataclass(frozen=True)
@@ -181,10 +187,13 @@ def _attribute(objs: tuple[SceneObject, ...]) -> list[Question]:
     out: list[Question] = []
     n = len(objs)
     for o in objs:
-        out.append(Question(f"what shape is the {o.color} object ?", o.shape, "attribute", "shape_of", n, 1 / 3))
-        out.append(Question(f"what size is the {o.color} object ?", o.size, "attribute", "size_of", n, 1 / 2))
+        t = f"what shape is the {o.color} object ?"
+        out.append(Question(t, o.shape, "attribute", "shape_of", n, 1 / 3, **_naming(t, objs, o, o.color)))
+        t = f"what size is the {o.color} object ?"
+        out.append(Question(t, o.size, "attribute", "size_of", n, 1 / 2, **_naming(t, objs, o, o.color)))
         if sum(p.size == o.size and p.shape == o.shape for p in objs) == 1:
-            out.append(Question(f"what color is the {o.size} {o.shape} ?", o.color, "attribute", "color_of", n, 1 / n))
+            t = f"what color is the {o.size} {o.shape} ?"
+            out.append(Question(t, o.color, "attribute", "color_of", n, 1 / n, **_naming(t, objs, o, o.shape)))
     return out
 
 
@@ -202,7 +211,11 @@ def _count(objs: tuple[SceneObject, ...]) -> list[Question]:
 
 def _existence(objs: tuple[SceneObject, ...], rng: np.random.Generator) -> list[Question]:
     present = {(o.color, o.shape) for o in objs}
-    yes = [Question(f"is there a {c} {s} ?", "yes", "existence", "color_shape", len(objs), 1 / 2) for c, s in sorted(present)]
+    yes = [
+        Question(f"is there a {o.color} {o.shape} ?", "yes", "existence", "color_shape", len(objs), 1 / 2,
+                 **_naming(f"is there a {o.color} {o.shape} ?", objs, o, o.color))
+        for o in sorted(objs, key=lambda o: (o.color, o.shape))
+    ]
     # "no" questions mostly reuse a colour that is present with another shape: binding, not colour spotting
     no: list[Question] = []
     for c, s in sorted(present):
@@ -222,10 +235,12 @@ def _position(objs: tuple[SceneObject, ...]) -> list[Question]:
     for o in objs:
         if abs(o.x - mid) >= _CENTRE_MARGIN:
             ans = "left" if o.x < mid else "right"
-            out.append(Question(f"is the {o.color} object on the left or the right ?", ans, "position", "horizontal", len(objs), 1 / 2))
+            t = f"is the {o.color} object on the left or the right ?"
+            out.append(Question(t, ans, "position", "horizontal", len(objs), 1 / 2, **_naming(t, objs, o, o.color)))
         if abs(o.y - mid) >= _CENTRE_MARGIN:
             ans = "top" if o.y < mid else "bottom"
-            out.append(Question(f"is the {o.color} object at the top or the bottom ?", ans, "position", "vertical", len(objs), 1 / 2))
+            t = f"is the {o.color} object at the top or the bottom ?"
+            out.append(Question(t, ans, "position", "vertical", len(objs), 1 / 2, **_naming(t, objs, o, o.color)))
     return out
 
 
@@ -233,12 +248,13 @@ def _relational(objs: tuple[SceneObject, ...]) -> list[Question]:
     out: list[Question] = []
     n = len(objs)
 
-    def ask(text: str, target: SceneObject, attr: str, subtype: str, pool: list[SceneObject]) -> Question:
-        # a blind guess picks a random object of `pool`: right when it shares the target's attribute
-        chance = sum(getattr(p, attr) == getattr(target, attr) for p in pool) / len(pool)
-        return Question(text, getattr(target, attr), "relational", subtype, n, chance)
-
     for o in objs:
+
+        def ask(text: str, target: SceneObject, attr: str, subtype: str, pool: list[SceneObject]) -> Question:
+            # a blind guess picks a random object of `pool`: right when it shares the target's attribute
+            chance = sum(getattr(p, attr) == getattr(target, attr) for p in pool) / len(pool)
+            return Question(text, getattr(target, attr), "relational", subtype, n, chance, **_naming(text, objs, o, o.color))
+
         others = [p for p in objs if p is not o]
         n_other = len(others)
         by_dist = sorted(others, key=lambda p: math.hypot(p.x - o.x, p.y - o.y))

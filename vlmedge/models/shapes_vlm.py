@@ -99,13 +99,18 @@ class Attention(nn.Module):
         return self._heads(self.key(x)), self._heads(self.value(x))  # 2 x (B, nh, S, hs)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, k, v, bias)[0]
+
+    def attend(self, x, k, v, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output (B, T, D) and attention probabilities (B, nh, T, S)."""
         B, T, D = x.shape
         q = self._heads(self.query(x))  # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if bias is not None:
             att = att + bias
-        y = att.softmax(dim=-1) @ v  # (B, nh, T, hs)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        probs = att.softmax(dim=-1)
+        y = probs @ v  # (B, nh, T, hs)
+        return self.out(y.transpose(1, 2).reshape(B, T, D)), probs
 
 
 class MLP(nn.Module):
@@ -132,11 +137,17 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(d, cfg.mlp_ratio)
 
     def forward(self, x, bias=None, context=None, context_bias=None):
+        return self.forward_with_attention(x, bias, context, context_bias)[0]
+
+    def forward_with_attention(self, x, bias=None, context=None, context_bias=None):
+        """Also returns the cross-attention probabilities (B, nh, T, S), or None without cross-attention."""
         h = self.ln1(x)
         x = x + self.attn(h, *self.attn.project_kv(h), bias)
+        probs = None
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.ln_cross(x), *self.cross_attn.project_kv(context), context_bias)
-        return x + self.mlp(self.ln2(x))
+            y, probs = self.cross_attn.attend(self.ln_cross(x), *self.cross_attn.project_kv(context), context_bias)
+            x = x + y
+        return x + self.mlp(self.ln2(x)), probs
 
 
 class DecoderLayer(nn.Module):
@@ -198,12 +209,18 @@ class QuestionEncoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, question_ids, question_mask, image_states) -> torch.Tensor:
+        return self.forward_with_attention(question_ids, question_mask, image_states)[0]
+
+    def forward_with_attention(self, question_ids, question_mask, image_states):
+        """States (B, Q, D) and the first layer's cross-attention to the image (B, nh, Q, N)."""
         Q = question_ids.shape[1]
         x = self.tok(question_ids) + self.pos(torch.arange(Q, device=question_ids.device))[None]
         bias = _padding_bias(question_mask)
+        first = None
         for layer in self.layers:
-            x = layer(x, bias, image_states, None)
-        return self.ln_f(x)  # (B, Q, D)
+            x, probs = layer.forward_with_attention(x, bias, image_states, None)
+            first = probs if first is None else first
+        return self.ln_f(x), first
 
 
 class TextDecoder(nn.Module):
@@ -219,8 +236,8 @@ class TextDecoder(nn.Module):
         """Cross-attention K/V of every layer, computed once per sequence."""
         return [layer.cross_attn.project_kv(encoder_states) for layer in self.layers]
 
-    def forward(self, input_ids, cross_kv, encoder_mask, past=None):
-        """input_ids (B, T) after `past` (P cached positions) -> logits (B, T, V), present K/V."""
+    def forward(self, input_ids, cross_kv, encoder_mask, past=None, last_only: bool = False):
+        """input_ids (B, T) after `past` (P cached positions) -> logits (B, T or 1, V), present K/V."""
         B, T = input_ids.shape
         P = 0 if past is None else past[0][0].shape[2]
         pos = torch.arange(P, P + T, device=input_ids.device)
@@ -231,6 +248,8 @@ class TextDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, self_bias, None if past is None else past[i], cross_kv[i], cross_bias)
             present.append(kv)
+        if last_only:  # export: the runtime only needs the next token's logits
+            x = x[:, -1:]
         return self.lm_head(self.ln_f(x)), present
 
 

@@ -1,14 +1,33 @@
-"""Image preprocessing in numpy: what every backend feeds the vision encoder."""
+"""Image preprocessing in numpy + Pillow: what every backend feeds the vision encoder."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS, "hamming": Image.Resampling.HAMMING,
+}
 
 
-def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32, rescaled to [0, 1] then standardised."""
-    x = images.astype(np.float32) * np.float32(1.0 / 255.0)
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], rescale: float = 1.0 / 255.0) -> np.ndarray:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32, rescaled then standardised."""
+    x = images.astype(np.float32) * np.float32(rescale)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def pixel_values(images: Sequence[Image.Image | np.ndarray], prep: Mapping[str, Any]) -> np.ndarray:
+    """RGB images of any size -> the vision encoder's (B, 3, H, W) input, per a bundle's preprocessing."""
+    size = (int(prep["width"]), int(prep["height"]))
+    arrays = []
+    for img in images:
+        pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
+        pil = pil.convert("RGB")
+        if pil.size != size:
+            pil = pil.resize(size, _RESAMPLE[prep["resample"]])
+        arrays.append(np.asarray(pil, dtype=np.uint8))
+    return normalize(np.stack(arrays), prep["mean"], prep["std"], prep.get("rescale", 1.0 / 255.0))

@@ -22,10 +22,12 @@ class Batch:
     question_ids: torch.Tensor  # (Bq, Q)
     question_mask: torch.Tensor  # (Bq, Q)
     answer_ids: torch.Tensor  # (Bq, Ta): [ANS] word [EOS]
+    ref_word: torch.Tensor  # (Bq,) token index of the word naming the question's object, -1 if none
+    ref_patches: torch.Tensor  # (Bq, N) 1 on the image patches the named object covers
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+    width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
@@ -45,17 +47,25 @@ def make_batch(
     captions = [[cfg.caption_start_id, *enc(s.caption), cfg.eos_id] for s in scenes]
     types = list(QUESTION_TYPES)
     p = np.array([type_weights.get(t, 0.0) for t in types], dtype=np.float64)
-    q_img, q_ids, a_ids = [], [], []
+    q_img, q_ids, a_ids, ref_word, ref_patches = [], [], [], [], []
+    grid = cfg.image_size // cfg.patch_size
+    centres = (np.arange(grid) + 0.5) * cfg.patch_size  # scene coordinates are pixels of the model's input
     for i, s in enumerate(scenes):
+        if not questions_per_scene:
+            break
         by_type = questions_for(s)
         avail = np.array([len(by_type[t]) > 0 for t in types])
         w = p * avail
+        if not w.any():
+            continue
         for _ in range(questions_per_scene):
             t = types[rng.choice(len(types), p=w / w.sum())]
             q = by_type[t][rng.integers(len(by_type[t]))]
             q_img.append(i)
             q_ids.append(enc(q.text))
             a_ids.append([cfg.answer_start_id, *enc(q.answer), cfg.eos_id])
+            ref_word.append(q.ref_word)
+            ref_patches.append(_patches_of(s.objects[q.ref], centres) if q.ref >= 0 else np.zeros(grid * grid, np.float32))
     qi = pad(q_ids, cfg.pad_id)
     return Batch(
         pixel_values=torch.from_numpy(pixels),
@@ -64,4 +74,17 @@ def make_batch(
         question_ids=qi,
         question_mask=(qi != cfg.pad_id).long(),
         answer_ids=pad(a_ids, cfg.pad_id),
+        ref_word=torch.tensor(ref_word, dtype=torch.long),
+        ref_patches=torch.from_numpy(np.stack(ref_patches)) if ref_patches else torch.zeros(0, grid * grid),
     )
+
+
+def _patches_of(obj, centres: np.ndarray) -> np.ndarray:
+    """(N,) 1 on the patches whose centre lies on the object (at least the patch holding its centre)."""
+    from vlmedge.data.scenes import SIZES
+
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    on = ((cx - obj.x) ** 2 + (cy - obj.y) ** 2 <= (SIZES[obj.size] + 2.0) ** 2).reshape(-1)
+    if not on.any():
+        on[np.argmin(((cx - obj.x) ** 2 + (cy - obj.y) ** 2).reshape(-1))] = True
+    return on.astype(np.float32)

@@ -32,13 +32,31 @@ class TrainOptions:
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # The last part of training leans on relational questions, the hardest type.
-    relational_phase: float = 0.3
-    mix: tuple[tuple[str, float], ...] = (("attribute", 1.0), ("count", 1.0), ("existence", 1.0), ("position", 0.7), ("relational", 2.5))
-    relational_mix: tuple[tuple[str, float], ...] = (("attribute", 1.0), ("count", 1.0), ("existence", 0.7), ("position", 0.5), ("relational", 5.0))
+    # Question mix by phase (fraction of the steps where the phase starts). Captions train
+    # throughout and alone at first, so that the image encoder knows objects before questions
+    # ask for them. Then one question type at a time: the answer decoder learns to read a type's
+    # answer within a few hundred steps when that type is alone, but hardly at all when it is a
+    # small part of a mix. Then every type together, and the last part leans on relational
+    # questions, the hardest type.
+    curriculum: tuple[tuple[float, tuple[tuple[str, float], ...]], ...] = (
+        (0.0, ()),
+        (0.05, (("attribute", 1.0),)),
+        (0.08, (("position", 1.0),)),
+        (0.11, (("existence", 1.0),)),
+        (0.14, (("count", 1.0),)),
+        (0.17, (("relational", 1.0),)),
+        (0.23, (("attribute", 1.0), ("count", 1.0), ("existence", 1.0), ("position", 0.7), ("relational", 2.5))),
+        (0.7, (("attribute", 1.0), ("count", 1.0), ("existence", 0.7), ("position", 0.5), ("relational", 5.0))),
+    )
+    grounding_weight: float = 0.5
     checkpoint_every: int = 250
     seed: int = 0
     threads: int = 2
+
+
+def mix_at(step: int, o: TrainOptions) -> dict[str, float]:
+    frac = step / o.steps
+    return dict([mix for start, mix in o.curriculum if start <= frac][-1])
 
 
 def lr_at(step: int, o: TrainOptions) -> float:
@@ -48,13 +66,28 @@ def lr_at(step: int, o: TrainOptions) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def step_loss(model: ShapesVLM, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(model: ShapesVLM, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caption loss, answer loss, and the grounding loss of the question encoder's first lookup.
+
+    Grounding: one head of the first cross-attention layer, read at the word that names the
+    question's object ("red" in "what shape is the red object ?"), is asked to put its attention
+    on that object's patches. It teaches the lookup every question type relies on directly,
+    instead of leaving it to be discovered through the answer alone (a long plateau).
+    """
     image_states = model.encode_image(b.pixel_values)
     image_mask = torch.ones(image_states.shape[:2], dtype=torch.long)
     caption_loss = model.loss(image_states, image_mask, b.caption_ids)
-    q_states = model.encode_question(b.question_ids, b.question_mask, image_states[b.question_image])
+    zero = torch.zeros(())
+    if b.question_ids.numel() == 0:  # a captions-only phase
+        return caption_loss, zero, zero
+    q_states, probs = model.question.forward_with_attention(b.question_ids, b.question_mask, image_states[b.question_image])
     answer_loss = model.loss(q_states, b.question_mask, b.answer_ids)
-    return caption_loss, answer_loss
+    named = torch.nonzero(b.ref_word >= 0).flatten()
+    if len(named) == 0:
+        return caption_loss, answer_loss, zero
+    attn = probs[named, 0, b.ref_word[named]]  # (k, N): head 0 at the naming word
+    mass = (attn * b.ref_patches[named]).sum(-1)
+    return caption_loss, answer_loss, -(mass + 1e-6).log().mean()
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -89,26 +122,25 @@ def train(out_dir: Path, options: TrainOptions = TrainOptions(), config: ShapesV
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     log = open(out_dir / "train_log.tsv", "a")
-    relational_from = int(options.steps * (1 - options.relational_phase))
     model.train()
     task = progress.add_task("training", total=options.steps, completed=start) if progress else None
     t0, ema = time.time(), None
     for step in range(start, options.steps):
-        mix = dict(options.relational_mix if step >= relational_from else options.mix)
+        mix = mix_at(step, options)
         rng = np.random.default_rng([options.seed, step])
         batch_scenes = list(scenes("train", step * options.batch_size, options.batch_size))
-        b = make_batch(batch_scenes, tokenizer, cfg, rng, mix, options.questions_per_scene)
+        b = make_batch(batch_scenes, tokenizer, cfg, rng, mix, options.questions_per_scene if mix else 0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, options)
-        cap_loss, ans_loss = step_loss(model, b)
-        loss = cap_loss + ans_loss
+        cap_loss, ans_loss, ground_loss = step_loss(model, b)
+        loss = cap_loss + ans_loss + options.grounding_weight * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         opt.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 25 == 0:
-            log.write(f"{step}\t{time.time() - t0:.1f}\t{cap_loss.item():.4f}\t{ans_loss.item():.4f}\n")
+            log.write(f"{step}\t{time.time() - t0:.1f}\t{cap_loss.item():.4f}\t{ans_loss.item():.4f}\t{ground_loss.item():.4f}\n")
             log.flush()
         if progress:
             progress.update(task, advance=1, description=f"training loss {ema:.3f}")

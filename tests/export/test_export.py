@@ -1,0 +1,101 @@
+"""Exported graphs give the same greedy tokens as each family's own PyTorch generation."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from families import FAMILIES
+from vlmedge.export.samples import sample_inputs
+from vlmedge.models.registry import ARCHITECTURES
+from vlmedge.runtime.backends.onnxruntime import OrtBackend
+from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
+from vlmedge.runtime.decoding import encode, greedy
+
+ALL = [*FAMILIES, "shapes-vlm"]
+
+
+def test_every_architecture_has_a_tiny_family():
+    covered = {arch for arch, _, _ in FAMILIES.values()} | {"ShapesVLM"}
+    assert covered == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_export_validation_passed(bundles, name):
+    _, manifest, _ = bundles[name]
+    v = manifest.validation
+    assert v["passed"], v["failures"]
+    for task, r in v["tokens"].items():
+        assert r["images"] >= 8 and r["agree_batched"] == r["images"] and r["agree_batch1"] == r["images"]
+    for graph, outs in v["graphs"].items():
+        for out, e in outs.items():
+            assert e["max_abs"] <= 1e-4 * max(1.0, e["ref_max"]), (graph, out, e)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_tokens_equal_pytorch_generate(bundles, name, batch):
+    """Fresh scenes (not those validation used), at batch 1 and 3 with padded questions."""
+    adapter, manifest, path = bundles[name]
+    backend = OrtBackend(load_bundle(path))
+    L = manifest.dims["decoder_layers"]
+    for task, spec in manifest.tasks.items():
+        s = sample_inputs(adapter, n=batch, tasks=[task], start=20 + batch)
+        px = s.pixel_values
+        if task == "vqa":
+            states, mask = encode(backend, px.numpy(), s.question_ids.numpy(), s.question_mask.numpy())
+            ref = adapter.reference_generate(task, px, s.question_ids, s.question_mask, max_new_tokens=spec["max_new_tokens"])
+        else:
+            states, mask = encode(backend, px.numpy())
+            ref = adapter.reference_generate(task, px, max_new_tokens=spec["max_new_tokens"])
+        got = greedy(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], spec["max_new_tokens"])
+        assert got == ref
+        assert all(len(r) >= 1 for r in got)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_graphs_match_the_manifest(bundles, name):
+    _, manifest, path = bundles[name]
+    assert parse_manifest(__import__("json").loads((path / "manifest.json").read_text())) == load_bundle(path).manifest
+    for gname, spec in manifest.graphs.items():
+        assert gname in GRAPH_NAMES
+        model = onnx.load(str(path / spec.file))
+        ops = {n.op_type for n in model.graph.node}
+        for f in model.functions:
+            ops |= {n.op_type for n in f.node}
+        assert not ops & {"If", "Loop", "Scan"}, (gname, ops & {"If", "Loop", "Scan"})
+        assert model.opset_import[0].version >= 17 or any(o.version >= 17 for o in model.opset_import if o.domain == "")
+        for declared, actual in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
+            assert [t.name for t in declared] == [a.name for a in actual] or (
+                # a graph may leave out an input its family ignores (BLIP's cross-attention mask)
+                [a.name for a in actual] == [t.name for t in declared if t.name in {a.name for a in actual}])
+            by_name = {t.name: t for t in declared}
+            for a in actual:
+                dims = tuple(d.dim_param or d.dim_value for d in a.type.tensor_type.shape.dim)
+                assert dims == by_name[a.name].shape, (gname, a.name, dims)
+                for d in a.type.tensor_type.shape.dim:
+                    assert d.dim_param or d.dim_value > 0  # every axis fixed or named
+                    if d.dim_param:
+                        assert d.dim_param in manifest.axes
+
+
+def test_cross_kv_is_not_recomputed_per_step(bundles):
+    """The step graphs take cross K/V as inputs and hold no cross-attention key/value weights."""
+    _, manifest, path = bundles["shapes-vlm"]
+    step = onnx.load(str(path / manifest.graphs["decoder_step"].file))
+    init = onnx.load(str(path / manifest.graphs["decoder_init"].file))
+    n_init = sum(1 for n in init.graph.node if n.op_type == "MatMul")
+    n_step = sum(1 for n in step.graph.node if n.op_type == "MatMul")
+    L = manifest.dims["decoder_layers"]
+    assert n_init - n_step >= 2 * L  # the cross K and V projections live only in decoder_init
+
+
+def test_caption_prompt_is_part_of_the_bundle(tiny_models, tmp_path):
+    from vlmedge.export.exporter import export_bundle
+    from vlmedge.models.registry import load_adapter
+
+    adapter = load_adapter(str(tiny_models["blip-caption"]), prompt="a small red circle")
+    manifest = export_bundle(adapter, "caption", tmp_path / "b")
+    ids = manifest.tasks["caption"]["prompt_ids"]
+    assert len(ids) == 5 and ids[0] == adapter.bos_id  # [DEC] a small red circle
+    assert manifest.validation["passed"], manifest.validation["failures"]

@@ -1,0 +1,221 @@
+"""`vlmedge export`: trace a model's canonical graphs to ONNX, validate them, write a bundle.
+
+Everything is written into a temporary directory beside `--out` and renamed into place only when
+validation passes, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vlmedge import __version__
+from vlmedge.errors import ExportError, InputError
+from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls
+from vlmedge.models.base import TASKS, Adapter
+from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, sha256_file
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17  # LayerNormalization as one op
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    validate_images: int = 8
+    atol: float = 1e-4  # max abs error allowed per output, scaled by max(1, |reference|)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an --out that export could not replace, before any heavy work."""
+    shutil.rmtree(prepare_out_dir(out, force))
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """Check --out; return a fresh temp dir beside it (the bundle is renamed from there into place)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"--out {out}: exists and is not empty; pass --force to replace it")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def select_tasks(adapter: Adapter, task: str) -> list[str]:
+    supported = list(adapter.info.tasks)
+    if task == "all":
+        return supported
+    if task not in TASKS:
+        raise InputError(f"--task: expected caption, vqa or all, not {task!r}")
+    if task not in supported:
+        raise InputError(f"--task {task}: {adapter.info.architecture} supports only {', '.join(supported)}")
+    return [task]
+
+
+def _rename_axes(path: Path, decl: GraphDecl) -> None:
+    """Give every input/output exactly the declared shape: named dynamic axes, fixed ints."""
+    import onnx
+
+    model = onnx.load(str(path))
+    by_name = {t.name: t for t in decl.inputs + decl.outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        want = by_name.get(vi.name)
+        if want is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(want.shape):
+            raise ExportError(f"graph {decl.name}: {vi.name} has rank {len(dims)}, expected {len(want.shape)}")
+        for d, w in zip(dims, want.shape):
+            if isinstance(w, str):
+                d.dim_param = w
+            else:
+                d.dim_value = w
+    onnx.save(model, str(path))
+
+
+def _trace(module, args: tuple, decl: GraphDecl, dynamic_shapes, path: Path, opset: int) -> None:
+    import torch
+
+    try:
+        prog = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+            input_names=[t.name for t in decl.inputs], output_names=[t.name for t in decl.outputs],
+            verbose=False,
+        )
+        prog.save(str(path))
+    except Exception as e:  # the exporter raises many types; the first line says what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"graph {decl.name}: torch.onnx.export failed: {first}") from e
+    _rename_axes(path, decl)
+
+
+def _spec(decl: GraphDecl, file: str, digest: str) -> GraphSpec:
+    t = lambda x: TensorSpec(x.name, x.dtype, tuple(x.shape))  # noqa: E731
+    return GraphSpec(file=file, sha256=digest, inputs=tuple(map(t, decl.inputs)), outputs=tuple(map(t, decl.outputs)))
+
+
+def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions = ExportOptions(),
+                  on_graph: Callable[[str, str], None] | None = None) -> Manifest:
+    """Export, validate and write the bundle; returns its manifest. `on_graph(name, state)` reports progress."""
+    import torch
+    from torch.export import Dim
+
+    from vlmedge.export.samples import sample_inputs
+    from vlmedge.export.validate import validate_bundle
+
+    if options.opset < MIN_OPSET:
+        raise InputError(f"--opset {options.opset}: vlmedge needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    tasks = select_tasks(adapter, task)
+    tmp = prepare_out_dir(out, options.force)
+    try:
+        info = adapter.info
+        d = info.dims
+        with_text = "vqa" in tasks
+        sample = sample_inputs(adapter, n=2, tasks=tasks)
+        with torch.no_grad():
+            image_states = adapter.vision_encoder()(sample.pixel_values)
+        decls = {g.name: g for g in graph_decls(info, image_states.shape[-1], with_text)}
+        ranges = axis_ranges(info, tasks)
+
+        # example inputs: no dynamic dim of size 1 (torch.export would specialise it)
+        B = Dim("batch", min=1, max=ranges["batch"][2])
+        enc_max = ranges["encoder_len"][2]
+        S = Dim("encoder_len", min=1, max=max(enc_max, 2))
+        P = Dim("past_len", min=1, max=max(ranges["past_len"][2], 2))
+        T0 = Dim("prompt_len", min=1, max=max(ranges["prompt_len"][2], 2))
+        L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
+        enc_states = image_states
+        enc_mask = torch.ones(enc_states.shape[:2], dtype=torch.long)
+        if with_text:
+            Q = Dim("question_len", min=1, max=max(ranges["question_len"][2], 2))
+            with torch.no_grad():
+                q_states = adapter.text_encoder()(sample.question_ids, sample.question_mask, image_states)
+            enc_states, enc_mask = q_states, sample.question_mask
+        prompt = list(info.tasks[tasks[0]].prompt_ids)
+        prompt_ids = torch.tensor([prompt + [prompt[-1]]] * 2 if len(prompt) < 2 else [prompt] * 2)
+        with torch.no_grad():
+            init_out = adapter.decoder_init()(prompt_ids, enc_states, enc_mask)
+        past = list(init_out[1 : 1 + 2 * L])
+        cross = list(init_out[1 + 2 * L :])
+
+        plan = [("vision_encoder", adapter.vision_encoder, (sample.pixel_values,), {"pixel_values": {0: B}})]
+        if with_text:
+            plan.append(("text_encoder", adapter.text_encoder, (sample.question_ids, sample.question_mask, image_states),
+                         {"question_ids": {0: B, 1: Q}, "question_mask": {0: B, 1: Q}, "image_states": {0: B}}))
+        plan.append(("decoder_init", adapter.decoder_init, (prompt_ids, enc_states, enc_mask),
+                     {"input_ids": {0: B, 1: T0}, "encoder_states": {0: B, 1: S}, "encoder_mask": {0: B, 1: S}}))
+        step_ids = torch.tensor([[prompt[-1]]] * 2)
+        plan.append(("decoder_step", adapter.decoder_step, (step_ids, enc_mask, *past, *cross),
+                     {"input_ids": {0: B}, "encoder_mask": {0: B, 1: S},
+                      "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
+
+        graphs: dict[str, GraphSpec] = {}
+        timings: dict[str, float] = {}
+        for name, make, args, dyn in plan:
+            if on_graph:
+                on_graph(name, "exporting")
+            t0 = time.perf_counter()
+            path = tmp / f"{name}.onnx"
+            _trace(make(), args, decls[name], dyn, path, options.opset)
+            timings[name] = round(time.perf_counter() - t0, 2)
+            graphs[name] = _spec(decls[name], path.name, sha256_file(path))
+            if on_graph:
+                on_graph(name, "done")
+
+        (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
+        manifest = Manifest(
+            family=info.family, architecture=info.architecture,
+            tasks={t: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info.tasks[t]).items()} for t in tasks},
+            dims=asdict(d), graphs=graphs,
+            axes={k: AxisRange(*v) for k, v in ranges.items()},
+            preprocessing=asdict(info.preprocessing),
+            tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
+            precision={"dtype": "float32", "method": "export"},
+            provenance=_provenance(adapter, options.opset, timings),
+        )
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        if on_graph:
+            on_graph("validation", "running")
+        validation = validate_bundle(adapter, tmp, tasks, options)
+        manifest = Manifest(**{**manifest.__dict__, "validation": validation})
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        if not validation["passed"]:
+            from vlmedge.errors import ValidationError
+
+            raise ValidationError(f"export of {adapter.source} failed validation: {validation['failures'][0]}")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _provenance(adapter: Adapter, opset: int, timings: dict[str, float]) -> dict:
+    import torch
+
+    hashes = {}
+    for f in adapter.weight_files():
+        hashes[Path(f).name] = sha256_file(Path(f))
+    prov = {
+        "source": adapter.source, "source_sha256": hashes, "exporter": f"vlmedge {__version__}",
+        "torch": torch.__version__, "opset": opset, "export_seconds": timings,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if "transformers" in sys.modules:  # a Hugging Face family
+        prov["transformers"] = sys.modules["transformers"].__version__
+    return prov

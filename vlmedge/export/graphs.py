@@ -1,0 +1,93 @@
+"""The canonical graphs as export specs: inputs, outputs and dynamic axes, derived from ModelDims.
+
+Example inputs never have a dynamic dimension of size 1 (torch.export would specialise it), and
+every dynamic axis carries the name the manifest and the TensorRT profiles use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmedge.models.base import FamilyInfo
+
+# Ranges of the named axes: (min, opt, max). Batch and lengths are dynamic; image size is fixed.
+DEFAULT_MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphDecl:
+    name: str
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+
+
+def kv(prefix: str, layers: int, heads: int, head_dim: int, length_axis: str) -> tuple[TensorDecl, ...]:
+    if prefix == "cross":
+        names = [f"cross.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    else:
+        names = [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
+    return tuple(TensorDecl(n, "float32", ("batch", heads, length_axis, head_dim)) for n in names)
+
+
+def graph_decls(info: FamilyInfo, image_width: int, with_text_encoder: bool) -> list[GraphDecl]:
+    """The graphs a bundle of this family holds; `image_width` is the vision encoder's output width."""
+    d, p = info.dims, info.preprocessing
+    L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
+    graphs = [
+        GraphDecl(
+            "vision_encoder",
+            (TensorDecl("pixel_values", "float32", ("batch", 3, p.height, p.width)),),
+            (TensorDecl("image_states", "float32", ("batch", d.image_tokens, image_width)),),
+        )
+    ]
+    if with_text_encoder:
+        graphs.append(GraphDecl(
+            "text_encoder",
+            (TensorDecl("question_ids", "int64", ("batch", "question_len")),
+             TensorDecl("question_mask", "int64", ("batch", "question_len")),
+             TensorDecl("image_states", "float32", ("batch", d.image_tokens, image_width))),
+            (TensorDecl("encoder_states", "float32", ("batch", "question_len", d.encoder_hidden)),),
+        ))
+    graphs.append(GraphDecl(
+        "decoder_init",
+        (TensorDecl("input_ids", "int64", ("batch", "prompt_len")),
+         TensorDecl("encoder_states", "float32", ("batch", "encoder_len", d.encoder_hidden)),
+         TensorDecl("encoder_mask", "int64", ("batch", "encoder_len"))),
+        (TensorDecl("logits", "float32", ("batch", d.vocab_size)),
+         *kv("present", L, H, dh, "prompt_len"), *kv("cross", L, H, dh, "encoder_len")),
+    ))
+    graphs.append(GraphDecl(
+        "decoder_step",
+        (TensorDecl("input_ids", "int64", ("batch", 1)),
+         TensorDecl("encoder_mask", "int64", ("batch", "encoder_len")),
+         *kv("past", L, H, dh, "past_len"), *kv("cross", L, H, dh, "encoder_len")),
+        (TensorDecl("logits", "float32", ("batch", d.vocab_size)), *kv("present", L, H, dh, "total_len")),
+    ))
+    return graphs
+
+
+def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, tuple[int, int, int]]:
+    """min/opt/max of every named axis, for the manifest and the TensorRT optimisation profiles."""
+    d = info.dims
+    prompt = max(len(info.tasks[t].prompt_ids) for t in tasks)
+    max_new = max(info.tasks[t].max_new_tokens for t in tasks)
+    q = d.max_question_len
+    enc_lens = [d.image_tokens if info.tasks[t].encoder == "vision_encoder" else q for t in tasks]
+    total_max = min(d.max_target_len, prompt + max_new)
+    ranges = {
+        "batch": (1, 1, max_batch),
+        "prompt_len": (1, prompt, max(prompt, 1)),
+        "encoder_len": (1 if "vqa" in tasks else d.image_tokens, max(enc_lens), max(enc_lens)),
+        "past_len": (1, min(16, total_max - 1), total_max - 1),
+        "total_len": (2, min(17, total_max), total_max),
+    }
+    if "vqa" in tasks:
+        ranges["question_len"] = (1, min(16, q), q)
+    return ranges

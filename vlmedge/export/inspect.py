@@ -1,0 +1,76 @@
+"""Printing a bundle's manifest and an export's validation as terminal tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmedge.runtime.bundle import Bundle
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def print_bundle(bundle: Bundle, console: Console) -> None:
+    m = bundle.manifest
+    console.print(f"[b]{bundle.path}[/b]: {m.family} ({m.architecture}), tasks {', '.join(m.tasks)}, "
+                  f"precision {m.precision.get('dtype')}, schema {m.schema_version}, opset {m.provenance.get('opset')}")
+    t = Table(title="graphs")
+    for col in ("graph", "file", "size", "tensor", "dtype", "shape"):
+        t.add_column(col)
+    for name, g in m.graphs.items():
+        size = bundle.graph_path(name).stat().st_size
+        rows = [("in", x) for x in g.inputs] + [("out", x) for x in g.outputs]
+        shown = rows if len(rows) <= 10 else rows[:6] + [("", None)] + rows[-2:]
+        for i, (kind, x) in enumerate(shown):
+            first = i == 0
+            if x is None:
+                t.add_row("", "", "", f"... {len(rows) - 8} more", "", "")
+                continue
+            t.add_row(name if first else "", g.file if first else "", _size(size) if first else "",
+                      f"{kind} {x.name}", x.dtype, _shape(x.shape))
+        t.add_section()
+    console.print(t)
+    a = Table(title="dynamic axes (TensorRT profiles)")
+    for col in ("axis", "min", "opt", "max"):
+        a.add_column(col, justify="right" if col != "axis" else "left")
+    for name, r in m.axes.items():
+        a.add_row(name, str(r.min), str(r.opt), str(r.max))
+    console.print(a)
+    tt = Table(title="tasks")
+    for col in ("task", "encoder", "prompt ids", "eos", "pad", "max new tokens"):
+        tt.add_column(col)
+    for name, spec in m.tasks.items():
+        tt.add_row(name, spec["encoder"], str(spec["prompt_ids"]), str(spec["eos_id"]), str(spec["pad_id"]), str(spec["max_new_tokens"]))
+    console.print(tt)
+    p = m.preprocessing
+    console.print(f"preprocessing: {p['height']}x{p['width']} {p['resample']}, mean {p['mean']}, std {p['std']}")
+    prov = m.provenance
+    console.print(f"source: {prov.get('source')} ({', '.join(f'{k} {v[:12]}' for k, v in prov.get('source_sha256', {}).items())}), "
+                  f"{prov.get('exporter')}, torch {prov.get('torch')}")
+    if m.validation:
+        print_validation(m.validation, console)
+
+
+def print_validation(v: dict, console: Console) -> None:
+    t = Table(title=f"validation: ONNX Runtime (CPU) vs PyTorch, {'[green]passed[/green]' if v['passed'] else '[red]FAILED[/red]'}")
+    for col in ("graph", "outputs", "max abs error", "mean rel error"):
+        t.add_column(col, justify="right" if col != "graph" else "left")
+    for g, outs in v["graphs"].items():
+        t.add_row(g, str(len(outs)), f"{max(e['max_abs'] for e in outs.values()):.2e}",
+                  f"{max(e['mean_rel'] for e in outs.values()):.2e}")
+    console.print(t)
+    t = Table(title="greedy tokens: ONNX decode loop vs PyTorch generate")
+    for col in ("task", "images", "same tokens, one batch", "same tokens, batch 1", "mean new tokens"):
+        t.add_column(col, justify="right" if col != "task" else "left")
+    for task, r in v["tokens"].items():
+        t.add_row(task, str(r["images"]), f"{r['agree_batched']}/{r['images']}", f"{r['agree_batch1']}/{r['images']}",
+                  f"{r['mean_new_tokens']:.1f}")
+    console.print(t)
+    for f in v.get("failures", []):
+        console.print(f"[red]failure:[/red] {f}")

@@ -1,0 +1,133 @@
+"""Validation of an exported bundle against the PyTorch model it came from.
+
+1. Per graph and output: max abs error and mean relative error of ONNX Runtime (CPU) against
+   PyTorch, on real scenes and questions.
+2. End to end: greedy tokens of the runtime's decoding loop over the ONNX graphs equal the family's
+   own PyTorch generation, for every image, at batch 1 and as one padded batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlmedge.models.base import Adapter
+from vlmedge.runtime.backends.onnxruntime import OrtBackend
+from vlmedge.runtime.bundle import load_bundle
+from vlmedge.runtime.decoding import encode, greedy
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref = ref.astype(np.float64)
+    got = got.astype(np.float64)
+    diff = np.abs(ref - got)
+    return {
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "mean_rel": float((diff / (np.abs(ref) + 1e-6)).mean()) if diff.size else 0.0,
+        "ref_max": float(np.abs(ref).max()) if ref.size else 0.0,
+    }
+
+
+def _graph_errors(adapter: Adapter, backend: OrtBackend, bundle, tasks, sample) -> dict:
+    import torch
+
+    m = bundle.manifest
+    out: dict[str, dict] = {}
+
+    def check(name, module, args, feeds):
+        with torch.no_grad():
+            ref = module(*args)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = backend.run(name, feeds)
+        names = [t.name for t in m.graphs[name].outputs]
+        out[name] = {n: _errors(r.numpy(), got[n]) for n, r in zip(names, ref)}
+        return ref
+
+    px = sample.pixel_values
+    (img,) = check("vision_encoder", adapter.vision_encoder(), (px,), {"pixel_values": px.numpy()})
+    enc, mask = img, torch.ones(img.shape[:2], dtype=torch.long)
+    if "vqa" in tasks:
+        (enc,) = check("text_encoder", adapter.text_encoder(), (sample.question_ids, sample.question_mask, img),
+                       {"question_ids": sample.question_ids.numpy(), "question_mask": sample.question_mask.numpy(),
+                        "image_states": img.numpy()})
+        mask = sample.question_mask
+    task = "vqa" if "vqa" in tasks else "caption"
+    spec = m.tasks[task]
+    ids = torch.tensor([list(spec["prompt_ids"])] * px.shape[0])
+    init = check("decoder_init", adapter.decoder_init(), (ids, enc, mask),
+                 {"input_ids": ids.numpy(), "encoder_states": enc.numpy(), "encoder_mask": mask.numpy()})
+    L = m.dims["decoder_layers"]
+    past, cross = init[1 : 1 + 2 * L], init[1 + 2 * L :]
+    nxt = init[0].argmax(-1, keepdim=True)
+    feeds = {"input_ids": nxt.numpy(), "encoder_mask": mask.numpy()}
+    for t, v in zip(m.graphs["decoder_step"].inputs[2:], (*past, *cross)):
+        feeds[t.name] = v.numpy()
+    check("decoder_step", adapter.decoder_step(), (nxt, mask, *past, *cross), feeds)
+    return out
+
+
+def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) -> dict:
+    m = bundle.manifest
+    spec = m.tasks[task]
+    L = m.dims["decoder_layers"]
+    max_new = spec["max_new_tokens"]
+    vqa = task == "vqa"
+    n = sample.pixel_values.shape[0]
+
+    def onnx_ids(sl):
+        px = sample.pixel_values[sl].numpy()
+        if vqa:
+            qm = sample.question_mask[sl].numpy()
+            width = int(qm.sum(1).max())  # a batch of one carries no padding
+            states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
+        else:
+            states, mask = encode(backend, px)
+        return greedy(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], max_new)
+
+    def torch_ids(sl):
+        if vqa:
+            qm = sample.question_mask[sl]
+            width = int(qm.sum(1).max())
+            return adapter.reference_generate(task, sample.pixel_values[sl], sample.question_ids[sl][:, :width],
+                                              qm[:, :width], max_new_tokens=max_new)
+        return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new)
+
+    batched_ref, batched = torch_ids(slice(0, n)), onnx_ids(slice(0, n))
+    single_ref, single = [], []
+    for i in range(n):
+        single_ref += torch_ids(slice(i, i + 1))
+        single += onnx_ids(slice(i, i + 1))
+    mism = [i for i in range(n) if batched[i] != batched_ref[i]]
+    mism1 = [i for i in range(n) if single[i] != single_ref[i]]
+    return {
+        "images": n, "batch": n,
+        "agree_batched": n - len(mism), "agree_batch1": n - len(mism1),
+        "mean_new_tokens": float(np.mean([len(r) for r in batched_ref])),
+        "first_mismatch": None if not (mism or mism1) else {
+            "image": (mism or mism1)[0], "pytorch": (batched_ref if mism else single_ref)[(mism or mism1)[0]],
+            "onnx": (batched if mism else single)[(mism or mism1)[0]],
+        },
+    }
+
+
+def validate_bundle(adapter: Adapter, bundle_dir: Path, tasks: list[str], options) -> dict:
+    from vlmedge.export.samples import sample_inputs
+
+    bundle = load_bundle(bundle_dir)
+    backend = OrtBackend(bundle)
+    failures: list[str] = []
+    sample = sample_inputs(adapter, n=options.validate_images, tasks=tasks)
+    graphs = _graph_errors(adapter, backend, bundle, tasks, sample)
+    for g, outs in graphs.items():
+        for name, e in outs.items():
+            tol = options.atol * max(1.0, e["ref_max"])
+            e["passed"] = e["max_abs"] <= tol
+            if not e["passed"]:
+                failures.append(f"graph {g} output {name}: max abs error {e['max_abs']:.3g} > {tol:.3g}")
+    tokens = {}
+    for task in tasks:
+        tokens[task] = r = _tokens(adapter, backend, bundle, task, sample)
+        if r["first_mismatch"] is not None:
+            failures.append(f"{task}: ONNX greedy tokens differ from PyTorch on image {r['first_mismatch']['image']}")
+    return {"passed": not failures, "failures": failures, "atol": options.atol, "graphs": graphs, "tokens": tokens}

@@ -1,0 +1,84 @@
+"""What every model family exposes to export, calibration, the builder and the runtime.
+
+A family adapter wraps the original PyTorch model and hands out the canonical graphs
+(vision encoder, question encoder for VQA, decoder first step, decoder step with past), plus the
+facts the runtime needs (dimensions, preprocessing, tokenizer, special ids). Nothing downstream
+reads a family's raw config: `ModelDims` is computed once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+TASKS = ("caption", "vqa")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Decoder and encoder sizes, normalised across families."""
+
+    decoder_layers: int
+    decoder_heads: int
+    decoder_head_dim: int
+    vocab_size: int
+    encoder_hidden: int  # width of the states the decoder cross-attends to
+    image_tokens: int  # vision encoder sequence length at the native image size
+    max_target_len: int  # longest decoder sequence (prompt + generated) the positions allow
+    max_question_len: int = 0  # 0 where the family has no question encoder
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes `pixel_values`: resize, rescale to [0, 1], standardise, NCHW."""
+
+    height: int
+    width: int
+    resample: str  # Pillow filter name: "bicubic", "bilinear", "nearest", "box", "lanczos"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float = 1.0 / 255.0
+    channel_order: str = "RGB"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task runs: what the decoder cross-attends to, and how decoding starts and stops."""
+
+    encoder: str  # graph whose output the decoder cross-attends to: vision_encoder or text_encoder
+    prompt_ids: tuple[int, ...]  # decoder input before the first generated token
+    eos_id: int
+    pad_id: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    family: str  # e.g. "shapes-vlm", "blip", "vision-encoder-decoder"
+    architecture: str  # the source class, e.g. "BlipForConditionalGeneration"
+    dims: ModelDims
+    preprocessing: Preprocessing
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+
+
+class Adapter(Protocol):
+    """A family's model seen through the canonical interface (all modules in eval mode, FP32)."""
+
+    info: FamilyInfo
+    source: str  # where the model came from (name or directory)
+
+    def vision_encoder(self) -> Any: ...  # nn.Module: pixel_values -> image_states
+
+    def text_encoder(self) -> Any: ...  # nn.Module: question_ids, question_mask, image_states -> encoder_states
+
+    def decoder_init(self) -> Any: ...  # nn.Module: input_ids, encoder_states, encoder_mask -> logits, present..., cross...
+
+    def decoder_step(self) -> Any: ...  # nn.Module: input_ids, encoder_mask, past..., cross... -> logits, present...
+
+    def tokenizer_json(self) -> str: ...  # Hugging Face `tokenizers` JSON; encode() adds the question's special tokens
+
+    def weight_files(self) -> list: ...  # the checkpoint files, hashed into the bundle's provenance
+
+    def reference_generate(self, task: str, pixel_values, question_ids=None, question_mask=None,
+                           max_new_tokens: int = 20, num_beams: int = 1) -> list[list[int]]: ...
+    """The family's own PyTorch generation: generated ids (prompt excluded, EOS kept, no padding)."""

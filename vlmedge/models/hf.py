@@ -1,0 +1,135 @@
+"""What the Hugging Face families share: loading with clear errors, tokenizer and processor
+settings, and the decoder wrappers that hand HF's own cache the precomputed K/V.
+
+The decoder graphs call the original decoder module (BLIP's text decoder, GPT-2, BERT) with an
+`EncoderDecoderCache` built from the graph's inputs. A cache whose cross-attention part is
+filled marks every layer as updated, so the HF attention reads the given cross K/V instead of
+projecting the encoder states again: the projections run once, in `decoder_init`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vlmedge.errors import ModelLoadError
+from vlmedge.models.base import Preprocessing
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _flat(pairs) -> list[torch.Tensor]:
+    return [t for kv in pairs for t in kv]
+
+
+def _cache_kv(cache) -> tuple[list, list]:
+    s = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
+    c = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+    return s, c
+
+
+class HfDecoderInit(nn.Module):
+    """Runs the prompt: last-position logits, self K/V of the prompt, cross K/V of every layer."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.dec = decoder
+
+    def forward(self, input_ids, encoder_states, encoder_mask):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        out = self.dec(input_ids=input_ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                       cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True,
+                       logits_to_keep=1, return_dict=True)
+        s, c = _cache_kv(out.cache)
+        return (out.logits[:, -1], *_flat(s), *_flat(c))
+
+
+class HfDecoderStep(nn.Module):
+    """One token after `past`; cross K/V come in as inputs and are never recomputed."""
+
+    def __init__(self, decoder: nn.Module, layers: int):
+        super().__init__()
+        self.dec = decoder
+        self.n = layers
+
+    def forward(self, input_ids, encoder_mask, *kv):
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        n = self.n
+        pairs = [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
+        cache = EncoderDecoderCache(DynamicCache(pairs[:n]), DynamicCache(pairs[n:]))
+        # The decoder layers run cross-attention only when encoder states are given; with the
+        # cache filled they use them for nothing but batch size, length and dtype of the mask.
+        stand_in = encoder_mask[:, :, None].to(kv[0].dtype)
+        out = self.dec(input_ids=input_ids, encoder_hidden_states=stand_in, encoder_attention_mask=encoder_mask,
+                       cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        s, _ = _cache_kv(out.cache)
+        return (out.logits[:, -1], *_flat(s))
+
+
+def load_hf_model(cls, path: str):
+    """from_pretrained with local files only; any failure is one line naming the directory."""
+    p = Path(path)
+    weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+    if not weights:
+        raise ModelLoadError(f"{p}: no weights (*.safetensors or *.bin) next to config.json")
+    try:
+        model = cls.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{p}: weights fail to load as {cls.__name__} ({first[:300]})") from None
+    return model.float().eval()
+
+
+def tokenizer_json(path: str) -> str:
+    """The model directory's tokenizer in `tokenizers` JSON (the fast tokenizer's backend)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: no usable tokenizer ({first[:200]})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelLoadError(f"{path}: the tokenizer has no fast (tokenizers) version to export")
+    return tok.backend_tokenizer.to_str()
+
+
+def weight_files(path: str) -> list[Path]:
+    p = Path(path)
+    return sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+
+
+def preprocessing(path: str, image_size: int, default_mean, default_std, default_resample: str) -> Preprocessing:
+    """From preprocessor_config.json where present, else the family's processor defaults."""
+    cfg_path = Path(path) / "preprocessor_config.json"
+    cfg = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    size = cfg.get("size", image_size)
+    if isinstance(size, dict):
+        h, w = size.get("height", image_size), size.get("width", image_size)
+    else:
+        h = w = int(size)
+    if (h, w) != (image_size, image_size):
+        raise ModelLoadError(f"{cfg_path}: image size {h}x{w} differs from the model's {image_size}")
+    resample = _PIL_RESAMPLE.get(cfg.get("resample"), default_resample)
+    mean = tuple(float(x) for x in cfg.get("image_mean", default_mean))
+    std = tuple(float(x) for x in cfg.get("image_std", default_std))
+    rescale = float(cfg.get("rescale_factor", 1.0 / 255.0))
+    return Preprocessing(height=h, width=w, resample=resample, mean=mean, std=std, rescale=rescale)
+
+
+def strip_prompt(ids: torch.Tensor, prompt_len: int, eos_id: int) -> list[list[int]]:
+    """HF generate's output rows -> generated ids up to and including EOS."""
+    rows = []
+    for r in ids[:, prompt_len:].tolist():
+        rows.append(r[: r.index(eos_id) + 1] if eos_id in r else r)
+    return rows

@@ -1,0 +1,97 @@
+"""Which adapter serves a model: by built-in name, or by the architecture in a directory's config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from vlmedge.errors import ModelLoadError
+from vlmedge.models.base import Adapter
+from vlmedge.models.checkpoint import BUILTIN_MODELS
+
+
+def _shapes(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.shapes import ShapesAdapter
+
+    if prompt:
+        raise ModelLoadError(f"{src}: the reference model takes no caption prompt")
+    return ShapesAdapter(src)
+
+
+def _blip_caption(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.blip import BlipCaptionAdapter
+
+    return BlipCaptionAdapter(src, prompt)
+
+
+def _blip_vqa(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.blip import BlipVqaAdapter
+
+    return BlipVqaAdapter(src, prompt)
+
+
+def _ved(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.vision_encoder_decoder import VisionEncoderDecoderAdapter
+
+    return VisionEncoderDecoderAdapter(src, prompt)
+
+
+# architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
+ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
+    "ShapesVLM": _shapes,
+    "BlipForConditionalGeneration": _blip_caption,
+    "BlipForQuestionAnswering": _blip_vqa,
+    "VisionEncoderDecoderModel": _ved,
+}
+
+
+def supported() -> str:
+    return ", ".join(list(BUILTIN_MODELS) + list(ARCHITECTURES))
+
+
+def architecture_of(path: Path) -> str:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{path}: no config.json, so not a model directory (supported: {supported()})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("model_type") == "shapes-vlm":
+        return "ShapesVLM"
+    archs = cfg.get("architectures") or []
+    if not archs and cfg.get("model_type") == "vision-encoder-decoder":
+        return "VisionEncoderDecoderModel"
+    if not archs:
+        raise ModelLoadError(f"{cfg_path}: names no architecture (supported: {supported()})")
+    return archs[0]
+
+
+def load_adapter(source: str, prompt: str | None = None) -> Adapter:
+    """The adapter for a built-in name, a model directory or (network permitting) a hub id."""
+    if source in BUILTIN_MODELS:
+        return _shapes(source, prompt)
+    path = Path(source)
+    if path.is_dir():
+        arch = architecture_of(path)
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(f"{path}: architecture {arch} is not supported (supported: {supported()})")
+        return ARCHITECTURES[arch](str(path), prompt)
+    if path.exists():
+        raise ModelLoadError(f"{source}: expected a model directory, not a file")
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return _from_hub(source, prompt)
+    raise ModelLoadError(f"{source}: no such model (supported: {supported()}, a model directory, or a hub id)")
+
+
+def _from_hub(repo_id: str, prompt: str | None) -> Adapter:
+    """Download a hub model's files into the local cache, then load it like a directory."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{repo_id}: not a built-in name or local directory, and the hub could not provide it ({first})") from None
+    return load_adapter(local, prompt)

@@ -1,0 +1,114 @@
+"""Adapter of the built-in reference model (`shapes-vlm`) to the canonical graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec
+from vlmedge.models.checkpoint import TOKENIZER, load_pretrained, resolve_model_dir
+from vlmedge.models.shapes_vlm import ShapesVLM
+
+
+def _flat(pairs) -> list[torch.Tensor]:
+    return [t for kv in pairs for t in kv]
+
+
+def _pairs(ts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(ts[i], ts[i + 1]) for i in range(0, len(ts), 2)]
+
+
+class _Vision(nn.Module):
+    def __init__(self, m: ShapesVLM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixel_values):
+        return self.m.encode_image(pixel_values)
+
+
+class _Text(nn.Module):
+    def __init__(self, m: ShapesVLM):
+        super().__init__()
+        self.m = m
+
+    def forward(self, question_ids, question_mask, image_states):
+        return self.m.encode_question(question_ids, question_mask, image_states)
+
+
+class _DecoderInit(nn.Module):
+    def __init__(self, m: ShapesVLM):
+        super().__init__()
+        self.dec = m.decoder
+
+    def forward(self, input_ids, encoder_states, encoder_mask):
+        cross = self.dec.cross_kv(encoder_states)  # computed once, handed to every step
+        logits, present = self.dec(input_ids, cross, encoder_mask, last_only=True)
+        return (logits[:, -1], *_flat(present), *_flat(cross))
+
+
+class _DecoderStep(nn.Module):
+    def __init__(self, m: ShapesVLM):
+        super().__init__()
+        self.dec = m.decoder
+        self.n = len(m.decoder.layers)
+
+    def forward(self, input_ids, encoder_mask, *kv):
+        past, cross = _pairs(kv[: 2 * self.n]), _pairs(kv[2 * self.n :])
+        logits, present = self.dec(input_ids, cross, encoder_mask, past, last_only=True)
+        return (logits[:, -1], *_flat(present))
+
+
+class ShapesAdapter:
+    """The reference model: captioning (decoder over image states) and VQA (over question states)."""
+
+    def __init__(self, name_or_path: str | Path = "shapes-vlm"):
+        self.source = str(name_or_path)
+        self.model_dir = resolve_model_dir(name_or_path)
+        self.model, self.tokenizer = load_pretrained(name_or_path)
+        c = self.model.config
+        dims = ModelDims(
+            decoder_layers=c.decoder_layers, decoder_heads=c.n_heads, decoder_head_dim=c.head_dim,
+            vocab_size=c.vocab_size, encoder_hidden=c.d_model, image_tokens=c.num_patches,
+            max_target_len=c.max_target_len, max_question_len=c.max_question_len,
+        )
+        prep = Preprocessing(height=c.image_size, width=c.image_size, resample="bicubic", mean=c.image_mean, std=c.image_std)
+        self.info = FamilyInfo(
+            family="shapes-vlm", architecture="ShapesVLM", dims=dims, preprocessing=prep,
+            tasks={
+                "caption": TaskSpec("vision_encoder", (c.caption_start_id,), c.eos_id, c.pad_id, max_new_tokens=40),
+                "vqa": TaskSpec("text_encoder", (c.answer_start_id,), c.eos_id, c.pad_id, max_new_tokens=4),
+            },
+        )
+
+    def vision_encoder(self) -> nn.Module:
+        return _Vision(self.model).eval()
+
+    def text_encoder(self) -> nn.Module:
+        return _Text(self.model).eval()
+
+    def decoder_init(self) -> nn.Module:
+        return _DecoderInit(self.model).eval()
+
+    def decoder_step(self) -> nn.Module:
+        return _DecoderStep(self.model).eval()
+
+    def weight_files(self) -> list[Path]:
+        return [self.model_dir / "model.safetensors"]
+
+    def tokenizer_json(self) -> str:
+        return (self.model_dir / TOKENIZER).read_text()
+
+    @torch.no_grad()
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1):
+        if num_beams != 1:
+            raise NotImplementedError("the reference model's PyTorch generation is greedy")
+        m, c = self.model, self.model.config
+        if task == "caption":
+            ids = m.caption(pixel_values, max_new_tokens=max_new_tokens)
+        else:
+            ids = m.answer(pixel_values, question_ids, question_mask, max_new_tokens=max_new_tokens)
+        rows = ids.tolist()
+        return [r[: r.index(c.eos_id) + 1] if c.eos_id in r else r for r in rows]

@@ -1,0 +1,92 @@
+"""Adapter of Hugging Face `VisionEncoderDecoderModel`: a ViT-family encoder with a GPT-2 or
+BERT-style decoder (ViT-GPT2 captioners, TrOCR-style models). Captioning only.
+
+The vision graph includes `enc_to_dec_proj` when the model has one (encoder and decoder widths
+differ), exactly where the model's own forward applies it, so the decoder graphs see the states
+its cross-attention was trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vlmedge.errors import ModelLoadError
+from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+from vlmedge.models.hf import (
+    HfDecoderInit, HfDecoderStep, load_hf_model, preprocessing, strip_prompt, tokenizer_json, weight_files,
+)
+
+
+class _Vision(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder = model.encoder
+        self.proj = getattr(model, "enc_to_dec_proj", None)
+
+    def forward(self, pixel_values):
+        h = self.encoder(pixel_values=pixel_values).last_hidden_state
+        return h if self.proj is None else self.proj(h)
+
+
+class VisionEncoderDecoderAdapter:
+    architecture = "VisionEncoderDecoderModel"
+
+    def __init__(self, source: str, prompt: str | None = None):
+        from transformers import VisionEncoderDecoderModel
+
+        if prompt:
+            raise ModelLoadError(f"{source}: prompts are not supported for VisionEncoderDecoderModel")
+        self.source = source
+        self.model = load_hf_model(VisionEncoderDecoderModel, source)
+        self._tokenizer_json = tokenizer_json(source)
+        cfg, gen = self.model.config, self.model.generation_config
+        ec, dc = cfg.encoder, cfg.decoder
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else gen.decoder_start_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else gen.pad_token_id
+        missing = [n for n, v in (("decoder_start_token_id", start), ("eos_token_id", eos), ("pad_token_id", pad)) if v is None]
+        if missing:
+            raise ModelLoadError(f"{source}/config.json: needs {', '.join(missing)} to generate")
+        if not hasattr(ec, "patch_size") or not hasattr(ec, "image_size"):
+            raise ModelLoadError(f"{source}/config.json: encoder {ec.model_type} is not a ViT-family encoder")
+        self.start_id, self.eos_id, self.pad_id = int(start), int(eos), int(pad)
+        layers, heads, hidden = dc.num_hidden_layers, dc.num_attention_heads, dc.hidden_size
+        max_pos = getattr(dc, "max_position_embeddings", None) or getattr(dc, "n_positions", 1024)
+        dims = ModelDims(
+            decoder_layers=layers, decoder_heads=heads, decoder_head_dim=hidden // heads, vocab_size=dc.vocab_size,
+            encoder_hidden=hidden if getattr(self.model, "enc_to_dec_proj", None) is not None else ec.hidden_size,
+            image_tokens=(ec.image_size // ec.patch_size) ** 2 + 1, max_target_len=max_pos,
+        )
+        prep = preprocessing(source, ec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+        self.info = FamilyInfo(
+            family="vision-encoder-decoder", architecture=f"{self.architecture}({ec.model_type}, {dc.model_type})",
+            dims=dims, preprocessing=prep,
+            tasks={"caption": TaskSpec("vision_encoder", (self.start_id,), self.eos_id, self.pad_id, min(30, max_pos - 1))},
+        )
+
+    def vision_encoder(self) -> nn.Module:
+        return _Vision(self.model).eval()
+
+    def text_encoder(self) -> nn.Module:
+        raise NotImplementedError("VisionEncoderDecoderModel has no question encoder")
+
+    def decoder_init(self) -> nn.Module:
+        return HfDecoderInit(self.model.decoder).eval()
+
+    def decoder_step(self) -> nn.Module:
+        return HfDecoderStep(self.model.decoder, self.info.dims.decoder_layers).eval()
+
+    def tokenizer_json(self) -> str:
+        return self._tokenizer_json
+
+    def weight_files(self):
+        return weight_files(self.source)
+
+    @torch.no_grad()
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1):
+        out = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                  do_sample=False, decoder_start_token_id=self.start_id, eos_token_id=self.eos_id,
+                                  pad_token_id=self.pad_id)
+        return strip_prompt(out, 1, self.eos_id)
