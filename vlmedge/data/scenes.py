@@ -66,6 +66,8 @@ class Question:
     chance: float  # accuracy of a blind guess: a random other object (relational), else a random answer
     ref: int = -1  # index (in Scene.objects) of the object the question names, -1 if none
     ref_word: int = -1  # index of the word that names it (its colour, or its shape), -1 if none
+    target: int = -1  # relational: index of the object the answer describes, -1 otherwise
+    relation_word: int = -1  # relational: index of "closest" / "furthest" / "left", -1 otherwise
 
 
 def _naming(text: str, objs, o: SceneObject, word: str) -> dict:
@@ -253,7 +255,10 @@ def _relational(objs: tuple[SceneObject, ...]) -> list[Question]:
         def ask(text: str, target: SceneObject, attr: str, subtype: str, pool: list[SceneObject]) -> Question:
             # a blind guess picks a random object of `pool`: right when it shares the target's attribute
             chance = sum(getattr(p, attr) == getattr(target, attr) for p in pool) / len(pool)
-            return Question(text, getattr(target, attr), "relational", subtype, n, chance, **_naming(text, objs, o, o.color))
+            words = text.split()
+            relation = next(i for i, w in enumerate(words) if w in ("closest", "furthest", "left"))
+            return Question(text, getattr(target, attr), "relational", subtype, n, chance, **_naming(text, objs, o, o.color),
+                            target=objs.index(target), relation_word=relation)
 
         others = [p for p in objs if p is not o]
         n_other = len(others)

@@ -212,15 +212,15 @@ class QuestionEncoder(nn.Module):
         return self.forward_with_attention(question_ids, question_mask, image_states)[0]
 
     def forward_with_attention(self, question_ids, question_mask, image_states):
-        """States (B, Q, D) and the first layer's cross-attention to the image (B, nh, Q, N)."""
+        """States (B, Q, D) and every layer's cross-attention to the image, each (B, nh, Q, N)."""
         Q = question_ids.shape[1]
         x = self.tok(question_ids) + self.pos(torch.arange(Q, device=question_ids.device))[None]
         bias = _padding_bias(question_mask)
-        first = None
+        attention = []
         for layer in self.layers:
             x, probs = layer.forward_with_attention(x, bias, image_states, None)
-            first = probs if first is None else first
-        return self.ln_f(x), first
+            attention.append(probs)
+        return self.ln_f(x), attention
 
 
 class TextDecoder(nn.Module):

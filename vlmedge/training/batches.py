@@ -24,6 +24,8 @@ class Batch:
     answer_ids: torch.Tensor  # (Bq, Ta): [ANS] word [EOS]
     ref_word: torch.Tensor  # (Bq,) token index of the word naming the question's object, -1 if none
     ref_patches: torch.Tensor  # (Bq, N) 1 on the image patches the named object covers
+    relation_word: torch.Tensor  # (Bq,) relational: token index of "closest"/"furthest"/"left", -1 otherwise
+    target_patches: torch.Tensor  # (Bq, N) relational: the patches of the object the answer describes
 
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
@@ -47,7 +49,7 @@ def make_batch(
     captions = [[cfg.caption_start_id, *enc(s.caption), cfg.eos_id] for s in scenes]
     types = list(QUESTION_TYPES)
     p = np.array([type_weights.get(t, 0.0) for t in types], dtype=np.float64)
-    q_img, q_ids, a_ids, ref_word, ref_patches = [], [], [], [], []
+    q_img, q_ids, a_ids, ref_word, ref_patches, rel_word, tgt_patches = [], [], [], [], [], [], []
     grid = cfg.image_size // cfg.patch_size
     centres = (np.arange(grid) + 0.5) * cfg.patch_size  # scene coordinates are pixels of the model's input
     for i, s in enumerate(scenes):
@@ -65,7 +67,10 @@ def make_batch(
             q_ids.append(enc(q.text))
             a_ids.append([cfg.answer_start_id, *enc(q.answer), cfg.eos_id])
             ref_word.append(q.ref_word)
-            ref_patches.append(_patches_of(s.objects[q.ref], centres) if q.ref >= 0 else np.zeros(grid * grid, np.float32))
+            none = np.zeros(grid * grid, np.float32)
+            ref_patches.append(_patches_of(s.objects[q.ref], centres) if q.ref >= 0 else none)
+            rel_word.append(q.relation_word)
+            tgt_patches.append(_patches_of(s.objects[q.target], centres) if q.target >= 0 else none)
     qi = pad(q_ids, cfg.pad_id)
     return Batch(
         pixel_values=torch.from_numpy(pixels),
@@ -75,8 +80,14 @@ def make_batch(
         question_mask=(qi != cfg.pad_id).long(),
         answer_ids=pad(a_ids, cfg.pad_id),
         ref_word=torch.tensor(ref_word, dtype=torch.long),
-        ref_patches=torch.from_numpy(np.stack(ref_patches)) if ref_patches else torch.zeros(0, grid * grid),
+        ref_patches=_stack(ref_patches, grid * grid),
+        relation_word=torch.tensor(rel_word, dtype=torch.long),
+        target_patches=_stack(tgt_patches, grid * grid),
     )
+
+
+def _stack(rows: list, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, n)
 
 
 def _patches_of(obj, centres: np.ndarray) -> np.ndarray:
