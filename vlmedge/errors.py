@@ -29,3 +29,19 @@ class ValidationError(VlmedgeError):
 
 class BuildError(VlmedgeError):
     """A TensorRT engine could not be built or loaded."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type): enough for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_json(path, error: type[VlmedgeError]):
+    """Parse a JSON file; a file that is not JSON raises `error` naming it."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None

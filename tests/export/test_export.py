@@ -1,9 +1,7 @@
 """Exported graphs give the same greedy tokens as each family's own PyTorch generation."""
 
-import numpy as np
 import onnx
 import pytest
-import torch
 
 from families import FAMILIES
 from vlmedge.export.samples import sample_inputs

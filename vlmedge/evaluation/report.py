@@ -41,7 +41,7 @@ def print_report(report: dict, console: Console, title: str = "") -> None:
 def report_markdown(report: dict) -> str:
     cap, vqa, hard = report["caption"], report["vqa"], report["vqa"]["relational_hard"]
     lines = [
-        f"| captions | exact match | BLEU-4 | CIDEr |", "|---:|---:|---:|---:|",
+        "| captions | exact match | BLEU-4 | CIDEr |", "|---:|---:|---:|---:|",
         f"| {cap['n']} | {_pct(cap['exact_match'])} | {cap['bleu4']:.4f} | {cap['cider']:.3f} |", "",
         "| question type | questions | accuracy |", "|---|---:|---:|",
     ]

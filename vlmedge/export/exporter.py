@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from vlmedge import __version__
-from vlmedge.errors import ExportError, InputError
+from vlmedge.errors import ExportError, InputError, first_line
 from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, sha256_file
@@ -97,8 +96,7 @@ def _trace(module, args: tuple, decl: GraphDecl, dynamic_shapes, path: Path, ops
         )
         prog.save(str(path))
     except Exception as e:  # the exporter raises many types; the first line says what failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"graph {decl.name}: torch.onnx.export failed: {first}") from e
+        raise ExportError(f"graph {decl.name}: torch.onnx.export failed: {first_line(e)}") from e
     _rename_axes(path, decl)
 
 
@@ -136,7 +134,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         S = Dim("encoder_len", min=1, max=max(enc_max, 2))
         P = Dim("past_len", min=1, max=max(ranges["past_len"][2], 2))
         T0 = Dim("prompt_len", min=1, max=max(ranges["prompt_len"][2], 2))
-        L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
+        L = d.decoder_layers
         enc_states = image_states
         enc_mask = torch.ones(enc_states.shape[:2], dtype=torch.long)
         if with_text:

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vlmedge.errors import ModelLoadError
+from vlmedge.errors import ModelLoadError, first_line, read_json
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 BUILTIN_DIR = Path(__file__).parent / "weights"
@@ -60,10 +60,7 @@ def load_config(model_dir: Path):
     path = model_dir / CONFIG
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing model config")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, ModelLoadError)
     if not isinstance(raw, dict) or raw.pop("model_type", None) != "shapes-vlm":
         raise ModelLoadError(f"{path}: expected a shapes-vlm config (\"model_type\": \"shapes-vlm\")")
     try:
@@ -81,7 +78,7 @@ def load_tokenizer(model_dir: Path):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
-        raise ModelLoadError(f"{path}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
+        raise ModelLoadError(f"{path}: not a valid tokenizers file ({first_line(e)})") from None
 
 
 def load_pretrained(name_or_path: str | os.PathLike):

@@ -9,13 +9,12 @@ projecting the encoder states again: the projections run once, in `decoder_init`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from vlmedge.errors import ModelLoadError
+from vlmedge.errors import ModelLoadError, first_line, read_json
 from vlmedge.models.base import Preprocessing
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -80,8 +79,7 @@ def load_hf_model(cls, path: str):
     try:
         model = cls.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{p}: weights fail to load as {cls.__name__} ({first[:300]})") from None
+        raise ModelLoadError(f"{p}: weights fail to load as {cls.__name__} ({first_line(e)[:300]})") from None
     return model.float().eval()
 
 
@@ -92,8 +90,7 @@ def tokenizer_json(path: str) -> str:
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{path}: no usable tokenizer ({first[:200]})") from None
+        raise ModelLoadError(f"{path}: no usable tokenizer ({first_line(e)[:200]})") from None
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(f"{path}: the tokenizer has no fast (tokenizers) version to export")
     return tok.backend_tokenizer.to_str()
@@ -109,10 +106,7 @@ def preprocessing(path: str, image_size: int, default_mean, default_std, default
     cfg_path = Path(path) / "preprocessor_config.json"
     cfg = {}
     if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+        cfg = read_json(cfg_path, ModelLoadError)
     size = cfg.get("size", image_size)
     if isinstance(size, dict):
         h, w = size.get("height", image_size), size.get("width", image_size)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
-from vlmedge.errors import ModelLoadError
+from vlmedge.errors import ModelLoadError, first_line, read_json
 from vlmedge.models.base import Adapter
 from vlmedge.models.checkpoint import BUILTIN_MODELS
 
@@ -54,10 +53,7 @@ def architecture_of(path: Path) -> str:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{path}: no config.json, so not a model directory (supported: {supported()})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, ModelLoadError)
     if cfg.get("model_type") == "shapes-vlm":
         return "ShapesVLM"
     archs = cfg.get("architectures") or []
@@ -92,6 +88,5 @@ def _from_hub(repo_id: str, prompt: str | None) -> Adapter:
 
         local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{repo_id}: not a built-in name or local directory, and the hub could not provide it ({first})") from None
+        raise ModelLoadError(f"{repo_id}: not a built-in name or local directory, and the hub could not provide it ({first_line(e)})") from None
     return load_adapter(local, prompt)

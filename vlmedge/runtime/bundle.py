@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmedge.errors import BundleError
+from vlmedge.errors import BundleError, read_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -174,11 +174,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{root}: not a bundle directory")
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; {root} is not a vlmedge bundle")
-    try:
-        raw = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-    manifest = parse_manifest(raw, str(mpath))
+    manifest = parse_manifest(read_json(mpath, BundleError), str(mpath))
     files = [(f"graphs.{n}", g.file, g.sha256) for n, g in manifest.graphs.items()]
     files.append(("tokenizer", manifest.tokenizer.get("file", ""), manifest.tokenizer.get("sha256", "")))
     for field_name, fname, digest in files:
