@@ -29,7 +29,7 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal and os.environ.get("CI") == "true")
+                    TimeRemainingColumn(), console=err_console)
 
 
 def _write_json_atomic(path: Path, obj) -> None:

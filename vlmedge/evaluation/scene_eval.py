@@ -85,14 +85,14 @@ def evaluate_torch_model(model, tokenizer, es: EvalSet, batch_size: int = 128, p
     pad = cfg.pad_id
     decode = lambda ids: tokenizer.decode([t for t in ids if t not in (pad, cfg.eos_id)])  # noqa: E731
     captions: list[str] = []
+    all_px = normalize(es.images, cfg.image_mean, cfg.image_std)
     with torch.inference_mode():
         for i in range(0, len(es.scenes), batch_size):
-            px = torch.from_numpy(normalize(es.images[i : i + batch_size], cfg.image_mean, cfg.image_std))
+            px = torch.from_numpy(all_px[i : i + batch_size])
             captions += [decode(r) for r in model.caption(px).tolist()]
             if progress:
                 progress(len(px))
         answers: list[str] = []
-        all_px = normalize(es.images, cfg.image_mean, cfg.image_std)
         for i in range(0, len(es.questions), batch_size):
             chunk = es.questions[i : i + batch_size]
             enc = [tokenizer.encode(q.text).ids for _, q in chunk]
