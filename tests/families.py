@@ -73,24 +73,23 @@ def _image_processor(out: Path, kind: str):
     cls(size={"height": IMAGE, "width": IMAGE}).save_pretrained(out)
 
 
-def blip_caption(out: Path) -> Path:
-    from transformers import BlipForConditionalGeneration
+def _blip(out: Path, architecture: str, vision_hidden: int) -> Path:
+    import transformers
 
     _, ids = _bert_tokenizer(out)
     torch.manual_seed(0)
-    _perturb(BlipForConditionalGeneration(_blip_config(ids, 32, 48))).save_pretrained(out)
+    model = getattr(transformers, architecture)(_blip_config(ids, 32, vision_hidden))
+    _perturb(model).save_pretrained(out)
     _image_processor(out, "blip")
     return out
+
+
+def blip_caption(out: Path) -> Path:
+    return _blip(out, "BlipForConditionalGeneration", 48)  # widths differ: cross-attention sized for the image
 
 
 def blip_vqa(out: Path) -> Path:
-    from transformers import BlipForQuestionAnswering
-
-    _, ids = _bert_tokenizer(out)
-    torch.manual_seed(0)
-    _perturb(BlipForQuestionAnswering(_blip_config(ids, 32, 32))).save_pretrained(out)
-    _image_processor(out, "blip")
-    return out
+    return _blip(out, "BlipForQuestionAnswering", 32)  # BLIP VQA needs equal widths
 
 
 def _vit(hidden: int):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmedge.models.base import FamilyInfo
+from vlmedge.runtime.decoding import kv_names
 
 # Ranges of the named axes: (min, opt, max). Batch and lengths are dynamic; image size is fixed.
 DEFAULT_MAX_BATCH = 16
@@ -29,11 +30,7 @@ class GraphDecl:
 
 
 def kv(prefix: str, layers: int, heads: int, head_dim: int, length_axis: str) -> tuple[TensorDecl, ...]:
-    if prefix == "cross":
-        names = [f"cross.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    else:
-        names = [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
-    return tuple(TensorDecl(n, "float32", ("batch", heads, length_axis, head_dim)) for n in names)
+    return tuple(TensorDecl(n, "float32", ("batch", heads, length_axis, head_dim)) for n in kv_names(prefix, layers))
 
 
 def graph_decls(info: FamilyInfo, image_width: int, with_text_encoder: bool) -> list[GraphDecl]:

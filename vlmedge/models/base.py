@@ -14,6 +14,16 @@ from typing import Any, Protocol
 TASKS = ("caption", "vqa")
 
 
+def flat_kv(pairs) -> list:
+    """[(k0, v0), (k1, v1), ...] -> [k0, v0, k1, v1, ...]: the order of the graphs' K/V tensors."""
+    return [t for kv in pairs for t in kv]
+
+
+def pair_kv(tensors) -> list[tuple]:
+    """The inverse of flat_kv."""
+    return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """Decoder and encoder sizes, normalised across families."""

@@ -15,13 +15,9 @@ import torch
 import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError, first_line, read_json
-from vlmedge.models.base import Preprocessing
+from vlmedge.models.base import Preprocessing, flat_kv, pair_kv
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def _flat(pairs) -> list[torch.Tensor]:
-    return [t for kv in pairs for t in kv]
 
 
 def _cache_kv(cache) -> tuple[list, list]:
@@ -44,7 +40,7 @@ class HfDecoderInit(nn.Module):
                        cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), use_cache=True,
                        logits_to_keep=1, return_dict=True)
         s, c = _cache_kv(out.cache)
-        return (out.logits[:, -1], *_flat(s), *_flat(c))
+        return (out.logits[:, -1], *flat_kv(s), *flat_kv(c))
 
 
 class HfDecoderStep(nn.Module):
@@ -59,7 +55,7 @@ class HfDecoderStep(nn.Module):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         n = self.n
-        pairs = [(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
+        pairs = pair_kv(kv)
         cache = EncoderDecoderCache(DynamicCache(pairs[:n]), DynamicCache(pairs[n:]))
         # The decoder layers run cross-attention only when encoder states are given; with the
         # cache filled they use them for nothing but batch size, length and dtype of the mask.
@@ -67,7 +63,7 @@ class HfDecoderStep(nn.Module):
         out = self.dec(input_ids=input_ids, encoder_hidden_states=stand_in, encoder_attention_mask=encoder_mask,
                        cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
         s, _ = _cache_kv(out.cache)
-        return (out.logits[:, -1], *_flat(s))
+        return (out.logits[:, -1], *flat_kv(s))
 
 
 def load_hf_model(cls, path: str):

@@ -7,17 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec
+from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec, flat_kv, pair_kv
 from vlmedge.models.checkpoint import TOKENIZER, load_pretrained, resolve_model_dir
 from vlmedge.models.shapes_vlm import ShapesVLM
-
-
-def _flat(pairs) -> list[torch.Tensor]:
-    return [t for kv in pairs for t in kv]
-
-
-def _pairs(ts) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(ts[i], ts[i + 1]) for i in range(0, len(ts), 2)]
 
 
 class _Vision(nn.Module):
@@ -46,7 +38,7 @@ class _DecoderInit(nn.Module):
     def forward(self, input_ids, encoder_states, encoder_mask):
         cross = self.dec.cross_kv(encoder_states)  # computed once, handed to every step
         logits, present = self.dec(input_ids, cross, encoder_mask, last_only=True)
-        return (logits[:, -1], *_flat(present), *_flat(cross))
+        return (logits[:, -1], *flat_kv(present), *flat_kv(cross))
 
 
 class _DecoderStep(nn.Module):
@@ -56,9 +48,9 @@ class _DecoderStep(nn.Module):
         self.n = len(m.decoder.layers)
 
     def forward(self, input_ids, encoder_mask, *kv):
-        past, cross = _pairs(kv[: 2 * self.n]), _pairs(kv[2 * self.n :])
+        past, cross = pair_kv(kv[: 2 * self.n]), pair_kv(kv[2 * self.n :])
         logits, present = self.dec(input_ids, cross, encoder_mask, past, last_only=True)
-        return (logits[:, -1], *_flat(present))
+        return (logits[:, -1], *flat_kv(present))
 
 
 class ShapesAdapter:
