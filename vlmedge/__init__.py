@@ -15,7 +15,16 @@ from vlmedge.errors import (
 )
 
 __version__ = "0.1.0"
+
+
+def load(bundle, device: str = "cpu", **options):
+    """Open a bundle (or a built-in model's name) for captioning and VQA; see vlmedge.runtime.pipeline."""
+    from vlmedge.runtime.pipeline import load as _load
+
+    return _load(bundle, device, **options)
+
+
 __all__ = [
     "BuildError", "BundleError", "ExportError", "InputError", "ModelLoadError", "ValidationError", "VlmedgeError",
-    "__version__",
+    "__version__", "load",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 from vlmedge.models.base import Adapter
 from vlmedge.runtime.backends.onnxruntime import OrtBackend
 from vlmedge.runtime.bundle import load_bundle
-from vlmedge.runtime.decoding import encode, greedy
+from vlmedge.runtime.decoding import GenerationConfig, encode, generate
 
 
 def _errors(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -83,7 +83,7 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
             states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
         else:
             states, mask = encode(backend, px)
-        return greedy(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], max_new)
+        return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(), max_new)
 
     def torch_ids(sl):
         if vqa:

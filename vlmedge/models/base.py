@@ -90,5 +90,6 @@ class Adapter(Protocol):
     def weight_files(self) -> list: ...  # the checkpoint files, hashed into the bundle's provenance
 
     def reference_generate(self, task: str, pixel_values, question_ids=None, question_mask=None,
-                           max_new_tokens: int = 20, num_beams: int = 1) -> list[list[int]]: ...
-    """The family's own PyTorch generation: generated ids (prompt excluded, EOS kept, no padding)."""
+                           max_new_tokens: int = 20, num_beams: int = 1, **generation) -> list[list[int]]: ...
+    """The family's own PyTorch generation: generated ids (prompt excluded, EOS kept, no padding).
+    `generation` takes further HF `generate` options (length_penalty, eos_token_id, ...)."""

@@ -109,13 +109,20 @@ class BlipCaptionAdapter(_BlipBase):
         raise NotImplementedError("BlipForConditionalGeneration has no question encoder")
 
     @torch.no_grad()
-    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1):
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1,
+                           **generation):
         B = pixel_values.shape[0]
         # generate() replaces the first id by [DEC] and drops the last: give it "[CLS] prompt [SEP]"
         ids = torch.tensor([[0, *self.prompt_ids[1:], self.eos_id]] * B)
-        out = self.model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        return strip_prompt(out, len(self.prompt_ids), self.eos_id)
+        eos = generation.pop("eos_token_id", self.eos_id)
+        text_config = self.model.config.text_config
+        saved, text_config.sep_token_id = text_config.sep_token_id, eos  # BLIP's generate() stops on [SEP]
+        try:
+            out = self.model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **generation)
+        finally:
+            text_config.sep_token_id = saved
+        return strip_prompt(out, len(self.prompt_ids), eos)
 
 
 class BlipVqaAdapter(_BlipBase):
@@ -138,7 +145,8 @@ class BlipVqaAdapter(_BlipBase):
         return _Question(self.model).eval()
 
     @torch.no_grad()
-    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=10, num_beams=1):
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=10, num_beams=1,
+                           **generation):
         out = self.model.generate(input_ids=question_ids, pixel_values=pixel_values, attention_mask=question_mask,
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        return strip_prompt(out, 1, self.eos_id)
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **generation)
+        return strip_prompt(out, 1, generation.get("eos_token_id", self.eos_id))

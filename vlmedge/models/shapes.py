@@ -94,13 +94,18 @@ class ShapesAdapter:
         return (self.model_dir / TOKENIZER).read_text()
 
     @torch.no_grad()
-    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1):
-        if num_beams != 1:
-            raise NotImplementedError("the reference model's PyTorch generation is greedy")
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20,
+                           num_beams=1, length_penalty=1.0):
         m, c = self.model, self.model.config
-        if task == "caption":
-            ids = m.caption(pixel_values, max_new_tokens=max_new_tokens)
-        else:
-            ids = m.answer(pixel_values, question_ids, question_mask, max_new_tokens=max_new_tokens)
-        rows = ids.tolist()
+        with torch.no_grad():
+            if task == "caption":
+                states = m.encode_image(pixel_values)
+                mask = torch.ones(states.shape[:2], dtype=torch.long)
+            else:
+                states = m.encode_question(question_ids, question_mask, m.encode_image(pixel_values))
+                mask = question_mask
+        start = c.caption_start_id if task == "caption" else c.answer_start_id
+        if num_beams > 1:
+            return m.beam_search(states, mask, start, max_new_tokens, num_beams, length_penalty)
+        rows = m.generate(states, mask, start, max_new_tokens).tolist()
         return [r[: r.index(c.eos_id) + 1] if c.eos_id in r else r for r in rows]

@@ -312,6 +312,44 @@ class ShapesVLM(nn.Module):
         return seq[:, 1:]
 
     @torch.no_grad()
+    def beam_search(self, encoder_states, encoder_mask, start_id: int, max_new_tokens: int, num_beams: int,
+                    length_penalty: float = 1.0) -> list[list[int]]:
+        """Beam search as Hugging Face `generate(num_beams=k)` does it (early_stopping=False), one
+        sequence at a time and without a cache: generated ids of the best hypothesis, EOS kept."""
+        cfg, k = self.config, num_beams
+        max_new_tokens = min(max_new_tokens, cfg.max_target_len - 1)
+        results = []
+        for b in range(encoder_states.shape[0]):
+            cross = self.decoder.cross_kv(encoder_states[b : b + 1])
+            mask = encoder_mask[b : b + 1]
+            beams: list[tuple[float, list[int]]] = [(0.0, [start_id])]  # (sum of log-probs, ids)
+            finished: list[tuple[float, list[int]]] = []  # (length-normalised score, ids)
+            for step in range(max_new_tokens):
+                ids = torch.tensor([seq for _, seq in beams])
+                n = len(beams)
+                logits, _ = self.decoder(ids, [(ck.expand(n, -1, -1, -1), cv.expand(n, -1, -1, -1)) for ck, cv in cross],
+                                         mask.expand(n, -1))
+                logp = torch.log_softmax(logits[:, -1].float(), -1)
+                total = (logp + torch.tensor([s for s, _ in beams])[:, None]).flatten()
+                top = torch.topk(total, 2 * k)
+                running = []
+                for rank, (score, idx) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+                    src, tok = divmod(idx, logp.shape[-1])
+                    seq = beams[src][1] + [tok]
+                    if tok == cfg.eos_id or step + 1 == max_new_tokens:
+                        if rank < k:  # only the top k candidates may finish
+                            finished.append((score / (step + 1) ** length_penalty, seq))
+                    elif len(running) < k:
+                        running.append((score, seq))
+                finished = sorted(finished, key=lambda f: -f[0])[:k]
+                beams = running
+                best_possible = beams[0][0] / (step + 1) ** length_penalty if beams else -math.inf
+                if not beams or (len(finished) == k and best_possible <= finished[-1][0]):
+                    break
+            results.append(finished[0][1][1:])
+        return results
+
+    @torch.no_grad()
     def caption(self, pixel_values, max_new_tokens: int = 40, use_cache: bool = True) -> torch.Tensor:
         states = self.encode_image(pixel_values)
         mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)

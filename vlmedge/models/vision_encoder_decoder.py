@@ -85,8 +85,10 @@ class VisionEncoderDecoderAdapter:
         return weight_files(self.source)
 
     @torch.no_grad()
-    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1):
+    def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1,
+                           **generation):
+        eos = generation.pop("eos_token_id", self.eos_id)
         out = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                  do_sample=False, decoder_start_token_id=self.start_id, eos_token_id=self.eos_id,
-                                  pad_token_id=self.pad_id)
-        return strip_prompt(out, 1, self.eos_id)
+                                  do_sample=False, decoder_start_token_id=self.start_id, eos_token_id=eos,
+                                  pad_token_id=self.pad_id, **generation)
+        return strip_prompt(out, 1, eos)

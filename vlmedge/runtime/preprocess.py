@@ -1,4 +1,5 @@
-"""Image preprocessing in numpy + Pillow: what every backend feeds the vision encoder."""
+"""Image preprocessing in numpy + Pillow, as each family's Hugging Face image processor does it:
+resize with the processor's Pillow filter, rescale by 1/255, standardise, channels first."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from vlmedge.runtime.images import to_rgb
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -25,8 +28,7 @@ def pixel_values(images: Sequence[Image.Image | np.ndarray], prep: Mapping[str, 
     size = (int(prep["width"]), int(prep["height"]))
     arrays = []
     for img in images:
-        pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
-        pil = pil.convert("RGB")
+        pil = to_rgb(img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8)))
         if pil.size != size:
             pil = pil.resize(size, _RESAMPLE[prep["resample"]])
         arrays.append(np.asarray(pil, dtype=np.uint8))

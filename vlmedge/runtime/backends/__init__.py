@@ -1,11 +1,39 @@
-"""Backends run a bundle's graphs by name: `run(graph, feeds) -> outputs`."""
+"""Backends run a bundle's graphs by name; the decoding loop is written once against this interface.
+
+Values a backend returns stay where the backend keeps them (device memory on a GPU, ONNX Runtime's
+own buffers on the CPU) until the caller asks for them on the host, so the KV cache and the
+encoder outputs never round-trip through numpy between decoding steps. Feeds may mix numpy
+arrays and values the same backend returned.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Any, Collection, Mapping, Protocol
 
 import numpy as np
 
+DEVICES = ("cpu", "cuda", "tensorrt")
+
 
 class Backend(Protocol):
-    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    name: str  # what actually runs the graphs, e.g. "onnxruntime/CPUExecutionProvider"
+
+    def run(self, graph: str, feeds: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+        """Run one graph. Outputs named in `keep` stay backend-resident; the others come back as numpy."""
+        ...
+
+    def to_host(self, value: Any) -> np.ndarray:
+        """A backend-resident value (or a numpy array) as a numpy array."""
+        ...
+
+    def take(self, value: Any, rows: np.ndarray) -> Any:
+        """Rows of a batch-major value, in the given order, kept on the backend (beam expansion and reordering)."""
+        ...
+
+
+def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=None) -> Backend:
+    """The backend for `device` (cpu, cuda, tensorrt). ONNX Runtime serves all three through its
+    execution providers; one that is not available falls back to the next with a message via `warn`."""
+    from vlmedge.runtime.backends.onnxruntime import OrtBackend
+
+    return OrtBackend(bundle, device=device, threads=threads, warn=warn)

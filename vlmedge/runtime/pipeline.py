@@ -1,0 +1,207 @@
+"""`vlmedge.load(bundle)`: captioning and VQA from a bundle, with nothing but the runtime installed.
+
+    pipe = vlmedge.load("bundles/shapes-vlm", device="cpu")
+    pipe.caption("scene.png")                                  # -> "a small red circle , ..."
+    pipe.caption(["a.png", "b.png"], num_beams=3)              # -> ["...", "..."]
+    pipe.vqa("scene.png", "what color is the circle ?")        # -> "red"
+    pipe.caption(images, return_ids=True)                      # -> [Generation(text, ids), ...]
+
+Generation options are named as in Hugging Face `generate`. A pipeline holds one ONNX Runtime
+session per graph and no per-call state, so one pipeline can serve several threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vlmedge.errors import InputError, VlmedgeError
+from vlmedge.runtime.backends import open_backend
+from vlmedge.runtime.bundle import Bundle, load_bundle
+from vlmedge.runtime.decoding import GenerationConfig, Timings, encode, generate
+from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
+from vlmedge.runtime.preprocess import pixel_values
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    ids: tuple[int, ...]  # generated ids, EOS included where it was produced
+
+
+def _many(x: Any) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        self.manifest = m = bundle.manifest
+        self.backend = open_backend(bundle, device, threads, warn)
+        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self._tok_lock = threading.Lock()
+        self.max_pixels = max_pixels
+        self.batch_size = batch_size
+        self.layers = int(m.dims["decoder_layers"])
+        self.max_question_len = int(m.dims.get("max_question_len", 0))
+        self.max_batch = m.axes["batch"].max if "batch" in m.axes else batch_size
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.manifest.tasks)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.bundle.path}, {self.manifest.family}, tasks={list(self.tasks)}, backend={self.backend.name})"
+
+    # -- inputs ------------------------------------------------------------------------------
+    def images(self, images: Sequence[Any]) -> np.ndarray:
+        """Paths, PIL images or arrays -> pixel_values; the first bad image raises InputError naming it."""
+        rgb = [load_image(img, self.max_pixels, where=f"image {i}") for i, img in enumerate(images)]
+        return pixel_values(rgb, self.manifest.preprocessing)
+
+    def question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Questions -> right-padded ids and mask, with the family's special tokens. Empty questions
+        and questions longer than the model's max_question_len are refused (not truncated)."""
+        rows = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"question {i}: empty; expected a question in words")
+            with self._tok_lock:
+                ids = self.tokenizer.encode(q).ids
+            if self.max_question_len and len(ids) > self.max_question_len:
+                raise InputError(f"question {i}: {len(ids)} tokens, over the model's maximum of "
+                                 f"{self.max_question_len} (dims.max_question_len); shorten it")
+            rows.append(ids)
+        pad = self.manifest.tasks["vqa"]["pad_id"]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # -- tasks -------------------------------------------------------------------------------
+    def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
+                timings: Timings | None = None, **generation):
+        """Caption one image (-> str) or a list of images (-> list of str)."""
+        single = not _many(images)
+        items = [images] if single else list(images)
+        out = self._run("caption", items, None, generation, return_ids, batch_size, timings)
+        return out[0] if single else out
+
+    def vqa(self, images, questions, *, return_ids: bool = False, batch_size: int | None = None,
+            timings: Timings | None = None, **generation):
+        """Answer questions about images: one image and one question (-> str), or lists of equal
+        length, or one of either with a list of the other (-> list of str)."""
+        single = not _many(images) and not _many(questions)
+        imgs = list(images) if _many(images) else [images]
+        qs = list(questions) if _many(questions) else [questions]
+        if len(imgs) == 1 and len(qs) > 1:
+            imgs = imgs * len(qs)
+        elif len(qs) == 1 and len(imgs) > 1:
+            qs = qs * len(imgs)
+        if len(imgs) != len(qs):
+            raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
+        out = self._run("vqa", imgs, qs, generation, return_ids, batch_size, timings)
+        return out[0] if single else out
+
+    def _run(self, task, images, questions, generation, return_ids, batch_size, timings):
+        import time
+
+        if task not in self.manifest.tasks:
+            raise InputError(f"{self.bundle.path}: this bundle has no {task} task (it has {', '.join(self.tasks)})")
+        try:
+            config = GenerationConfig(**generation)
+        except TypeError as e:
+            raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
+        config.check()
+        spec = self.manifest.tasks[task]
+        limit = int(self.manifest.dims["max_target_len"]) - len(spec["prompt_ids"])
+        max_new = config.max_new_tokens or min(spec["max_new_tokens"], limit)
+        if max_new > limit:
+            raise InputError(f"max_new_tokens: {max_new} is over this model's limit of {limit} (dims.max_target_len)")
+        if not images:
+            return []
+        # a decoder batch is (images x beams) rows and stays within the bundle's batch range
+        chunk = max(1, min(batch_size or self.batch_size, self.max_batch // config.num_beams))
+        results: list = []
+        for s in range(0, len(images), chunk):
+            t0 = time.perf_counter()
+            px = self.images(images[s : s + chunk])
+            q = self.question_ids(questions[s : s + chunk]) if questions is not None else None
+            t1 = time.perf_counter()
+            if q is None:
+                states, mask = encode(self.backend, px)
+            else:
+                states, mask = encode(self.backend, px, *q)
+            t2 = time.perf_counter()
+            if timings is not None:
+                timings.preprocess += t1 - t0
+                timings.encoder += t2 - t1
+            rows = generate(self.backend, self.layers, states, mask, spec["prompt_ids"], spec["eos_id"],
+                            config, max_new, timings)
+            for ids in rows:
+                results.append(Generation(self.decode(ids), tuple(ids)) if return_ids else self.decode(ids))
+        return results
+
+
+def cache_dir() -> Path:
+    """Where built-in models are exported once: $VLMEDGE_CACHE, else $XDG_CACHE_HOME/vlmedge, else ~/.cache/vlmedge."""
+    env = os.environ.get("VLMEDGE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmedge"
+
+
+def builtin_bundle(name: str, on_export=None) -> Path:
+    """The cached bundle of a built-in model, exported on first use (this step needs the export extras)."""
+    from vlmedge import __version__
+    from vlmedge.models.checkpoint import BUILTIN_MODELS, WEIGHTS
+
+    digest = hashlib.sha256((BUILTIN_MODELS[name] / WEIGHTS).read_bytes()).hexdigest()[:12]
+    path = cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}"
+    if (path / "manifest.json").is_file():
+        return path
+    try:
+        from vlmedge.export.exporter import export_bundle
+        from vlmedge.models.registry import load_adapter
+    except ImportError as e:
+        raise InputError(f"{name}: the built-in model is exported on first use, which needs torch "
+                         f"({e.name} is missing): pip install 'vlmedge[export]', or pass a bundle directory") from None
+    if on_export:
+        on_export(name, path)
+    export_bundle(load_adapter(name), "all", path)
+    return path
+
+
+def resolve_bundle(source: str | os.PathLike, on_export=None) -> Bundle:
+    """A bundle directory, or a built-in model's name."""
+    from vlmedge.models.checkpoint import BUILTIN_MODELS
+
+    s = str(source)
+    if s in BUILTIN_MODELS and not Path(s).exists():
+        return load_bundle(builtin_bundle(s, on_export))
+    return load_bundle(s)
+
+
+def load(bundle: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
+         max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None) -> Pipeline:
+    """Open a bundle (or a built-in model's name) for captioning and VQA on `device`: cpu, cuda or tensorrt."""
+    return Pipeline(resolve_bundle(bundle), device, threads, max_pixels, batch_size, warn)
+
+
+__all__ = ["Generation", "Pipeline", "VlmedgeError", "load"]
