@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vlmedge.errors import InputError, VlmedgeError
 
@@ -210,6 +211,110 @@ def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> 
     print_bundle(load_bundle(bundle), console)
 
 
+def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int):
+    """A pipeline from a bundle directory or a built-in name (exported once into the cache)."""
+    from vlmedge.runtime.pipeline import Pipeline, resolve_bundle
+
+    def on_export(name: str, path: Path) -> None:
+        _quiet_export_logs()
+        err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
+
+    warn = lambda msg: err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
+    return Pipeline(resolve_bundle(bundle, on_export), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn)
+
+
+def _answer_images(task: str, bundle: str, images: list[str], question: str | None, beams: int,
+                   max_new_tokens: Optional[int], device: str, batch_size: int, max_pixels: int, as_json: bool) -> None:
+    """Caption / answer every image; a bad image is reported on its own line and the others still run."""
+    from vlmedge.runtime.images import expand_paths, load_image
+
+    pipe = _open_pipeline(bundle, device, max_pixels, batch_size)
+    paths = expand_paths(images)
+    if not paths:
+        raise InputError(f"IMAGE: {' '.join(images)} matches no image files")
+    if question is not None:  # the question is checked once, before any image is read
+        pipe.question_ids([question])
+    gen = dict(num_beams=beams, max_new_tokens=max_new_tokens)
+    results: list[dict] = []
+    good: list[tuple[int, object]] = []
+    errors = 0
+    for i, path in enumerate(paths):
+        try:
+            good.append((i, load_image(path, max_pixels)))
+            results.append({"image": str(path)})
+        except VlmedgeError as e:
+            errors += 1
+            results.append({"image": str(path), "error": str(e)})
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+    key = "caption" if task == "caption" else "answer"
+    chunk = max(1, batch_size)
+    show = len(good) > chunk and not as_json or len(good) > 4 * chunk
+    with _progress() if show else _nullcontext() as p:
+        bar = p.add_task(f"{task}", total=len(good)) if p else None
+        for s in range(0, len(good), chunk):
+            part = good[s : s + chunk]
+            imgs = [img for _, img in part]
+            out = (pipe.caption(imgs, return_ids=True, **gen) if task == "caption"
+                   else pipe.vqa(imgs, [question] * len(imgs), return_ids=True, **gen))
+            for (i, _), g in zip(part, out):
+                results[i].update({key: g.text, "ids": list(g.ids)})
+            if p:
+                p.advance(bar, len(part))
+    if as_json:
+        console.print_json(json.dumps({"bundle": str(pipe.bundle.path), "task": task, "question": question,
+                                       "results": results}))
+    else:
+        for r in results:
+            if key in r:
+                console.print(f"{r['image']}: {r[key]}" if len(paths) > 1 else r[key], highlight=False, markup=False)
+    if errors:
+        raise typer.Exit(2)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_DEVICE = typer.Option("cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution providers; falls back with a message)")
+_BATCH = typer.Option(8, "--batch-size", min=1, help="images per batch")
+_PIXELS = typer.Option(64_000_000, "--max-pixels", min=1, help="refuse images with more pixels than this")
+
+
+@app.command()
+def caption(
+    bundle: str = typer.Argument(..., help="bundle directory, or a built-in model name (exported once, cached)"),
+    images: list[str] = typer.Argument(..., help="image files, directories or glob patterns"),
+    beams: int = typer.Option(1, "--beams", min=1, help="beam search width (1: greedy)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the bundle's"),
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    max_pixels: int = _PIXELS,
+    as_json: bool = typer.Option(False, "--json", help="print JSON: per image its caption and token ids, or its error"),
+) -> None:
+    """Caption images with a bundle (ONNX Runtime; no PyTorch needed)."""
+    _answer_images("caption", bundle, images, None, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+
+
+@app.command()
+def vqa(
+    bundle: str = typer.Argument(..., help="bundle directory, or a built-in model name (exported once, cached)"),
+    image: str = typer.Argument(..., help="an image file, a directory or a glob pattern"),
+    question: str = typer.Argument(..., help="the question, asked of every image"),
+    beams: int = typer.Option(1, "--beams", min=1, help="beam search width (1: greedy)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the bundle's"),
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    max_pixels: int = _PIXELS,
+    as_json: bool = typer.Option(False, "--json", help="print JSON: per image its answer and token ids, or its error"),
+) -> None:
+    """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
+    _answer_images("vqa", bundle, [image], question, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+
+
 def _quiet_export_logs() -> None:
     """torch.onnx's exporter logs warnings a user cannot act on; keep the terminal to our progress."""
     import logging
@@ -235,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except VlmedgeError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -1,14 +1,12 @@
-"""Exported graphs give the same greedy tokens as each family's own PyTorch generation."""
+"""Exported bundles: validation results, graph rules, the manifest contract.
+(Token equality with PyTorch through the runtime is in tests/runtime/test_generation.py.)"""
 
 import onnx
 import pytest
 
 from families import FAMILIES
-from vlmedge.export.samples import sample_inputs
 from vlmedge.models.registry import ARCHITECTURES
-from vlmedge.runtime.backends.onnxruntime import OrtBackend
 from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
-from vlmedge.runtime.decoding import encode, greedy
 
 ALL = [*FAMILIES, "shapes-vlm"]
 
@@ -28,27 +26,6 @@ def test_export_validation_passed(bundles, name):
     for graph, outs in v["graphs"].items():
         for out, e in outs.items():
             assert e["max_abs"] <= 1e-4 * max(1.0, e["ref_max"]), (graph, out, e)
-
-
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_onnx_tokens_equal_pytorch_generate(bundles, name, batch):
-    """Fresh scenes (not those validation used), at batch 1 and 3 with padded questions."""
-    adapter, manifest, path = bundles[name]
-    backend = OrtBackend(load_bundle(path))
-    L = manifest.dims["decoder_layers"]
-    for task, spec in manifest.tasks.items():
-        s = sample_inputs(adapter, n=batch, tasks=[task], start=20 + batch)
-        px = s.pixel_values
-        if task == "vqa":
-            states, mask = encode(backend, px.numpy(), s.question_ids.numpy(), s.question_mask.numpy())
-            ref = adapter.reference_generate(task, px, s.question_ids, s.question_mask, max_new_tokens=spec["max_new_tokens"])
-        else:
-            states, mask = encode(backend, px.numpy())
-            ref = adapter.reference_generate(task, px, max_new_tokens=spec["max_new_tokens"])
-        got = greedy(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], spec["max_new_tokens"])
-        assert got == ref
-        assert all(len(r) >= 1 for r in got)
 
 
 @pytest.mark.parametrize("name", ALL)

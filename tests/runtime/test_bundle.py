@@ -8,13 +8,8 @@ from vlmedge.runtime.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    from vlmedge.export.exporter import export_bundle
-    from vlmedge.models.registry import load_adapter
-
-    out = tmp_path_factory.mktemp("b") / "shapes"
-    export_bundle(load_adapter("shapes-vlm"), "caption", out)
-    return out
+def bundle_dir(bundles):
+    return bundles["shapes-vlm"][2]
 
 
 @pytest.fixture
@@ -39,7 +34,7 @@ def _err(d) -> str:
 
 def test_loads(bundle_dir):
     b = load_bundle(bundle_dir)
-    assert set(b.manifest.graphs) == {"vision_encoder", "decoder_init", "decoder_step"}
+    assert set(b.manifest.graphs) == {"vision_encoder", "text_encoder", "decoder_init", "decoder_step"}
     assert b.manifest.precision["dtype"] == "float32"
 
 

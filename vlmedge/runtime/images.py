@@ -73,7 +73,7 @@ def _from_array(a: np.ndarray, where: str) -> Image.Image:
     if a.ndim == 3 and a.shape[-1] == 4:  # as HF's convert_to_rgb does for arrays: blend onto white
         alpha = a[..., 3:4].astype(np.float64) / 255.0
         a = np.round(alpha * a[..., :3] + (1.0 - alpha) * 255.0).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a))
+    return to_rgb(Image.fromarray(np.ascontiguousarray(a)))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
