@@ -130,37 +130,57 @@ def demo(
     count: int = typer.Option(4, min=1, help="scenes to show"),
     scenes: int = typer.Option(1000, min=1, help="test scenes for the metrics"),
 ) -> None:
-    """Caption and answer a few test scenes with the built-in model, then print test-split metrics."""
-    import torch
+    """Caption and answer test scenes with the built-in model through the runtime (exported once and
+    cached), print latency per stage, then test-split metrics."""
+    import statistics
+
     from rich.table import Table
 
     from vlmedge.data.scenes import pick_questions
     from vlmedge.data.scenes import scenes as gen
     from vlmedge.evaluation.report import print_report
-    from vlmedge.models.checkpoint import load_pretrained
-    from vlmedge.runtime.preprocess import normalize
+    from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
+    from vlmedge.runtime.decoding import Timings
 
-    model, tok = load_pretrained("shapes-vlm")
-    cfg = model.config
-    decode = lambda ids: tok.decode([t for t in ids if t not in (cfg.pad_id, cfg.eos_id)])  # noqa: E731
+    pipe = _open_pipeline("shapes-vlm", "cpu", 64_000_000, 16)
+    console.print(f"runtime: {pipe.bundle.path} on {pipe.backend.name}", highlight=False)
     out.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(gen("test", 0, count)):
         path = out / f"test-{i:06d}.png"
         s.pil().save(path)
-        px = torch.from_numpy(normalize(s.image[None], cfg.image_mean, cfg.image_std))
         t = Table(title=str(path), show_lines=False)
-        t.add_column("")
-        t.add_column("model")
-        t.add_column("truth")
-        t.add_column("", justify="center")
-        pred = decode(model.caption(px)[0].tolist())
+        for col in ("", "model", "truth", ""):
+            t.add_column(col)
+        pred = pipe.caption(path)
         t.add_row("caption", pred, s.caption, "✓" if pred == s.caption else "✗")
-        for q in pick_questions(s):
-            ids = torch.tensor([tok.encode(q.text).ids])
-            ans = decode(model.answer(px, ids, torch.ones_like(ids))[0].tolist())
+        qs = pick_questions(s)
+        for q, ans in zip(qs, pipe.vqa(path, [q.text for q in qs])):
             t.add_row(q.text, ans, q.answer, "✓" if ans == q.answer else "✗")
         console.print(t)
-    print_report(_evaluate("shapes-vlm", "test", scenes), console, title="shapes-vlm")
+
+    image = next(gen("test", 0, 1)).pil()
+    runs = []
+    for r in range(21):
+        t = Timings()
+        pipe.caption(image, timings=t)
+        if r:  # the first call warms up
+            runs.append(t)
+    med = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+    lat = Table(title="caption latency, batch 1, CPU (median of 20 runs)")
+    lat.add_column("stage")
+    lat.add_column("ms", justify="right")
+    lat.add_row("preprocess", f"{med([t.preprocess for t in runs]):.2f}")
+    lat.add_row("vision encoder", f"{med([t.encoder for t in runs]):.2f}")
+    lat.add_row("first token", f"{med([t.first_token for t in runs]):.2f}")
+    lat.add_row(f"per token ({len(runs[0].tokens) + 1} tokens)", f"{med([x for t in runs for x in t.tokens]):.2f}")
+    lat.add_row("whole caption", f"{med([t.total for t in runs]):.2f}")
+    console.print(lat)
+
+    es = evaluation_set("test", scenes)
+    with _progress() as p:
+        bar = p.add_task("evaluating on test through the runtime", total=len(es.scenes) + len(es.questions))
+        report = evaluate_pipeline(pipe, es, progress=lambda n: p.advance(bar, n))
+    print_report(report, console, title=f"shapes-vlm through {pipe.backend.name}")
 
 
 @app.command()

@@ -103,3 +103,21 @@ def evaluate_torch_model(model, tokenizer, es: EvalSet, batch_size: int = 128, p
             if progress:
                 progress(len(chunk))
     return score(es, captions, answers)
+
+
+def evaluate_pipeline(pipe, es: EvalSet, batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                      **generation) -> dict:
+    """Captions and answers of a runtime pipeline (any bundle, any backend) on `es`, scored."""
+    images = es.images
+    captions: list[str] = []
+    for i in range(0, len(es.scenes), batch_size):
+        captions += pipe.caption(list(images[i : i + batch_size]), batch_size=batch_size, **generation)
+        if progress:
+            progress(min(batch_size, len(es.scenes) - i))
+    answers: list[str] = []
+    for i in range(0, len(es.questions), batch_size):
+        chunk = es.questions[i : i + batch_size]
+        answers += pipe.vqa([images[j] for j, _ in chunk], [q.text for _, q in chunk], batch_size=batch_size, **generation)
+        if progress:
+            progress(len(chunk))
+    return score(es, captions, answers)
