@@ -18,7 +18,7 @@ What it measures, for two models:
 
 Run:  .venv/bin/python benchmarks/runtime_latency.py [--quick] [--model shapes|vit-gpt2|all] [--json PATH]
 
-The random ViT-GPT2 model and both bundles are cached in --work (default benchmarks/.work, about 3 GB,
+The random ViT-GPT2 model and both bundles are cached in --work (default benchmarks/.work, about 2.5 GB,
 not tracked by git; delete it to rebuild). The first run exports the ViT-GPT2 bundle, which takes
 several minutes on 2 cores. Absolute numbers depend on what else runs on the machine.
 """
@@ -35,7 +35,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -100,16 +101,18 @@ def export(adapter, task: str, out: Path) -> float:
 
 
 def five_object_images(n: int) -> list:
-    picked = [s.image for s in scenes("test", 0, 500) if len(s.objects) == 5][:n]
+    picked = list(islice((s.image for s in scenes("test", 0, 500) if len(s.objects) == 5), n))
     assert len(picked) == n, "not enough 5-object scenes in the first 500 test scenes"
     return picked
 
 
 def shapes_model(work: Path, quick: bool) -> Model:
     from vlmedge.models.registry import load_adapter
+    from vlmedge.runtime.bundle import sha256_file
 
     adapter = load_adapter("shapes-vlm")
-    bundle = work / f"shapes-vlm-bundle-v{__version__}"
+    digest = sha256_file(adapter.weight_files()[0])[:12]
+    bundle = work / f"shapes-vlm-{digest}-bundle-v{__version__}"
     seconds = None if (bundle / "manifest.json").is_file() else export(adapter, "all", bundle)
     reps = 5 if quick else 20
     # positions end at max_target_len 48: 1 prompt token + 47 new at most, so step 40 is the last round one
@@ -150,6 +153,7 @@ def build_vit_gpt2(out: Path) -> None:
         torch.manual_seed(0)
         VisionEncoderDecoderModel(cfg).eval().save_pretrained(tmp)
         ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(tmp)
+        tmp.chmod(0o755)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,7 +223,7 @@ def compare(model: Model, pipe: Pipeline, side: TorchSide, batch: int) -> dict:
         run_vlmedge(pipe, batches[i % len(batches)], **gen)
         side.run(batches[i % len(batches)])
         side.encoder_seconds(batches[i % len(batches)])
-    v = {"total": [], "preprocess": [], "encoder": [], "first_token": [], "per_token": [], "tokens": []}
+    v = {"total": [], "preprocess": [], "encoder": [], "first_token": [], "per_token": [], "mean_token": [], "tokens": []}
     p = {"total": [], "preprocess": [], "encoder": [], "generate": [], "per_token": [], "tokens": []}
     mismatch = None
     for r in range(repeats):
@@ -230,6 +234,7 @@ def compare(model: Model, pipe: Pipeline, side: TorchSide, batch: int) -> dict:
         v["encoder"].append(t.encoder)
         v["first_token"].append(t.first_token)
         v["per_token"].append(median(t.tokens))
+        v["mean_token"].append(float(np.mean(t.tokens)) if t.tokens else float("nan"))
         v["tokens"].append(float(np.mean([len(x) for x in v_ids])))
         time.sleep(PAUSE)
         total, stages, p_ids = side.run(images)
@@ -245,8 +250,8 @@ def compare(model: Model, pipe: Pipeline, side: TorchSide, batch: int) -> dict:
         p["per_token"].append((stages["generate"] - enc) / max(max(len(x) for x in p_ids), 1))
         p["tokens"].append(n_tok)
         if v_ids != p_ids and mismatch is None:
-            row = next(i for i in range(len(v_ids)) if i >= len(p_ids) or v_ids[i] != p_ids[i])
-            mismatch = {"repeat": r, "row": row, "vlmedge": v_ids[row], "pytorch": p_ids[row] if row < len(p_ids) else None}
+            row = next(i for i in range(max(len(v_ids), len(p_ids))) if v_ids[i:i + 1] != p_ids[i:i + 1])
+            mismatch = {"repeat": r, "row": row, "vlmedge": v_ids[row:row + 1], "pytorch": p_ids[row:row + 1]}
     v_med = {k: median(x) for k, x in v.items()}
     p_med = {k: median(x) for k, x in p.items()}
     v_med["tokens"], p_med["tokens"] = float(np.mean(v["tokens"])), float(np.mean(p["tokens"]))
@@ -258,7 +263,7 @@ def compare(model: Model, pipe: Pipeline, side: TorchSide, batch: int) -> dict:
 
 
 def per_token(model: Model, pipe: Pipeline) -> dict:
-    """Runtime step latency by position, batch 1, len(tokens) forced to reach the last position."""
+    """Runtime step latency by position, batch 1; min_new_tokens makes every call reach the last position."""
     n_new = max(model.positions) + 1  # the first token comes from decoder_init, then one step per token
     repeats = model.repeats[1]
     log(f"{model.name} per-token latency: {n_new} new tokens, {model.warmup} warm-up + {repeats} repeats")
@@ -312,6 +317,19 @@ def floor(model: Model, tokens: dict, threads: int) -> dict:
 # -- report ---------------------------------------------------------------------------------------------
 
 
+def busy_elsewhere(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores busy over `seconds` while this process sleeps: other work on the machine."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
 def machine(threads: int) -> dict:
     import onnxruntime
     import transformers
@@ -326,7 +344,7 @@ def machine(threads: int) -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "vlmedge": __version__, "load_average": os.getloadavg()}
+            "vlmedge": __version__, "busy_elsewhere_at_start": busy_elsewhere()}
 
 
 def ms(seconds: float) -> str:
@@ -338,8 +356,12 @@ def report(info: dict, results: dict) -> list[tuple[str, bool | None]]:
     m = info["machine"]
     print()
     print("vlmedge runtime latency, CPU" + (" (quick run)" if info["quick"] else ""))
-    print(f"machine: {m['cpu']}, {m['cores']} cores; {m['threads']} threads for both ONNX Runtime and torch; "
-          f"load average at start {m['load_average'][0]:.2f}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores; {m['threads']} threads for both ONNX Runtime and torch")
+    for when in ("start", "end"):
+        busy = info["machine"].get(f"busy_elsewhere_at_{when}")
+        if busy is not None:
+            note = "  <-- other work is running: timings are not reliable" if busy > 0.1 else ""
+            print(f"CPU busy with other work at {when}: {busy:.0%} of all cores{note}")
     print(f"versions: python {m['python']}, onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
           f"transformers {m['transformers']}, vlmedge {m['vlmedge']}")
     for name, r in results.items():
@@ -355,16 +377,19 @@ def report(info: dict, results: dict) -> list[tuple[str, bool | None]]:
             print(f"{name:<11}{c['batch']:>6}{c['repeats']:>6}{v['tokens']:>7.1f}/{p['tokens']:<5.1f}{ms(v['total']):>10}"
                   f"{ms(p['total']):>10}{c['speedup']:>11.2f}x  {'yes' if c['same_tokens'] else 'NO  <-- see warning'}")
 
-    print("\nStages (median ms). vlmedge: preprocess | vision encoder | first token (decoder_init) | per token (decoder_step)")
-    print("                    PyTorch: preprocess | vision encoder (separate call) | generate | per token (derived: (generate - encoder) / tokens)")
-    head = f"{'model':<11}{'batch':>6}  {'side':<8}{'preproc':>9}{'encoder':>9}{'1st tok':>9}{'generate':>10}{'per tok':>9}"
+    print("\nStages (median ms). vlmedge: preprocess | vision encoder | first token (decoder_init) | per token "
+          "(decoder_step; median and mean of the steps of a call)")
+    print("                    PyTorch: preprocess | vision encoder (separate call) | generate | per token "
+          "(derived: (generate - encoder) / tokens)")
+    head = (f"{'model':<11}{'batch':>6}  {'side':<8}{'preproc':>9}{'encoder':>9}{'1st tok':>9}{'generate':>10}"
+            f"{'per tok':>9}{'mean':>7}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         for c in r["compare"]:
             v, p = c["vlmedge"], c["pytorch"]
             print(f"{name:<11}{c['batch']:>6}  {'vlmedge':<8}{ms(v['preprocess']):>9}{ms(v['encoder']):>9}"
-                  f"{ms(v['first_token']):>9}{'':>10}{ms(v['per_token']):>9}")
+                  f"{ms(v['first_token']):>9}{'':>10}{ms(v['per_token']):>9}{ms(v['mean_token']):>7}")
             print(f"{'':<11}{'':>6}  {'pytorch':<8}{ms(p['preprocess']):>9}{ms(p['encoder']):>9}{'':>9}"
                   f"{ms(p['generate']):>10}{ms(p['per_token']):>9}")
 
@@ -372,7 +397,8 @@ def report(info: dict, results: dict) -> list[tuple[str, bool | None]]:
     for name, r in results.items():
         t = r["per_token"]
         cells = "  ".join(f"pos {p}: {ms(s)}" for p, s in t["seconds"].items())
-        print(f"{name:<11}{cells}   pos{t['last']}/pos1 = {t['last_over_first']:.2f}  "
+        print(f"{name:<11}{cells}   pos{t['last']}/pos1 = {t['last_over_first']:.2f}, "
+              f"pos{t['last']}/pos16 = {t['seconds'][t['last']] / t['seconds'][16]:.2f}  "
               f"({t['new_tokens']} new tokens, {t['repeats']} repeats)")
 
     if "vit-gpt2" in results:
@@ -411,7 +437,7 @@ def report(info: dict, results: dict) -> list[tuple[str, bool | None]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=("shapes", "vit-gpt2", "all"), default="all")
+    ap.add_argument("--model", choices=("shapes", "vit-gpt2", "all"), default="all", help="which model (default: all)")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer warm-ups and repeats")
     ap.add_argument("--repeats", type=int, help="repeats for every measurement (default: 20 for shapes-vlm; "
                     "5 at batch 1 and 3 at batch 8 for vit-gpt2; fewer with --quick)")
@@ -427,6 +453,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # e.g. generate's note on attention masks; errors still show
+    transformers.logging.disable_progress_bar()
     info = {"quick": args.quick, "max_new_tokens": MAX_NEW, "machine": machine(args.threads)}
 
     builders = {"shapes": shapes_model, "vit-gpt2": vit_gpt2_model}
@@ -445,6 +475,7 @@ def main(argv=None) -> int:
             r["floor"] = floor(model, r["per_token"], args.threads)
         del pipe, side, model  # free one model's memory before loading the next
 
+    info["machine"]["busy_elsewhere_at_end"] = busy_elsewhere()
     targets = report(info, results)
     info["seconds"] = time.perf_counter() - started
     print(f"\n(whole run {info['seconds']:.0f} s)")

@@ -189,6 +189,9 @@ def export(
     out: Path = typer.Option(..., "--out", help="bundle directory to write"),
     task: str = typer.Option("all", help="caption, vqa or all (what the model supports)"),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)"),
+    max_batch: int = typer.Option(16, "--max-batch", help="largest batch (images x beams) the graphs declare"),
+    max_length: Optional[int] = typer.Option(None, "--max-length",
+                                             help="decoder positions declared, prompt + generated (default: 128 or the model's limit)"),
     prompt: Optional[str] = typer.Option(None, help='caption prompt for BLIP, e.g. "a picture of"'),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
@@ -213,7 +216,7 @@ def export(
             else:
                 p.update(tasks[name], description=f"{name} {state}")
 
-        manifest = export_bundle(adapter, task, out, ExportOptions(opset=opset, force=force), on_graph=on_graph)
+        manifest = export_bundle(adapter, task, out, ExportOptions(opset=opset, force=force, max_batch=max_batch, max_length=max_length), on_graph=on_graph)
         if "validation" in tasks:
             p.update(tasks["validation"], completed=1, description="validation [green]passed[/green]")
     from vlmedge.export.inspect import print_validation

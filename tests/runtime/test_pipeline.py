@@ -79,7 +79,7 @@ def test_return_ids_and_timings(pipe, world):
 def test_generation_limits(pipe, world):
     img = world[0][0].image
     assert len(pipe.caption(img, max_new_tokens=3, return_ids=True).ids) == 3
-    with pytest.raises(InputError, match="max_new_tokens: 60 is over this model's limit of 47"):
+    with pytest.raises(InputError, match="max_new_tokens: 60 is over this bundle.s limit of 47"):
         pipe.caption(img, max_new_tokens=60)
     with pytest.raises(InputError, match="num_beams"):
         pipe.caption(img, num_beams=0)

@@ -32,6 +32,8 @@ class ExportOptions:
     force: bool = False
     validate_images: int = 8
     atol: float = 1e-4  # max abs error allowed per output, scaled by max(1, |reference|)
+    max_batch: int = 16  # the batch axis' max (images x beams at run time)
+    max_length: int | None = None  # decoder positions declared (prompt + generated); None: see axis_ranges
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -114,6 +116,10 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
     from vlmedge.export.samples import sample_inputs
     from vlmedge.export.validate import validate_bundle
 
+    if options.max_batch < 2:
+        raise InputError(f"--max-batch {options.max_batch}: expected 2 or more")
+    if options.max_length is not None and options.max_length < 3:
+        raise InputError(f"--max-length {options.max_length}: expected 3 or more (prompt + generated tokens)")
     if options.opset < MIN_OPSET:
         raise InputError(f"--opset {options.opset}: vlmedge needs opset {MIN_OPSET} or newer (LayerNormalization)")
     tasks = select_tasks(adapter, task)
@@ -126,7 +132,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         with torch.no_grad():
             image_states = adapter.vision_encoder()(sample.pixel_values)
         decls = {g.name: g for g in graph_decls(info, image_states.shape[-1], with_text)}
-        ranges = axis_ranges(info, tasks)
+        ranges = axis_ranges(info, tasks, options.max_batch, options.max_length)
 
         # example inputs: no dynamic dim of size 1 (torch.export would specialise it)
         B = Dim("batch", min=1, max=ranges["batch"][2])

@@ -13,6 +13,7 @@ from vlmedge.runtime.decoding import kv_names
 
 # Ranges of the named axes: (min, opt, max). Batch and lengths are dynamic; image size is fixed.
 DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_LENGTH = 128  # decoder positions (prompt + generated) the graphs declare, within the model's limit
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,17 @@ def graph_decls(info: FamilyInfo, image_width: int, with_text_encoder: bool) -> 
     return graphs
 
 
-def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, tuple[int, int, int]]:
-    """min/opt/max of every named axis, for the manifest and the TensorRT optimisation profiles."""
+def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX_BATCH,
+                max_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+    """min/opt/max of every named axis, for the manifest and the TensorRT optimisation profiles.
+    `max_length` bounds prompt + generated tokens (default: the larger of 128 and the tasks' own
+    limits, within the model's positions); the runtime refuses longer generation."""
     d = info.dims
     prompt = max(len(info.tasks[t].prompt_ids) for t in tasks)
     max_new = max(info.tasks[t].max_new_tokens for t in tasks)
     q = d.max_question_len
     enc_lens = [d.image_tokens if info.tasks[t].encoder == "vision_encoder" else q for t in tasks]
-    total_max = min(d.max_target_len, prompt + max_new)
+    total_max = min(d.max_target_len, max_length or max(prompt + max_new, DEFAULT_MAX_LENGTH))
     ranges = {
         "batch": (1, 1, max_batch),
         "prompt_len": (1, prompt, max(prompt, 1)),

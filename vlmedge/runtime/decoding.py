@@ -113,6 +113,7 @@ class _Decoder:
         self.cache = [out[n] for n in self.present]
         self.cross = {n: out[n] for n in self.cross_names}
         self.mask = mask
+        self._step = None
         return out["logits"]
 
     def expand(self, rows: np.ndarray) -> None:
@@ -121,6 +122,7 @@ class _Decoder:
         self.cache = [take(v, rows) for v in self.cache]
         self.cross = {n: take(v, rows) for n, v in self.cross.items()}
         self.mask = self.mask[rows]
+        self._step = None
 
     def reorder(self, rows: np.ndarray) -> None:
         """Beam reordering: only the self-attention cache changes (beams of one item share cross K/V)."""
@@ -128,9 +130,11 @@ class _Decoder:
             self.cache = [self.backend.take(v, rows) for v in self.cache]
 
     def step(self, ids: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": ids.reshape(-1, 1).astype(np.int64), "encoder_mask": self.mask, **self.cross}
+        if self._step is None:  # cross K/V and the mask are bound once per sequence
+            self._step = self.backend.prepare("decoder_step", {"encoder_mask": self.mask, **self.cross}, keep=self.present)
+        feeds = {"input_ids": ids.reshape(-1, 1).astype(np.int64)}
         feeds.update(zip(self.past, self.cache))
-        out = self.backend.run("decoder_step", feeds, keep=self.present)
+        out = self._step(feeds)
         self.cache = [out[n] for n in self.present]
         return out["logits"]
 

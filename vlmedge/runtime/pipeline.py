@@ -94,6 +94,15 @@ class Pipeline:
         with self._tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
+    def max_new_tokens(self, task: str) -> int:
+        """The longest generation the bundle allows: within the model's positions and the declared
+        total_len range (the last step attends to prompt + max_new_tokens - 1 positions)."""
+        prompt = len(self.manifest.tasks[task]["prompt_ids"])
+        limit = int(self.manifest.dims["max_target_len"]) - prompt
+        if "total_len" in self.manifest.axes:
+            limit = min(limit, self.manifest.axes["total_len"].max - prompt + 1)
+        return limit
+
     # -- tasks -------------------------------------------------------------------------------
     def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
                 timings: Timings | None = None, **generation):
@@ -130,10 +139,10 @@ class Pipeline:
             raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
         config.check()
         spec = self.manifest.tasks[task]
-        limit = int(self.manifest.dims["max_target_len"]) - len(spec["prompt_ids"])
-        max_new = config.max_new_tokens or min(spec["max_new_tokens"], limit)
-        if max_new > limit:
-            raise InputError(f"max_new_tokens: {max_new} is over this model's limit of {limit} (dims.max_target_len)")
+        max_new = config.max_new_tokens or spec["max_new_tokens"]
+        if max_new > self.max_new_tokens(task):
+            raise InputError(f"max_new_tokens: {max_new} is over this bundle's limit of {self.max_new_tokens(task)} "
+                             "(axes.total_len and dims.max_target_len; export with a larger --max-length)")
         if not images:
             return []
         # a decoder batch is (images x beams) rows and stays within the bundle's batch range

@@ -8,7 +8,7 @@ arrays and values the same backend returned.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Protocol
+from typing import Any, Callable, Collection, Mapping, Protocol
 
 import numpy as np
 
@@ -20,6 +20,11 @@ class Backend(Protocol):
 
     def run(self, graph: str, feeds: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
         """Run one graph. Outputs named in `keep` stay backend-resident; the others come back as numpy."""
+        ...
+
+    def prepare(self, graph: str, fixed: Mapping[str, Any], keep: Collection[str] = ()) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+        """`run` with the inputs in `fixed` bound once: the returned callable takes the other feeds.
+        The decoding loop binds cross-attention K/V and the mask this way, once per sequence."""
         ...
 
     def to_host(self, value: Any) -> np.ndarray:

@@ -5,6 +5,11 @@
   cache is never copied between steps beyond the graph's own concatenation.
 - CUDA / TensorRT execution providers: outputs named in `keep` (KV cache, cross K/V, encoder states)
   are allocated on the GPU and fed back as they are; only logits are copied to the host.
+- The sessions of a process share one intra-op thread pool: with one pool per session, idle
+  workers of one graph spin while the next graph runs, which on a 2-core edge CPU costs more
+  than a small decoder step itself.
+- `prepare()` binds a graph's fixed inputs once (cross-attention K/V and the mask for every
+  decoding step); each call then binds only what changed.
 """
 
 from __future__ import annotations
@@ -56,6 +61,44 @@ def providers_for(device: str, available: Collection[str], bundle: Bundle, warn=
     return providers, chosen[0]
 
 
+_shared_pool: dict[str, int | None] = {}  # the process-wide pool's size, once set up (None: unavailable)
+
+
+def _use_shared_pool(ort, threads: int | None) -> bool:
+    """Set up the process-wide thread pool on first use; True if sessions asking for `threads` can share it."""
+    if "size" not in _shared_pool:
+        try:
+            ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: one thread per physical core
+            _shared_pool["size"] = threads or 0
+        except Exception:  # another part of this process created onnxruntime's environment first
+            _shared_pool["size"] = None
+    return _shared_pool["size"] is not None and _shared_pool["size"] == (threads or 0)
+
+
+class _Runner:
+    """One graph with some inputs bound for good; calling it binds the rest and runs."""
+
+    def __init__(self, backend: "OrtBackend", graph: str, fixed: Mapping[str, Any], keep: Collection[str]):
+        self.backend, self.graph, self.keep = backend, graph, keep
+        self.session = backend.sessions[graph]
+        self.binding = self.session.io_binding()
+        self.outputs = backend._outputs[graph]
+        self.varying = [n for n in backend._inputs[graph] if n not in fixed]
+        for name in backend._inputs[graph]:
+            if name in fixed:
+                backend._bind_input(self.binding, name, fixed[name])
+
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        b = self.binding
+        for name in self.varying:
+            self.backend._bind_input(b, name, feeds[name])
+        b.clear_binding_outputs()  # fresh outputs: the previous step's present is this step's past
+        for name in self.outputs:
+            b.bind_output(name, self.backend.device if name in self.keep else "cpu")
+        self.session.run_with_iobinding(b)
+        return {name: v if name in self.keep else v.numpy() for name, v in zip(self.outputs, b.get_outputs())}
+
+
 class OrtBackend:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, warn=None):
         import onnxruntime as ort
@@ -65,7 +108,9 @@ class OrtBackend:
         providers, first = providers_for(device, ort.get_available_providers(), bundle, warn)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
+        if _use_shared_pool(ort, threads):
+            opts.use_per_session_threads = False
+        elif threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
         for name in bundle.manifest.graphs:
@@ -82,22 +127,18 @@ class OrtBackend:
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
 
+    @staticmethod
+    def _bind_input(binding, name: str, value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        else:
+            binding.bind_ortvalue_input(name, value)
+
+    def prepare(self, graph: str, fixed: Mapping[str, Any], keep: Collection[str] = ()) -> _Runner:
+        return _Runner(self, graph, fixed, keep)
+
     def run(self, graph: str, feeds: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
-        session = self.sessions[graph]
-        binding = session.io_binding()
-        for name in self._inputs[graph]:  # a graph may not consume every canonical input
-            value = feeds[name]
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self._outputs[graph]:
-            binding.bind_output(name, self.device if name in keep else "cpu")
-        session.run_with_iobinding(binding)
-        out = {}
-        for name, value in zip(self._outputs[graph], binding.get_outputs()):
-            out[name] = value if name in keep else value.numpy()
-        return out
+        return _Runner(self, graph, {}, keep)(feeds)
 
     def to_host(self, value: Any) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else value.numpy()
