@@ -91,6 +91,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+def _host_logits(logits: np.ndarray) -> np.ndarray:
+    return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values per row, largest first (torch.topk's order)."""
     part = np.argpartition(-x, k - 1, axis=-1)[:, :k] if k < x.shape[-1] else np.broadcast_to(np.arange(x.shape[-1]), x.shape)
@@ -114,7 +118,7 @@ class _Decoder:
         self.cross = {n: out[n] for n in self.cross_names}
         self.mask = mask
         self._step = None
-        return out["logits"]
+        return _host_logits(out["logits"])
 
     def expand(self, rows: np.ndarray) -> None:
         """Repeat or reorder batch rows of the cache, the cross K/V and the mask."""
@@ -136,7 +140,7 @@ class _Decoder:
         feeds.update(zip(self.past, self.cache))
         out = self._step(feeds)
         self.cache = [out[n] for n in self.present]
-        return out["logits"]
+        return _host_logits(out["logits"])
 
 
 def generate(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], eos_id: int,

@@ -61,6 +61,8 @@ def providers_for(device: str, available: Collection[str], bundle: Bundle, warn=
     return providers, chosen[0]
 
 
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 _shared_pool: dict[str, int | None] = {}  # the process-wide pool's size, once set up (None: unavailable)
 
 
@@ -86,12 +88,12 @@ class _Runner:
         self.varying = [n for n in backend._inputs[graph] if n not in fixed]
         for name in backend._inputs[graph]:
             if name in fixed:
-                backend._bind_input(self.binding, name, fixed[name])
+                backend._bind_input(self.binding, graph, name, fixed[name])
 
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         b = self.binding
         for name in self.varying:
-            self.backend._bind_input(b, name, feeds[name])
+            self.backend._bind_input(b, self.graph, name, feeds[name])
         b.clear_binding_outputs()  # fresh outputs: the previous step's present is this step's past
         for name in self.outputs:
             b.bind_output(name, self.backend.device if name in self.keep else "cpu")
@@ -125,12 +127,14 @@ class OrtBackend:
         self.name = f"onnxruntime/{used}"
         self.device = "cpu" if used == "CPUExecutionProvider" else "cuda"
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        # host arrays are cast to what each graph declares (an FP16 bundle may take float16 inputs)
+        self._dtypes = {(n, i.name): _NP_TYPES.get(i.type) for n, s in self.sessions.items() for i in s.get_inputs()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
 
-    @staticmethod
-    def _bind_input(binding, name: str, value: Any) -> None:
+    def _bind_input(self, binding, graph: str, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            dtype = self._dtypes.get((graph, name))
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=dtype))
         else:
             binding.bind_ortvalue_input(name, value)
 
