@@ -466,7 +466,7 @@ def main(argv=None) -> int:
         model = builders[key](args.work, args.quick)
         if args.repeats:
             model.repeats = {b: args.repeats for b in model.repeats}
-        pipe = Pipeline(load_bundle(model.bundle), "cpu", threads=args.threads)
+        pipe = Pipeline(load_bundle(model.bundle), "cpu", threads=args.threads, shared_threads=True)
         side = TorchSide(model)
         r = results[model.name] = {"bundle": str(model.bundle), "export_s": model.export_s}
         r["compare"] = [compare(model, pipe, side, b) for b in (1, 8)]

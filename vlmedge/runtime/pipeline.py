@@ -41,12 +41,12 @@ def _many(x: Any) -> bool:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None, shared_threads: bool = False):
         from tokenizers import Tokenizer
 
         self.bundle = bundle
         self.manifest = m = bundle.manifest
-        self.backend = open_backend(bundle, device, threads, warn)
+        self.backend = open_backend(bundle, device, threads, warn, shared_threads)
         self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
         self._tok_lock = threading.Lock()
         self.max_pixels = max_pixels
@@ -208,9 +208,11 @@ def resolve_bundle(source: str | os.PathLike, on_export=None) -> Bundle:
 
 
 def load(bundle: str | os.PathLike, device: str = "cpu", *, threads: int | None = None,
-         max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None) -> Pipeline:
-    """Open a bundle (or a built-in model's name) for captioning and VQA on `device`: cpu, cuda or tensorrt."""
-    return Pipeline(resolve_bundle(bundle), device, threads, max_pixels, batch_size, warn)
+         max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None, shared_threads: bool = False) -> Pipeline:
+    """Open a bundle (or a built-in model's name) for captioning and VQA on `device`: cpu, cuda or tensorrt.
+    `shared_threads=True` runs all graphs on one ONNX Runtime thread pool (faster on small CPUs; see
+    vlmedge.runtime.backends.onnxruntime for the catch)."""
+    return Pipeline(resolve_bundle(bundle), device, threads, max_pixels, batch_size, warn, shared_threads)
 
 
 __all__ = ["Generation", "Pipeline", "VlmedgeError", "load"]

@@ -36,9 +36,9 @@ class Backend(Protocol):
         ...
 
 
-def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=None) -> Backend:
+def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=None, shared_threads: bool = False) -> Backend:
     """The backend for `device` (cpu, cuda, tensorrt). ONNX Runtime serves all three through its
     execution providers; one that is not available falls back to the next with a message via `warn`."""
     from vlmedge.runtime.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(bundle, device=device, threads=threads, warn=warn)
+    return OrtBackend(bundle, device=device, threads=threads, warn=warn, shared_threads=shared_threads)

@@ -5,9 +5,10 @@
   cache is never copied between steps beyond the graph's own concatenation.
 - CUDA / TensorRT execution providers: outputs named in `keep` (KV cache, cross K/V, encoder states)
   are allocated on the GPU and fed back as they are; only logits are copied to the host.
-- The sessions of a process share one intra-op thread pool: with one pool per session, idle
-  workers of one graph spin while the next graph runs, which on a 2-core edge CPU costs more
-  than a small decoder step itself.
+- `shared_threads=True` gives all sessions of the process one intra-op thread pool: with one pool
+  per session, idle workers of one graph spin while the next graph runs, which on a 2-core edge
+  CPU costs as much as a small decoder step. It is opt-in (the CLI uses it) because once that pool
+  exists onnxruntime refuses any session in the process that asks for its own threads.
 - `prepare()` binds a graph's fixed inputs once (cross-attention K/V and the mask for every
   decoding step); each call then binds only what changed.
 """
@@ -66,15 +67,19 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 _shared_pool: dict[str, int | None] = {}  # the process-wide pool's size, once set up (None: unavailable)
 
 
-def _use_shared_pool(ort, threads: int | None) -> bool:
-    """Set up the process-wide thread pool on first use; True if sessions asking for `threads` can share it."""
-    if "size" not in _shared_pool:
-        try:
-            ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: one thread per physical core
-            _shared_pool["size"] = threads or 0
-        except Exception:  # another part of this process created onnxruntime's environment first
-            _shared_pool["size"] = None
-    return _shared_pool["size"] is not None and _shared_pool["size"] == (threads or 0)
+def _use_shared_pool(ort, threads: int | None, wanted: bool) -> bool:
+    """Whether sessions use the process-wide thread pool: always once it exists (onnxruntime then
+    refuses sessions with their own pools); set up on first use if `wanted` and still possible."""
+    if _shared_pool.get("size") is not None:
+        return True
+    if not wanted or "size" in _shared_pool:
+        return False
+    try:
+        ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: one thread per physical core
+        _shared_pool["size"] = threads or 0
+    except Exception:  # onnxruntime's environment was created earlier in this process
+        _shared_pool["size"] = None
+    return _shared_pool["size"] is not None
 
 
 class _Runner:
@@ -102,7 +107,8 @@ class _Runner:
 
 
 class OrtBackend:
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, warn=None):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, warn=None,
+                 shared_threads: bool = False):
         import onnxruntime as ort
 
         self._ort = ort
@@ -110,7 +116,7 @@ class OrtBackend:
         providers, first = providers_for(device, ort.get_available_providers(), bundle, warn)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if _use_shared_pool(ort, threads):
+        if _use_shared_pool(ort, threads, shared_threads):
             opts.use_per_session_threads = False
         elif threads:
             opts.intra_op_num_threads = threads

@@ -1,0 +1,196 @@
+"""Calibration data: representative images (and questions, for VQA) and the graph inputs they produce.
+
+A calibration set comes from a folder of images, with an optional JSONL of questions, or from the
+built-in scene world (`synthetic:N`, drawn from the validation split, so the test split stays
+unseen). A part of it is kept aside to check the accuracy of the quantized bundle.
+
+Inputs for every graph are recorded from real FP32 generation over the calibration images: the
+decoder graphs see real prompts, real KV caches and real cross-attention K/V, step by step, not
+random tensors.
+
+Questions file (JSONL), one object per line: {"image": "file name in the folder", "question": "...",
+"answer": "..."}; "answer" is optional (without it, accuracy is checked against the FP32 bundle's
+answers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from vlmedge.errors import InputError, VlmedgeError
+from vlmedge.runtime.backends import Backend
+from vlmedge.runtime.decoding import GenerationConfig, encode, generate
+from vlmedge.runtime.images import IMAGE_SUFFIXES, load_image
+
+MIN_SAMPLES = 8
+HELD_OUT = 0.25  # fraction of the images kept aside for the accuracy check
+
+
+@dataclass
+class CalibrationSet:
+    source: str  # "synthetic:N" or the folder
+    images: list[np.ndarray]  # RGB uint8 (H, W, 3)
+    questions: list[tuple[int, str]] = field(default_factory=list)  # (image index, question)
+    captions: list[str | None] = field(default_factory=list)  # reference caption per image, if known
+    answers: list[str | None] = field(default_factory=list)  # reference answer per question, if known
+    skipped: int = 0  # unreadable images left out
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for img in self.images:
+            h.update(np.ascontiguousarray(img).tobytes())
+        for i, q in self.questions:
+            h.update(f"{i}\t{q}\n".encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": self.source, "images": len(self.images), "questions": len(self.questions),
+                "skipped": self.skipped, "sha256": self.digest()}
+
+    def split(self, held_out: float = HELD_OUT) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """(calibration, held-out): the last `held_out` of the images and their questions."""
+        n = len(self.images)
+        cut = n - max(1, int(round(n * held_out)))
+        return self._subset(range(0, cut)), self._subset(range(cut, n))
+
+    def _subset(self, idx: range) -> "CalibrationSet":
+        keep = {old: new for new, old in enumerate(idx)}
+        qs = [(keep[i], q, a) for (i, q), a in zip(self.questions, self.answers) if i in keep]
+        return CalibrationSet(self.source, [self.images[i] for i in idx], [(i, q) for i, q, _ in qs],
+                              [self.captions[i] for i in idx], [a for _, _, a in qs], 0)
+
+
+def synthetic(n: int) -> CalibrationSet:
+    from vlmedge.data.scenes import pick_questions, scenes
+
+    scs = list(scenes("val", 0, n))
+    qs = [(i, q) for i, s in enumerate(scs) for q in pick_questions(s)]
+    return CalibrationSet(f"synthetic:{n}", [s.image for s in scs], [(i, q.text) for i, q in qs],
+                          [s.caption for s in scs], [q.answer for _, q in qs])
+
+
+def _read_questions(path: Path, names: dict[str, int]) -> tuple[list[tuple[int, str]], list[str | None]]:
+    if not path.is_file():
+        raise InputError(f"--questions {path}: no such file")
+    questions, answers = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("question"), str):
+            raise InputError(f'{path}:{n}: expected {{"image": "...", "question": "...", "answer": "..."}}')
+        if row["image"] not in names:
+            raise InputError(f"{path}:{n}: image {row['image']!r} is not a readable image of the calibration folder")
+        if "answer" in row and not isinstance(row["answer"], str):
+            raise InputError(f"{path}:{n}: answer must be a string")
+        questions.append((names[row["image"]], row["question"]))
+        answers.append(row.get("answer"))
+    return questions, answers
+
+
+def from_folder(folder: Path, questions_file: Path | None = None, max_pixels: int = 64_000_000) -> CalibrationSet:
+    if not folder.is_dir():
+        raise InputError(f"--calib {folder}: not a directory (expected a folder of images or synthetic:N)")
+    images, names, skipped = [], {}, 0
+    for f in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        try:
+            images.append(np.asarray(load_image(f, max_pixels)))
+            names[f.name] = len(images) - 1
+        except VlmedgeError:
+            skipped += 1
+    if not images:
+        raise InputError(f"--calib {folder}: no readable images ({skipped} unreadable)")
+    qs, ans = _read_questions(questions_file, names) if questions_file else ([], [])
+    return CalibrationSet(str(folder), images, qs, [None] * len(images), ans, skipped)
+
+
+def load_calibration(spec: str, questions_file: Path | None = None, need_questions: bool = False) -> CalibrationSet:
+    """`synthetic:N` or a folder; refuses sets too small to calibrate and check."""
+    if spec.startswith("synthetic:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"--calib {spec}: expected synthetic:N with N a number") from None
+        if questions_file:
+            raise InputError("--questions: applies to a calibration folder, not to synthetic:N")
+        cs = synthetic(n)
+    else:
+        cs = from_folder(Path(spec), questions_file)
+    if len(cs.images) < MIN_SAMPLES:
+        raise InputError(f"--calib {spec}: {len(cs.images)} readable images, need at least {MIN_SAMPLES} "
+                         f"(some are kept aside to check accuracy)")
+    if need_questions and not cs.questions:
+        raise InputError(f"--calib {spec}: the bundle answers questions; pass --questions FILE.jsonl for its VQA graphs")
+    return cs
+
+
+class RecordingBackend:
+    """Wraps a backend and keeps a host copy of the feeds of every graph run: the decoding loop's
+    real inputs, step by step. Steps are kept with a stride so that long generations stay bounded."""
+
+    def __init__(self, backend: Backend, step_stride: int = 1):
+        self.backend, self.step_stride = backend, step_stride
+        self.name = backend.name
+        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._steps = 0
+
+    def _record(self, graph: str, feeds) -> None:
+        if graph == "decoder_step":
+            self._steps += 1
+            if (self._steps - 1) % self.step_stride:
+                return
+        self.feeds.setdefault(graph, []).append({k: np.array(self.backend.to_host(v)) for k, v in feeds.items()})
+
+    def run(self, graph, feeds, keep=()):
+        self._record(graph, feeds)
+        return self.backend.run(graph, feeds, keep)
+
+    def prepare(self, graph, fixed, keep=()):
+        runner = self.backend.prepare(graph, fixed, keep)
+
+        def call(feeds):
+            self._record(graph, {**fixed, **feeds})
+            return runner(feeds)
+
+        return call
+
+    def to_host(self, value):
+        return self.backend.to_host(value)
+
+    def take(self, value, rows):
+        return self.backend.take(value, rows)
+
+
+def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: int = 1,
+                  progress: Callable[[int], None] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Graph name -> the feeds it received while the FP32 pipeline captioned every calibration image
+    and answered every calibration question (greedy)."""
+    rec = RecordingBackend(pipe.backend, step_stride)
+    m = pipe.manifest
+    layers = pipe.layers
+    for task, spec in m.tasks.items():
+        if task == "caption":
+            items: list[Any] = [(i, None) for i in range(len(cs.images))]
+        else:
+            items = list(cs.questions)
+        for s in range(0, len(items), batch_size):
+            part = items[s : s + batch_size]
+            px = pipe.images([cs.images[i] for i, _ in part])
+            if task == "vqa":
+                states, mask = encode(rec, px, *pipe.question_ids([q for _, q in part]))
+            else:
+                states, mask = encode(rec, px)
+            generate(rec, layers, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(),
+                     min(spec["max_new_tokens"], pipe.max_new_tokens(task)))
+            if progress:
+                progress(len(part))
+    return rec.feeds

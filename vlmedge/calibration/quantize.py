@@ -1,0 +1,247 @@
+"""`vlmedge quantize`: an FP16 or calibrated INT8 variant of an FP32 bundle, checked on held-out data.
+
+1. Calibration images (and questions) are split: three quarters calibrate, a quarter is kept aside.
+2. Every graph's inputs are recorded from real FP32 generation over the calibration part.
+3. INT8: Q/DQ quantization of the weight MatMul/Gemm/Conv nodes (calibration.int8).
+   FP16: every float tensor in float16 except nodes whose FP32 outputs overflow float16 on the
+   calibration inputs and nodes ONNX Runtime's CPU provider has no float16 kernel for
+   (calibration.fp16).
+4. The variant captions and answers the held-out part; its accuracy is compared with FP32's
+   (against the references where known, else against FP32's own outputs). Over budget, nodes go
+   back to float one at a time, most harmful first (ranked by the graph output error each causes
+   when it alone is quantized / converted), until the variant is within budget.
+5. The bundle is written to a temp directory and renamed into place; its manifest records the
+   precision, method, calibration set (count and sha256), excluded nodes with the reason, and the
+   accuracy check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vlmedge.calibration.data import CalibrationSet, load_calibration, record_inputs
+from vlmedge.errors import InputError, ValidationError
+from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
+from vlmedge.runtime.pipeline import Pipeline
+
+PRECISIONS = ("fp16", "int8")
+_DTYPE = {"fp16": "float16", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    precision: str
+    calib: str = "synthetic:128"
+    questions: Path | None = None
+    method: str = "entropy"  # INT8 calibration: entropy, minmax, percentile
+    budget_vqa: float = 0.01  # VQA accuracy FP32 - variant, at most (1 point)
+    budget_bleu: float = 0.02  # caption BLEU-4 FP32 - variant, at most
+    io_dtype: str = "float32"  # FP16: graph inputs/outputs float32 (casts inside) or float16
+    max_fallbacks: int = 24  # nodes returned to float at most
+    force: bool = False
+
+
+def held_out_accuracy(pipe: Pipeline, held: CalibrationSet, ref: dict | None = None) -> dict:
+    """Caption BLEU-4 / exact match and VQA accuracy on the held-out set. References: the set's own
+    where known, else `ref` (FP32's outputs). Returns the outputs too, as references for variants."""
+    from vlmedge.evaluation.metrics import caption_scores, vqa_accuracy
+
+    out: dict = {}
+    m = pipe.manifest
+    if "caption" in m.tasks:
+        caps = pipe.caption(list(held.images))
+        refs = [c if c is not None else (ref or {}).get("captions", caps)[i] for i, c in enumerate(held.captions)]
+        s = caption_scores(caps, [[r] for r in refs])
+        out.update(captions=caps, bleu4=s["bleu4"], caption_exact_match=s["exact_match"])
+    if "vqa" in m.tasks and held.questions:
+        ans = pipe.vqa([held.images[i] for i, _ in held.questions], [q for _, q in held.questions])
+        refs = [a if a is not None else (ref or {}).get("answers", ans)[i] for i, a in enumerate(held.answers)]
+        out.update(answers=ans, vqa_accuracy=float(np.mean(vqa_accuracy(ans, [[r] for r in refs]))))
+    return out
+
+
+def _within(fp32: dict, q: dict, o: QuantizeOptions) -> bool:
+    ok = True
+    if "bleu4" in fp32:
+        ok &= fp32["bleu4"] - q["bleu4"] <= o.budget_bleu
+    if "vqa_accuracy" in fp32:
+        ok &= fp32["vqa_accuracy"] - q["vqa_accuracy"] <= o.budget_vqa
+    return bool(ok)
+
+
+def _summary(acc: dict) -> dict:
+    return {k: v for k, v in acc.items() if k in ("bleu4", "caption_exact_match", "vqa_accuracy")}
+
+
+class _Variant:
+    """The graphs of the variant being built, in a temp bundle directory, and how to rebuild one."""
+
+    def __init__(self, src: Bundle, work: Path, o: QuantizeOptions, feeds: dict):
+        self.src, self.work, self.o, self.feeds = src, work, o, feeds
+        self.excluded: dict[str, dict[str, str]] = {g: {} for g in src.manifest.graphs}
+        self.converted: dict[str, list[str]] = {}
+
+    def build(self, graph: str, only: list[str] | None = None, dst: Path | None = None) -> list[str]:
+        """(Re)write one graph with the current exclusions; returns the nodes it quantized/converted."""
+        src = self.src.graph_path(graph)
+        dst = dst or self.work / src.name
+        skip = set(self.excluded[graph])
+        if self.o.precision == "int8":
+            from vlmedge.calibration.int8 import quantize_graph
+
+            return quantize_graph(src, dst, self.o.method, self.work / ".calib" / f"{graph}.json",
+                                  self.feeds.get(graph), exclude=skip, only=only)
+        import onnx
+
+        from vlmedge.calibration.fp16 import convert_for_cpu
+
+        model = onnx.load(str(src))
+        names = [n.name for n in model.graph.node]
+        keep = skip | (set(names) - set(only) if only is not None else set())
+        converted, kept = convert_for_cpu(model, keep_fp32=keep, io_dtype=self.o.io_dtype)
+        for node, why in kept.items():
+            if node not in keep:
+                self.excluded[graph].setdefault(node, why)
+        onnx.save(converted, str(dst))
+        return [n for n in names if n not in keep and n not in kept]
+
+    def graph_error(self, graph: str, path: Path, samples: int = 4) -> float:
+        """Max over outputs of max abs error / max(1, |FP32|) on a few recorded inputs."""
+        import onnxruntime as ort
+
+        ref = ort.InferenceSession(str(self.src.graph_path(graph)), providers=["CPUExecutionProvider"])
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        types = {i.name: (np.float16 if i.type == "tensor(float16)" else None) for i in got.get_inputs()}
+        err = 0.0
+        for f in self.feeds.get(graph, [])[:samples]:
+            a = ref.run(None, {i.name: f[i.name] for i in ref.get_inputs()})
+            b = got.run(None, {k: (f[k].astype(t) if t else f[k]) for k, t in types.items()})
+            for x, y in zip(a, b):
+                err = max(err, float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max() / max(1.0, np.abs(x).max())))
+        return err
+
+
+def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
+    import onnx
+
+    m = src.manifest
+    graphs = {}
+    for name, g in m.graphs.items():
+        model = onnx.load(str(work / g.file), load_external_data=False)
+        types = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name
+                 for t in [*model.graph.input, *model.graph.output]}
+        retype = lambda ts: tuple(TensorSpec(t.name, types.get(t.name, t.dtype), t.shape) for t in ts)  # noqa: E731
+        graphs[name] = GraphSpec(g.file, sha256_file(work / g.file), retype(g.inputs), retype(g.outputs))
+    manifest = replace(m, graphs=graphs, precision=precision)
+    (work / MANIFEST).write_text(manifest.to_json())
+
+
+def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[[str], None] = lambda s: None):
+    from vlmedge.export.exporter import prepare_out_dir
+
+    if o.precision not in PRECISIONS:
+        raise InputError(f"--precision: {o.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if o.io_dtype not in ("float32", "float16"):
+        raise InputError(f"--io-dtype: {o.io_dtype!r} is not float32 or float16")
+    src = load_bundle(src_dir)
+    have = src.manifest.precision.get("dtype", "float32")
+    if have != "float32":
+        raise InputError(f"{src_dir}: precision.dtype is {have}, not float32; quantize the FP32 bundle it came from")
+    cs = load_calibration(o.calib, o.questions, need_questions="vqa" in src.manifest.tasks and o.precision == "int8"
+                          and "text_encoder" in src.manifest.graphs)
+    calib, held = cs.split()
+    tmp = prepare_out_dir(out, o.force)
+    try:
+        fp32 = Pipeline(src)
+        log(f"recording graph inputs from FP32 generation over {len(calib.images)} images, {len(calib.questions)} questions")
+        feeds = record_inputs(fp32, calib)
+        base = held_out_accuracy(fp32, held)
+        shutil.copy2(src.tokenizer_path, tmp / src.tokenizer_path.name)
+        v = _Variant(src, tmp, o, feeds)
+        (tmp / ".calib").mkdir()
+        done = {g: v.build(g) for g in src.manifest.graphs}
+        log(f"{o.precision}: " + ", ".join(f"{g} {len(n)} nodes" for g, n in done.items()))
+
+        def check() -> dict:
+            _write_manifest(src, tmp, {"dtype": _DTYPE[o.precision]})
+            return held_out_accuracy(Pipeline(load_bundle(tmp)), held, base)
+
+        acc = check()
+        history = [{"excluded": 0, **_summary(acc)}]
+        if not _within(base, acc, o):
+            ranked = _rank(v, done, log)
+            for graph, node, err in ranked[: o.max_fallbacks]:
+                v.excluded[graph][node] = f"sensitivity: output error {err:.3g} when alone in {o.precision}; returned to float"
+                v.build(graph)
+                acc = check()
+                history.append({"excluded": len(history), "node": f"{graph}/{node}", **_summary(acc)})
+                log(f"  {graph}/{node} back to float: " + ", ".join(f"{k} {x:.4f}" for k, x in _summary(acc).items()))
+                if _within(base, acc, o):
+                    break
+        within = _within(base, acc, o)
+        if o.precision == "int8":
+            _check_tensorrt_rules(tmp, src)
+        precision = {
+            "dtype": _DTYPE[o.precision],
+            "method": o.method if o.precision == "int8" else "cast",
+            "io_dtype": o.io_dtype if o.precision == "fp16" else "float32",
+            "calibration": {**cs.describe(), "calibration_images": len(calib.images), "held_out_images": len(held.images),
+                            "held_out_questions": len(held.questions)},
+            "nodes": {g: len(n) for g, n in done.items()},
+            "excluded": {g: e for g, e in v.excluded.items() if e},
+            "accuracy": {"fp32": _summary(base), o.precision: _summary(acc), "within_budget": within,
+                         "budget": {"vqa_accuracy": o.budget_vqa, "bleu4": o.budget_bleu}, "search": history},
+        }
+        _write_manifest(src, tmp, precision)
+        shutil.rmtree(tmp / ".calib")
+        if not within:
+            raise ValidationError(f"{o.precision} stays over budget after {len(history) - 1} nodes back in float: "
+                                  + ", ".join(f"{k} {base[k]:.4f} -> {acc[k]:.4f}" for k in _summary(base)))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return load_bundle(out).manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:
+    """Every quantized/converted weight node with the output error of its graph when it alone is."""
+    from vlmedge.calibration.int8 import weight_nodes
+
+    import onnx
+
+    ranked = []
+    probe = v.work / ".calib" / "probe.onnx"
+    for graph, nodes in done.items():
+        weights = set(weight_nodes(onnx.load(str(v.src.graph_path(graph)), load_external_data=False)))
+        for node in nodes:
+            if node in weights:
+                v.build(graph, only=[node], dst=probe)
+                ranked.append((graph, node, v.graph_error(graph, probe)))
+    ranked.sort(key=lambda r: -r[2])
+    log(f"sensitivity ranked {len(ranked)} nodes; worst: " + ", ".join(f"{g}/{n} {e:.3g}" for g, n, e in ranked[:3]))
+    return ranked
+
+
+def _check_tensorrt_rules(work: Path, src: Bundle) -> None:
+    import onnx
+
+    from vlmedge.calibration.int8 import tensorrt_qdq_problems
+
+    for g in src.manifest.graphs.values():
+        problems = tensorrt_qdq_problems(onnx.load(str(work / g.file), load_external_data=False))
+        if problems:
+            raise ValidationError(f"{g.file}: breaks TensorRT's Q/DQ rules: {problems[0]}")
+
+
+def manifest_summary(manifest) -> dict:
+    return json.loads(json.dumps(asdict(manifest)["precision"]))
