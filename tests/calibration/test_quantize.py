@@ -128,3 +128,25 @@ def test_quantizing_a_quantized_bundle_is_refused(shapes_int8, tmp_path, capsys)
     assert code == 2 and "precision.dtype is int8, not float32; quantize the FP32 bundle" in err
     with pytest.raises(InputError, match="--precision: 'int4'"):
         quantize_bundle(shapes_int8[0], tmp_path / "o", QuantizeOptions("int4"))
+
+
+def test_fp16_variants_keep_accuracy_and_run(bundles, tmp_path):
+    src = bundles["shapes-vlm"][2]
+    m = quantize_bundle(src, tmp_path / "fp16", QuantizeOptions("fp16", calib="synthetic:32"))
+    p = m.precision
+    assert p["dtype"] == "float16" and p["io_dtype"] == "float32" and p["accuracy"]["within_budget"]
+    assert all(t.dtype == "float32" for g in m.graphs.values() for t in g.inputs + g.outputs if t.dtype.startswith("float"))
+    assert _size(tmp_path / "fp16") <= 0.55 * _size(src)
+    for g in m.graphs.values():
+        inits = onnx.load(str(tmp_path / "fp16" / g.file)).graph.initializer
+        assert all(i.data_type != onnx.TensorProto.FLOAT for i in inits if i.name not in set().union(*p["excluded"].values()))
+    # float16 inputs and outputs: the KV cache crosses steps in half precision
+    m16 = quantize_bundle(bundles["vit-gpt2"][2], tmp_path / "io16", QuantizeOptions(
+        "fp16", calib="synthetic:12", io_dtype="float16"))
+    step = m16.graphs["decoder_step"]
+    assert {t.dtype for t in step.inputs if t.name.startswith("past.")} == {"float16"}
+    fp32 = Pipeline(load_bundle(bundles["vit-gpt2"][2]))
+    half = Pipeline(load_bundle(tmp_path / "io16"))
+    imgs = [s.image for s in scenes("test", 0, 4)]
+    same = sum(a == b for a, b in zip(fp32.caption(imgs), half.caption(imgs)))
+    assert same >= 3

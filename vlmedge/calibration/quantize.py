@@ -86,7 +86,7 @@ class _Variant:
     def __init__(self, src: Bundle, work: Path, o: QuantizeOptions, feeds: dict):
         self.src, self.work, self.o, self.feeds = src, work, o, feeds
         self.excluded: dict[str, dict[str, str]] = {g: {} for g in src.manifest.graphs}
-        self.converted: dict[str, list[str]] = {}
+        self.overflow: dict[str, dict[str, float]] = {}
 
     def build(self, graph: str, only: list[str] | None = None, dst: Path | None = None) -> list[str]:
         """(Re)write one graph with the current exclusions; returns the nodes it quantized/converted."""
@@ -102,9 +102,18 @@ class _Variant:
 
         from vlmedge.calibration.fp16 import convert_for_cpu
 
+        from vlmedge.calibration.fp16 import overflow_nodes
+
         model = onnx.load(str(src))
         names = [n.name for n in model.graph.node]
-        keep = skip | (set(names) - set(only) if only is not None else set())
+        if graph not in self.overflow:
+            # values of 1e30 and beyond are attention-mask sentinels (finfo.min), clipped safely; the
+            # rest would overflow float16 on real inputs
+            found = overflow_nodes(model, self.feeds.get(graph, [])[:8])
+            self.overflow[graph] = {n: v for n, v in found.items() if not abs(v) >= 1e30}
+            for node, v in self.overflow[graph].items():
+                self.excluded[graph][node] = f"overflow: FP32 output reaches {v:.3g} on calibration inputs"
+        keep = skip | set(self.overflow[graph]) | (set(names) - set(only) if only is not None else set())
         converted, kept = convert_for_cpu(model, keep_fp32=keep, io_dtype=self.o.io_dtype)
         for node, why in kept.items():
             if node not in keep:
