@@ -130,9 +130,11 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), help="where the demo scenes are saved as PNG"),
     count: int = typer.Option(4, min=1, help="scenes to show"),
     scenes: int = typer.Option(1000, min=1, help="test scenes for the metrics"),
+    variants: bool = typer.Option(True, help="also make FP16 and INT8 variants (once) and compare all three"),
+    compare_scenes: int = typer.Option(200, "--compare-scenes", min=1, help="test scenes for the comparison"),
 ) -> None:
     """Caption and answer test scenes with the built-in model through the runtime (exported once and
-    cached), print latency per stage, then test-split metrics."""
+    cached), print latency per stage and test-split metrics, then compare FP32, FP16 and INT8."""
     import statistics
 
     from rich.table import Table
@@ -143,7 +145,7 @@ def demo(
     from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
     from vlmedge.runtime.decoding import Timings
 
-    pipe = _open_pipeline("shapes-vlm", "cpu", 64_000_000, 16)
+    pipe = _open_pipeline("shapes-vlm", "cpu", 64_000_000, 16, shared_threads=not variants)
     console.print(f"runtime: {pipe.bundle.path} on {pipe.backend.name}", highlight=False)
     out.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(gen("test", 0, count)):
@@ -182,6 +184,32 @@ def demo(
         bar = p.add_task("evaluating on test through the runtime", total=len(es.scenes) + len(es.questions))
         report = evaluate_pipeline(pipe, es, progress=lambda n: p.advance(bar, n))
     print_report(report, console, title=f"shapes-vlm through {pipe.backend.name}")
+    if variants:
+        _demo_variants(pipe.bundle.path, out, compare_scenes)
+
+
+def _demo_variants(fp32: Path, out: Path, n_scenes: int) -> None:
+    """FP16 and INT8 variants of the built-in bundle (made once, cached beside it), then all three compared."""
+    import logging
+
+    from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
+    from vlmedge.compare.compare import compare_bundles
+    from vlmedge.compare.render import print_comparison
+
+    paths = [fp32]
+    for precision in ("fp16", "int8"):
+        path = fp32.with_name(f"{fp32.name}-{precision}")
+        if not (path / "manifest.json").is_file():
+            err_console.print(f"making the {precision} variant once, to {path}", highlight=False)
+            _quiet_export_logs()
+            logging.getLogger().setLevel(logging.ERROR)
+            quantize_bundle(fp32, path, QuantizeOptions(precision, force=True),
+                            log=lambda s: err_console.print(f"  {s}", highlight=False))
+        paths.append(path)
+    with _progress() as p:
+        report = compare_bundles(paths, f"synthetic:{n_scenes}", "cpu", out / "compare", progress=p)
+    print_comparison(report, console)
+    console.print(f"comparison written to {out / 'compare'}: report.json, report.md, plot.png", highlight=False)
 
 
 @app.command()
@@ -277,8 +305,10 @@ def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> 
     print_bundle(load_bundle(bundle), console)
 
 
-def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int):
-    """A pipeline from a bundle directory or a built-in name (exported once into the cache)."""
+def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, shared_threads: bool = True):
+    """A pipeline from a bundle directory or a built-in name (exported once into the cache).
+    shared_threads: one onnxruntime thread pool for all graphs, for processes that only run pipelines
+    (onnxruntime then refuses sessions with their own pools, e.g. those of quantization)."""
     from vlmedge.runtime.pipeline import Pipeline, resolve_bundle
 
     def on_export(name: str, path: Path) -> None:
@@ -287,7 +317,7 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int):
 
     warn = lambda msg: err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
     return Pipeline(resolve_bundle(bundle, on_export), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
-                    shared_threads=True)
+                    shared_threads=shared_threads)
 
 
 def _answer_images(task: str, bundle: str, images: list[str], question: str | None, beams: int,
@@ -380,6 +410,15 @@ def vqa(
 ) -> None:
     """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
     _answer_images("vqa", bundle, [image], question, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+
+
+def _register_compare() -> None:
+    from vlmedge.compare import compare_command
+
+    app.command("compare")(compare_command)
+
+
+_register_compare()
 
 
 def _quiet_export_logs() -> None:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmedge.errors import InputError, VlmedgeError
-from vlmedge.runtime.backends import Backend
 from vlmedge.runtime.decoding import GenerationConfig, encode, generate
 from vlmedge.runtime.images import IMAGE_SUFFIXES, load_image
+from vlmedge.runtime.recording import RecordingBackend
 
 MIN_SAMPLES = 8
 HELD_OUT = 0.25  # fraction of the images kept aside for the accuracy check
@@ -133,48 +133,11 @@ def load_calibration(spec: str, questions_file: Path | None = None, need_questio
     return cs
 
 
-class RecordingBackend:
-    """Wraps a backend and keeps a host copy of the feeds of every graph run: the decoding loop's
-    real inputs, step by step. Steps are kept with a stride so that long generations stay bounded."""
-
-    def __init__(self, backend: Backend, step_stride: int = 1):
-        self.backend, self.step_stride = backend, step_stride
-        self.name = backend.name
-        self.feeds: dict[str, list[dict[str, np.ndarray]]] = {}
-        self._steps = 0
-
-    def _record(self, graph: str, feeds) -> None:
-        if graph == "decoder_step":
-            self._steps += 1
-            if (self._steps - 1) % self.step_stride:
-                return
-        self.feeds.setdefault(graph, []).append({k: np.array(self.backend.to_host(v)) for k, v in feeds.items()})
-
-    def run(self, graph, feeds, keep=()):
-        self._record(graph, feeds)
-        return self.backend.run(graph, feeds, keep)
-
-    def prepare(self, graph, fixed, keep=()):
-        runner = self.backend.prepare(graph, fixed, keep)
-
-        def call(feeds):
-            self._record(graph, {**fixed, **feeds})
-            return runner(feeds)
-
-        return call
-
-    def to_host(self, value):
-        return self.backend.to_host(value)
-
-    def take(self, value, rows):
-        return self.backend.take(value, rows)
-
-
 def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: int = 1,
                   progress: Callable[[int], None] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
     """Graph name -> the feeds it received while the FP32 pipeline captioned every calibration image
     and answered every calibration question (greedy)."""
-    rec = RecordingBackend(pipe.backend, step_stride)
+    rec = RecordingBackend(pipe.backend, keep_step=lambda i: i % step_stride == 0)
     m = pipe.manifest
     layers = pipe.layers
     for task, spec in m.tasks.items():
@@ -193,4 +156,4 @@ def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: in
                      min(spec["max_new_tokens"], pipe.max_new_tokens(task)))
             if progress:
                 progress(len(part))
-    return rec.feeds
+    return rec.by_graph()

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -71,7 +73,8 @@ def quantize_graph(src: Path, dst: Path, method: str, cache: Path, feeds: Sequen
     """Write the Q/DQ model of `src` to `dst`; returns the quantized node names. The first call per
     `cache` needs `feeds` and computes the activation ranges; later calls reuse them."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as _quantize_static
 
     if method not in METHODS:
         raise InputError(f"--method: {method!r} is not one of {', '.join(METHODS)}")
@@ -86,16 +89,15 @@ def quantize_graph(src: Path, dst: Path, method: str, cache: Path, feeds: Sequen
         if not feeds:
             raise InputError(f"{src.name}: no calibration inputs recorded for this graph")
         reader = _Reader(feeds, [i.name for i in model.graph.input])
-    quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
-        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        nodes_to_quantize=nodes, calibrate_method={"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-                                                   "percentile": CalibrationMethod.Percentile}[method],
-        calibration_cache_path=str(cache),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                       "CalibStridedMinMax": 1 if reader else None,
-                       "CalibPercentile": 99.99},
-    )
+    methods = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "CalibPercentile": 99.99}
+    if reader:
+        options["CalibStridedMinMax"] = 1  # collect one feed at a time
+    with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+        _quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                         per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=methods[method],
+                         calibration_cache_path=str(cache), extra_options=options)
     return nodes
 
 

@@ -1,0 +1,38 @@
+"""`vlmedge compare`: the command-line face of `compare_bundles` (registered by vlmedge.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def compare_command(
+    bundles: list[str] = typer.Argument(..., help="bundle directories (or built-in model names) of one model; "
+                                                  "the first is the reference"),
+    eval_spec: str = typer.Option("synthetic:100", "--eval",
+                                  help="synthetic:N (the scene world's test split) or a JSONL file of images with "
+                                       "reference captions and questions"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or tensorrt (ONNX Runtime execution providers)"),
+    out: Path = typer.Option(..., "--out", help="folder for report.json, report.md and plot.png"),
+    runs: int = typer.Option(20, "--runs", min=1, help="batch-1 calls timed per bundle, after 2 warm-up calls"),
+) -> None:
+    """Compare variants of one model (e.g. FP32, FP16, INT8) on the same data: accuracy, token agreement
+    and graph error against the first bundle, latency, size and peak memory."""
+    from rich.markup import escape
+
+    from vlmedge import cli
+    from vlmedge.compare.compare import compare_bundles
+    from vlmedge.compare.render import print_comparison
+    from vlmedge.runtime.pipeline import resolve_bundle
+
+    def on_export(name: str, path: Path) -> None:
+        cli.err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
+
+    warn = lambda msg: cli.err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
+    resolved = [resolve_bundle(b, on_export) for b in bundles]
+    with cli._progress() as p:
+        report = compare_bundles(resolved, eval_spec, device, out, progress=p, runs=runs, warn=warn,
+                                 shared_threads=True)  # as the other commands run
+    print_comparison(report, cli.console)
+    cli.console.print(f"report written to {out}: report.json, report.md, plot.png", highlight=False)
