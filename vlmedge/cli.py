@@ -279,7 +279,8 @@ def quantize(
     points = 1.0 if budget is None else budget
     options = QuantizeOptions(precision=precision, calib=calib, questions=questions, method=method,
                               budget_vqa=points / 100, budget_bleu=points / 50, io_dtype=io_dtype, force=force)
-    manifest = quantize_bundle(bundle, out, options, log=lambda s: err_console.print(s, highlight=False))
+    with _progress() as p:
+        manifest = quantize_bundle(bundle, out, options, log=lambda s: p.console.print(s, highlight=False), progress=p)
     p = manifest.precision
     acc = p["accuracy"]
     t = Table(title=f"{precision} variant of {bundle}, held-out check")

@@ -66,6 +66,12 @@ def test_every_family_quantizes_and_still_runs(bundles, tmp_path, name):
     img = next(scenes("test", 0, 1)).image
     out_text = pipe.vqa(img, "what color is the circle ?") if qfile else pipe.caption(img)
     assert isinstance(out_text, str)
+    if name in ("blip-caption", "vit-gpt2"):  # and the comparison tool takes the pair
+        from vlmedge.compare import compare_bundles
+
+        report = compare_bundles([src, out], "synthetic:3", "cpu", tmp_path / "cmp", runs=2)
+        assert (tmp_path / "cmp" / "plot.png").is_file()
+        assert [b["precision"] for b in report["bundles"]] == ["float32", "int8"]
 
 
 def test_over_budget_returns_nodes_to_float_then_refuses(bundles, tmp_path):

@@ -151,7 +151,9 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
     (work / MANIFEST).write_text(manifest.to_json())
 
 
-def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[[str], None] = lambda s: None):
+def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[[str], None] = lambda s: None,
+                    progress=None):
+    """`progress`: a rich Progress (or None) that shows the recording over the calibration images."""
     from vlmedge.export.exporter import prepare_out_dir
 
     if o.precision not in PRECISIONS:
@@ -169,7 +171,9 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
     try:
         fp32 = Pipeline(src)
         log(f"recording graph inputs from FP32 generation over {len(calib.images)} images, {len(calib.questions)} questions")
-        feeds = record_inputs(fp32, calib)
+        bar = progress.add_task("recording calibration inputs", total=len(calib.images) * ("caption" in src.manifest.tasks)
+                                + len(calib.questions) * ("vqa" in src.manifest.tasks)) if progress else None
+        feeds = record_inputs(fp32, calib, progress=(lambda n: progress.advance(bar, n)) if progress else None)
         base = held_out_accuracy(fp32, held)
         shutil.copy2(src.tokenizer_path, tmp / src.tokenizer_path.name)
         v = _Variant(src, tmp, o, feeds)
