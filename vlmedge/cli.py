@@ -297,6 +297,40 @@ def quantize(
     console.print(f"bundle written to {out}")
 
 
+@app.command()
+def build(
+    bundle: Path = typer.Argument(..., help="a bundle directory (FP32, FP16 or INT8)"),
+    out: Path = typer.Option(..., "--out", help="engine directory to write"),
+    workspace: float = typer.Option(4.0, "--workspace", help="builder workspace limit, GiB"),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="timing cache file, read and updated (per GPU)"),
+    dla_core: Optional[int] = typer.Option(None, "--dla-core", help="run the vision encoder on this DLA core (batch 1), GPU fallback"),
+    profile: Optional[list[str]] = typer.Option(None, "--profile", help="override an axis range: AXIS=MIN:OPT:MAX, e.g. batch=1:1:4"),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="engines that later TensorRT versions of the same major can run"),
+    hardware_compatible: bool = typer.Option(False, "--hardware-compatible", help="engines for any Ampere or newer GPU"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+) -> None:
+    """Build strongly typed TensorRT engines from a bundle (needs TensorRT and an NVIDIA GPU)."""
+    from vlmedge.export.exporter import check_out_dir
+    from vlmedge.tensorrt.builder import BuildOptions, build_engines
+    from vlmedge.tensorrt.profiles import parse_overrides
+
+    check_out_dir(out, force)
+    options = BuildOptions(workspace_gib=workspace, timing_cache=timing_cache, dla_core=dla_core,
+                           version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+                           profiles=parse_overrides(profile), force=force)
+    with _progress() as p:
+        tasks: dict[str, object] = {}
+
+        def on_graph(name: str, state: str) -> None:
+            if name not in tasks:
+                tasks[name] = p.add_task(name, total=1)
+            p.update(tasks[name], completed=state == "done", description=f"{name} {state}")
+
+        em = build_engines(bundle, out, options, on_graph)
+    console.print(f"engines for TensorRT {em['tensorrt']} on {em['gpu']['name']} (compute capability "
+                  f"{em['gpu']['compute_capability']}) written to {out}", highlight=False)
+
+
 @app.command("inspect")
 def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
     """Print a bundle's manifest: graphs, inputs/outputs with dynamic axes, sizes, validation."""

@@ -167,7 +167,9 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Open a bundle directory; refuses unknown schemas, missing files and hash mismatches."""
+    """Open a bundle directory; refuses unknown schemas, missing files and hash mismatches. A
+    TensorRT engine directory (engines.json beside the bundle's manifest and tokenizer) opens too:
+    its graphs are engines, checked when the TensorRT backend loads them."""
     root = Path(path)
     mpath = root / MANIFEST
     if not root.is_dir():
@@ -175,7 +177,8 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; {root} is not a vlmedge bundle")
     manifest = parse_manifest(read_json(mpath, BundleError), str(mpath))
-    files = [(f"graphs.{n}", g.file, g.sha256) for n, g in manifest.graphs.items()]
+    engines = (root / "engines.json").is_file()
+    files = [] if engines else [(f"graphs.{n}", g.file, g.sha256) for n, g in manifest.graphs.items()]
     files.append(("tokenizer", manifest.tokenizer.get("file", ""), manifest.tokenizer.get("sha256", "")))
     for field_name, fname, digest in files:
         fpath = root / fname

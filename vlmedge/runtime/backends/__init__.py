@@ -37,8 +37,14 @@ class Backend(Protocol):
 
 
 def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=None, shared_threads: bool = False) -> Backend:
-    """The backend for `device` (cpu, cuda, tensorrt). ONNX Runtime serves all three through its
-    execution providers; one that is not available falls back to the next with a message via `warn`."""
+    """The backend for a bundle on `device` (cpu, cuda, tensorrt). A bundle's ONNX graphs run in ONNX
+    Runtime, whose execution providers serve all three devices (one that is not available falls
+    back to the next with a message via `warn`); an engine directory from `vlmedge build` runs on
+    TensorRT itself, after its engines are checked against this TensorRT and GPU."""
+    if (bundle.path / "engines.json").is_file():
+        from vlmedge.runtime.backends.tensorrt import open_engines
+
+        return open_engines(bundle, warn=warn)
     from vlmedge.runtime.backends.onnxruntime import OrtBackend
 
     return OrtBackend(bundle, device=device, threads=threads, warn=warn, shared_threads=shared_threads)

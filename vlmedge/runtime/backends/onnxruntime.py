@@ -34,22 +34,16 @@ def _stderr(msg: str) -> None:
     print(f"vlmedge: {msg}", file=sys.stderr)
 
 
-def tensorrt_provider_options(bundle: Bundle, cache_dir: str | None = None) -> dict[str, str]:
-    """TensorRT EP options: an engine and timing cache beside the bundle (engines are built on the
-    first run and reused)."""
-    from pathlib import Path
+def tensorrt_provider_options(bundle: Bundle, graph: str, cache_dir: str | None = None) -> dict[str, str]:
+    """TensorRT EP options for one graph: profile shapes from the manifest, and an engine and timing
+    cache beside the bundle (engines are built on the first run and reused)."""
+    from vlmedge.tensorrt.profiles import graph_profile, ort_tensorrt_options
 
-    cache = Path(cache_dir) if cache_dir else bundle.path / ".trt-cache"
-    return {
-        "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": str(cache),
-    }
+    return ort_tensorrt_options(graph_profile(bundle.manifest, graph), cache_dir or str(bundle.path / ".trt-cache"))
 
 
-def providers_for(device: str, available: Collection[str], bundle: Bundle, warn=_stderr) -> tuple[list, str]:
-    """The provider list for a device, with unavailable providers dropped (and said so)."""
+def providers_for(device: str, available: Collection[str], warn=_stderr) -> list[str]:
+    """The providers for a device, with unavailable ones dropped (and said so)."""
     if device not in _PROVIDERS:
         raise InputError(f"--device: {device!r} is not one of {', '.join(_PROVIDERS)}")
     wanted = _PROVIDERS[device]
@@ -58,8 +52,7 @@ def providers_for(device: str, available: Collection[str], bundle: Bundle, warn=
         hint = "install onnxruntime-gpu (onnxruntime-gpu for Jetson from the JetPack index)" if device != "cpu" else ""
         warn(f"{wanted[0]} is not available in this onnxruntime ({', '.join(available)}); "
              f"running on {chosen[0]}. {hint}".strip())
-    providers: list = [(p, tensorrt_provider_options(bundle)) if p == "TensorrtExecutionProvider" else p for p in chosen]
-    return providers, chosen[0]
+    return chosen
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -113,7 +106,8 @@ class OrtBackend:
 
         self._ort = ort
         warn = warn or _stderr
-        providers, first = providers_for(device, ort.get_available_providers(), bundle, warn)
+        chosen = providers_for(device, ort.get_available_providers(), warn)
+        first = chosen[0]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if _use_shared_pool(ort, threads, shared_threads):
@@ -123,6 +117,8 @@ class OrtBackend:
         self.sessions = {}
         for name in bundle.manifest.graphs:
             path = bundle.graph_path(name)
+            providers: list = [(p, tensorrt_provider_options(bundle, name)) if p == "TensorrtExecutionProvider" else p
+                               for p in chosen]
             try:
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types

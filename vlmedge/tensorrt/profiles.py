@@ -1,0 +1,73 @@
+"""Optimisation profiles from a bundle's manifest: min/opt/max of every graph input.
+
+Every named axis of an input takes its range from the manifest's `axes` (overridable, e.g. a
+smaller max batch on a Jetson with little memory); fixed dimensions stay fixed. No range starts at
+zero: the first decoder step is its own graph, so past_len >= 1 always.
+"""
+
+from __future__ import annotations
+
+from vlmedge.errors import InputError
+from vlmedge.runtime.bundle import AxisRange, Manifest
+
+Shape = tuple[int, ...]
+Profile = dict[str, dict[str, Shape]]  # input -> {"min": shape, "opt": shape, "max": shape}
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, AxisRange]:
+    """["batch=1:4:8", ...] -> {axis: AxisRange}."""
+    out = {}
+    for item in items or []:
+        name, _, spec = item.partition("=")
+        try:
+            lo, opt, hi = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise InputError(f"--profile {item!r}: expected AXIS=MIN:OPT:MAX, e.g. batch=1:1:8") from None
+        if not 1 <= lo <= opt <= hi:
+            raise InputError(f"--profile {item!r}: expected 1 <= MIN <= OPT <= MAX")
+        out[name] = AxisRange(lo, opt, hi)
+    return out
+
+
+def axes_with(manifest: Manifest, overrides: dict[str, AxisRange] | None = None) -> dict[str, AxisRange]:
+    axes = dict(manifest.axes)
+    for name, r in (overrides or {}).items():
+        if name not in axes:
+            raise InputError(f"--profile {name}: the bundle has no axis {name!r} (it has {', '.join(sorted(axes))})")
+        declared = axes[name]
+        if r.max > declared.max or r.min < declared.min:
+            raise InputError(f"--profile {name}={r.min}:{r.opt}:{r.max}: outside the bundle's range "
+                             f"{declared.min}:{declared.opt}:{declared.max} (axes.{name} in manifest.json)")
+        axes[name] = r
+    # the step's present is one longer than its past
+    if "past_len" in axes and "total_len" in axes:
+        p = axes["past_len"]
+        axes["total_len"] = AxisRange(p.min + 1, p.opt + 1, p.max + 1)
+    return axes
+
+
+def graph_profile(manifest: Manifest, graph: str, overrides: dict[str, AxisRange] | None = None) -> Profile:
+    axes = axes_with(manifest, overrides)
+    profile: Profile = {}
+    for t in manifest.graphs[graph].inputs:
+        dims = {k: tuple(d if isinstance(d, int) else getattr(axes[d], k) for d in t.shape) for k in ("min", "opt", "max")}
+        profile[t.name] = dims
+    return profile
+
+
+def profiles(manifest: Manifest, overrides: dict[str, AxisRange] | None = None) -> dict[str, Profile]:
+    return {g: graph_profile(manifest, g, overrides) for g in manifest.graphs}
+
+
+def ort_tensorrt_options(profile: Profile, cache_dir: str) -> dict[str, str]:
+    """ONNX Runtime TensorRT execution provider options for one graph: explicit profile shapes
+    (`name:1x3x224x224,...`) and an engine / timing cache directory, so engines are built once."""
+    def shapes(kind: str) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, dims[kind]))}" for name, dims in profile.items())
+
+    return {
+        "trt_profile_min_shapes": shapes("min"), "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max"),
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir,
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache_dir,
+    }
