@@ -108,3 +108,27 @@ def test_tensorrt_modules_import_nothing_heavy():
             "print([m for m in ('tensorrt', 'torch', 'pycuda', 'cuda') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_engine_directory_without_tensorrt_is_one_clear_error(bundles, tmp_path, capsys):
+    import shutil
+
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    src = bundles["shapes-vlm"][2]
+    d = tmp_path / "engines"
+    d.mkdir()
+    for f in ("manifest.json", "tokenizer.json"):
+        shutil.copy2(src / f, d / f)
+    m = load_bundle(src).manifest
+    write_engine_manifest(d, _engine_manifest(m))
+    img = tmp_path / "x.png"
+    from vlmedge.data.scenes import scenes
+
+    next(scenes("test", 0, 1)).pil().save(img)
+    assert main(["caption", str(d), str(img)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install tensorrt" in err

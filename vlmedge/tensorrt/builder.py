@@ -43,7 +43,7 @@ def import_tensorrt():
 
 
 def gpu_facts() -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of device 0, through cuda-python or pycuda."""
+    """(GPU name, compute capability "major.minor") of the current device, through cuda-python or pycuda."""
     from vlmedge.runtime.backends.cuda import device_properties
 
     return device_properties()

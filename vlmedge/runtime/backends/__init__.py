@@ -42,9 +42,21 @@ def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=N
     back to the next with a message via `warn`); an engine directory from `vlmedge build` runs on
     TensorRT itself, after its engines are checked against this TensorRT and GPU."""
     if (bundle.path / "engines.json").is_file():
-        from vlmedge.runtime.backends.tensorrt import open_engines
-
-        return open_engines(bundle, warn=warn)
+        return _open_engines(bundle, warn)
     from vlmedge.runtime.backends.onnxruntime import OrtBackend
 
     return OrtBackend(bundle, device=device, threads=threads, warn=warn, shared_threads=shared_threads)
+
+
+def _open_engines(bundle, warn) -> Backend:
+    """The TensorRT backend for an engine directory, once engines.json matches this TensorRT and GPU."""
+    from vlmedge.runtime.backends import cuda
+    from vlmedge.runtime.backends.tensorrt import TensorRTBackend
+    from vlmedge.tensorrt.builder import import_tensorrt
+    from vlmedge.tensorrt.engines import ENGINES, check_engine_manifest, read_engine_manifest
+
+    em = read_engine_manifest(bundle.path)
+    trt = import_tensorrt()
+    _, compute_capability = cuda.device_properties()
+    check_engine_manifest(em, bundle.manifest, trt.__version__, compute_capability, where=str(bundle.path / ENGINES))
+    return TensorRTBackend(bundle.path, em, bundle.manifest, warn=warn)

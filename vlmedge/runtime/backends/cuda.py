@@ -71,10 +71,12 @@ class _CudaPython:
         self._call(call, self.rt.cudaMemcpyAsync(dst, src, nbytes, getattr(self.rt.cudaMemcpyKind, kind), stream))
 
     def h2d(self, dst: int, host: np.ndarray, stream) -> None:
-        self._copy("cudaMemcpyAsync (host to device)", dst, host.ctypes.data, host.nbytes, "cudaMemcpyHostToDevice", stream)
+        self._copy("cudaMemcpyAsync (host to device)", dst, host.ctypes.data, host.nbytes,
+                   "cudaMemcpyHostToDevice", stream)
 
     def d2h(self, host: np.ndarray, src: int, stream) -> None:
-        self._copy("cudaMemcpyAsync (device to host)", host.ctypes.data, src, host.nbytes, "cudaMemcpyDeviceToHost", stream)
+        self._copy("cudaMemcpyAsync (device to host)", host.ctypes.data, src, host.nbytes,
+                   "cudaMemcpyDeviceToHost", stream)
 
     def d2d(self, dst: int, src: int, nbytes: int, stream) -> None:
         self._copy("cudaMemcpyAsync (device to device)", dst, src, nbytes, "cudaMemcpyDeviceToDevice", stream)
@@ -178,7 +180,7 @@ def api():
             except ImportError:
                 raise BuildError(MISSING) from None
             try:
-                import pycuda.autoprimaryctx  # noqa: F401  (retains and pushes the primary context)
+                import pycuda.autoprimaryctx  # noqa: F401  retains and pushes the primary context
             except Exception as e:  # pycuda.driver.Error: no device or driver
                 raise BuildError(f"pycuda cannot open the GPU ({first_line(e)})") from None
             _API = _PyCuda(drv)

@@ -14,15 +14,18 @@ allocated once.
 - `prepare()` uploads and binds the fixed inputs (cross-attention K/V, the encoder mask) once per
   sequence. `take()` gathers batch rows device-to-device (a row of a batch-major tensor is
   contiguous), one copy per run of consecutive rows, into a free buffer of the same tensor.
-- CUDA graphs (`cuda_graph=True`, cuda-python only): decoder_step's enqueue is captured once per
+- CUDA graphs (`cuda_graph=True`; cuda-python, TensorRT 10+): decoder_step is captured once per
   distinct set of input shapes and tensor addresses, then replayed whenever that set comes back.
-  The first call with a new set runs normally (TensorRT wants one enqueue after a shape change
-  before capture) and is captured right after. Since present alternates between two buffers, each
-  (batch, past length) gets one graph per parity rather than being re-captured. Greedy decoding
-  lands on the same addresses for every sequence, so from the second sequence of a batch size on,
-  each step replays; beam reordering picks either parity, both already captured. Graphs live as
-  long as the backend (at most batch sizes x lengths x 2); the encoders and decoder_init run once
-  per sequence and are not captured. A failed capture says so and turns CUDA graphs off.
+  TensorRT ties a captured graph to its execution context's shape state, so (as its developer guide
+  advises) each graph gets its own context, all of them sharing one block of activation memory
+  (they run one at a time on one stream). A new set runs once on its context (the enqueue TensorRT
+  wants after a shape change, and this call's result), then is captured. Since present alternates
+  between two buffers, each (batch, past length) gets one graph per parity rather than being
+  re-captured. Greedy decoding lands on the same addresses for every sequence, so from the second
+  sequence of a batch size on, every step replays; beam reordering picks either parity, both
+  captured. At most MAX_CUDA_GRAPHS are kept, for the backend's lifetime; sets beyond run plainly.
+  The encoders and decoder_init run once per sequence and are not captured. A failed capture says
+  so and turns CUDA graphs off.
 - Calls are serialised by a lock: a Pipeline shared by threads runs one graph at a time.
 """
 
@@ -42,7 +45,7 @@ from vlmedge.runtime.bundle import AxisRange, GraphSpec, Manifest, TensorSpec
 
 INSTALL_HINT = ("TensorRT's Python package is not installed: on Jetson use JetPack's system TensorRT "
                 "(a venv with --system-site-packages); on x86, pip install tensorrt")
-PAIRED = ("decoder_step", "present.")  # outputs that get two buffers from the start (ping-pong)
+MAX_CUDA_GRAPHS = 256  # captured decoder_step graphs kept (each holds an execution context)
 
 Dims = tuple[int, ...]
 
@@ -182,19 +185,40 @@ class _Engine:
         self.profile = {n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, 0))
                         for n in self.inputs}
         limits = axis_limits(spec.inputs, {n: p[2] for n, p in self.profile.items()}, axes)
-        self.name, self.engine = name, engine
+        self.trt, self.name, self.engine = trt, name, engine
         self.context = engine.create_execution_context()
         if self.context is None:
             raise BuildError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
         self.pools: dict[str, _Pool] = {}
         for t in spec.outputs:
-            paired = (name, t.name[: len(PAIRED[1])]) == PAIRED
+            paired = name == "decoder_step" and t.name.startswith("present.")  # ping-pong
             nbytes = volume(max_shape(t, limits)) * self.dtypes[t.name].itemsize
-            self.pools[t.name] = _Pool(f"{name}.{t.name}", nbytes, self.dtypes[t.name], cuda.DeviceBuffer, 2 if paired else 1)
+            self.pools[t.name] = _Pool(f"{name}.{t.name}", nbytes, self.dtypes[t.name], cuda.DeviceBuffer,
+                                       2 if paired else 1)
         for n in self.inputs:  # no buffer until fed from the host: KV and encoder states never are
             nbytes = volume(self.profile[n][2]) * self.dtypes[n].itemsize
             self.pools[n] = _Pool(f"{name}.{n}", nbytes, self.dtypes[n], cuda.DeviceBuffer, 0)
         self._staging: dict[str, cuda.PinnedBuffer] = {}
+        self._scratch: cuda.DeviceBuffer | None = None  # activation memory of the shared contexts
+
+    def shared_context(self):
+        """Another execution context, on activation memory shared by all such contexts of this
+        engine (one per captured CUDA graph; they never run at the same time)."""
+        e, trt = self.engine, self.trt
+        try:
+            size = e.device_memory_size_v2 if hasattr(e, "device_memory_size_v2") else e.device_memory_size  # v2: 10.1+
+            if self._scratch is None:
+                self._scratch = cuda.DeviceBuffer(size)
+            ctx = e.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is None:
+                raise BuildError(f"{self.name}: TensorRT could not create another execution context")
+            if hasattr(ctx, "set_device_memory"):  # TensorRT 10.1+
+                ctx.set_device_memory(self._scratch.ptr, size)
+            else:  # 10.0
+                ctx.device_memory = self._scratch.ptr
+        except (AttributeError, TypeError) as err:
+            raise BuildError(f"this TensorRT cannot share execution context memory ({first_line(err)})") from None
+        return ctx
 
     def staging(self, tensor: str) -> np.ndarray:
         """The pinned host buffer of a tensor (uint8, its largest size), allocated on first use."""
@@ -218,7 +242,8 @@ class _Runner:
         self.backend, self.engine, self.keep = backend, backend.engines[graph], frozenset(keep)
         with backend._lock:
             self.fixed = {n: backend._device(self.engine, n, fixed[n]) for n in self.engine.inputs if n in fixed}
-            backend.stream.synchronize()  # the fixed inputs' pinned staging is free again
+            if self.fixed:
+                backend.stream.synchronize()  # the fixed inputs' pinned staging is free again
 
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         b, e = self.backend, self.engine
@@ -253,12 +278,13 @@ class TensorRTBackend:
             if g not in manifest.graphs:
                 raise BuildError(f"{root / 'engines.json'}: graph {g!r} is not in the bundle's manifest")
             self.engines[g] = _Engine(trt, self._runtime, g, root / entry["file"], manifest.graphs[g], manifest.axes)
-        self._graphs: dict[tuple, cuda.CudaGraph] | None = None  # captured decoder_step graphs, by graph_key
+        self._graphs: dict[tuple, tuple[Any, cuda.CudaGraph]] | None = None  # decoder_step: key -> (context, graph)
         if cuda_graph:
             if cuda.graphs_supported():
                 self._graphs = {}
             else:
-                self.warn(f"CUDA graphs need cuda-python ({cuda.api().name} cannot capture streams); running without them")
+                self.warn(f"CUDA graphs need cuda-python ({cuda.api().name} cannot capture streams); "
+                          "running without them")
 
     # -- the Backend interface ----------------------------------------------------------------
 
@@ -301,7 +327,8 @@ class TensorRTBackend:
                 raise InputError(f"{e.name}.{name}: a {value.dtype} value where the engine takes {want}")
             return value
         if not isinstance(value, np.ndarray):
-            raise InputError(f"{e.name}.{name}: expected a numpy array or a value of this backend, got {type(value).__name__}")
+            raise InputError(f"{e.name}.{name}: expected a numpy array or a value of this backend, "
+                             f"got {type(value).__name__}")
         host = np.ascontiguousarray(value, dtype=want)
         e.check(name, host.shape)
         dst = e.pools[name].acquire(host.shape)
@@ -311,19 +338,16 @@ class TensorRTBackend:
         return dst
 
     def _execute(self, e: _Engine, bound: dict[str, DeviceValue], keep: frozenset) -> dict[str, Any]:
-        ctx = e.context
         for n, v in bound.items():
             e.check(n, v.dims)
-            if not ctx.set_input_shape(n, v.dims) or not ctx.set_tensor_address(n, v.ptr):
-                raise BuildError(f"{e.name}.{n}: TensorRT refused shape {v.dims} at 0x{v.ptr:x} (see its log above)")
+        _bind(e.context, e.name, bound, bound)
         outs: dict[str, DeviceValue] = {}
-        for n in e.outputs:
-            dims = tuple(int(d) for d in ctx.get_tensor_shape(n))
+        for n in e.outputs:  # their shapes, from the inputs' (the main context does the shape inference)
+            dims = tuple(int(d) for d in e.context.get_tensor_shape(n))
             if any(d < 0 for d in dims):
                 raise BuildError(f"{e.name}.{n}: TensorRT cannot tell this output's shape from the inputs' ({dims})")
             outs[n] = e.pools[n].acquire(dims)
-            if not ctx.set_tensor_address(n, outs[n].ptr):
-                raise BuildError(f"{e.name}.{n}: TensorRT refused the output address (see its log above)")
+        _bind(e.context, e.name, outs, ())
         self._enqueue(e, {**bound, **outs})
         host = {}
         for n, v in outs.items():
@@ -334,19 +358,33 @@ class TensorRTBackend:
         return {n: v if n in keep else host[n].view(v.dtype).reshape(v.dims).copy() for n, v in outs.items()}
 
     def _enqueue(self, e: _Engine, tensors: dict[str, DeviceValue]) -> None:
-        def enqueue() -> None:
-            if not e.context.execute_async_v3(self.stream.handle):
-                raise BuildError(f"{e.name}: TensorRT could not run the engine (see its log above)")
-
-        if self._graphs is None or e.name != "decoder_step":
-            return enqueue()
+        graphs = self._graphs if e.name == "decoder_step" else None
+        if graphs is None:
+            return _run(e.context, e.name, self.stream)
         key = graph_key(tensors)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            return graph.launch(self.stream)
-        enqueue()  # this call's result; also the enqueue TensorRT wants after a shape change before capture
+        if key in graphs:
+            return graphs[key][1].launch(self.stream)
+        if len(graphs) >= MAX_CUDA_GRAPHS:
+            return _run(e.context, e.name, self.stream)
         try:
-            self._graphs[key] = cuda.CudaGraph.capture(self.stream, enqueue)
+            ctx = e.shared_context()
+            _bind(ctx, e.name, tensors, e.inputs)
+            _run(ctx, e.name, self.stream)  # this call's result; the enqueue TensorRT wants before a capture
+            self.stream.synchronize()
+            graphs[key] = (ctx, cuda.CudaGraph.capture(self.stream, lambda: _run(ctx, e.name, self.stream)))
         except BuildError as err:
             self.warn(f"decoder_step could not be captured as a CUDA graph ({err}); running without CUDA graphs")
             self._graphs = None
+            _run(e.context, e.name, self.stream)
+
+
+def _bind(ctx, graph: str, tensors: Mapping[str, DeviceValue], inputs: Collection[str]) -> None:
+    """Set the addresses of `tensors` on an execution context, and the shapes of those in `inputs`."""
+    for n, v in tensors.items():
+        if (n in inputs and not ctx.set_input_shape(n, v.dims)) or not ctx.set_tensor_address(n, v.ptr):
+            raise BuildError(f"{graph}.{n}: TensorRT refused shape {v.dims} at 0x{v.ptr:x} (see its log above)")
+
+
+def _run(ctx, graph: str, stream: cuda.Stream) -> None:
+    if not ctx.execute_async_v3(stream.handle):
+        raise BuildError(f"{graph}: TensorRT could not run the engine (see its log above)")
