@@ -67,8 +67,10 @@ def build_engine(trt, logger, onnx_path: Path, profile: dict, o: BuildOptions, t
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     p = builder.create_optimization_profile()
+    present = {network.get_input(i).name for i in range(network.num_inputs)}
     for name, dims in profile.items():
-        p.set_shape(name, dims["min"], dims["opt"], dims["max"])
+        if name in present:  # a graph may leave out an input its family ignores (BLIP's cross-attention mask)
+            p.set_shape(name, dims["min"], dims["opt"], dims["max"])
     config.add_optimization_profile(p)
     if use_dla:
         config.default_device_type = trt.DeviceType.DLA
