@@ -10,14 +10,14 @@ tokenizer, so the runtime needs nothing else.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from vlmedge.errors import BuildError, first_line
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, load_bundle, sha256_file
 from vlmedge.tensorrt.engines import write_engine_manifest
-from vlmedge.tensorrt.profiles import graph_profile
+from vlmedge.tensorrt.profiles import axes_with, graph_profile
 
 INSTALL_HINT = ("TensorRT's Python package is not installed: on Jetson use JetPack's system TensorRT "
                 "(a venv with --system-site-packages); on x86, pip install tensorrt")
@@ -117,7 +117,9 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
             on_graph(name, "done")
         if o.timing_cache and cache:
             o.timing_cache.write_bytes(cache)
-        shutil.copy2(bundle.path / MANIFEST, tmp / MANIFEST)
+        # the runtime keeps within the manifest's axes: write the ranges the engines were built for
+        # (with DLA, batch 1 everywhere, since the vision encoder runs one image at a time)
+        (tmp / MANIFEST).write_text(replace(m, axes=axes_with(m, overrides if o.dla_core is not None else o.profiles)).to_json())
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
         em = {"tensorrt": trt.__version__, "gpu": {"name": gpu_name, "compute_capability": cc},
               "flags": {"strongly_typed": True, "workspace_gib": o.workspace_gib, "dla_core": o.dla_core,
