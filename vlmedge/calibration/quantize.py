@@ -17,9 +17,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -253,7 +252,3 @@ def _check_tensorrt_rules(work: Path, src: Bundle) -> None:
         problems = tensorrt_qdq_problems(onnx.load(str(work / g.file), load_external_data=False))
         if problems:
             raise ValidationError(f"{g.file}: breaks TensorRT's Q/DQ rules: {problems[0]}")
-
-
-def manifest_summary(manifest) -> dict:
-    return json.loads(json.dumps(asdict(manifest)["precision"]))
