@@ -448,7 +448,7 @@ def vqa(
 
 
 def _register_compare() -> None:
-    from vlmedge.compare import compare_command
+    from vlmedge.compare.command import compare_command
 
     app.command("compare")(compare_command)
 

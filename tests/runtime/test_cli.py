@@ -12,11 +12,6 @@ from vlmedge.data.scenes import scenes
 
 
 @pytest.fixture(scope="module")
-def shapes(bundles):
-    return bundles["shapes-vlm"][2]
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
     scs = list(scenes("test", 200, 3))

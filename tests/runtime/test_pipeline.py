@@ -12,86 +12,76 @@ from vlmedge.runtime.decoding import Timings
 
 
 @pytest.fixture(scope="module")
-def shapes(bundles):
-    return bundles["shapes-vlm"][2]
-
-
-@pytest.fixture(scope="module")
-def pipe(shapes):
-    return vlmedge.load(shapes)
-
-
-@pytest.fixture(scope="module")
 def world():
     scs = list(scenes("test", 100, 12))
     return scs, [pick_questions(s)[0] for s in scs]
 
 
-def test_reference_model_through_the_runtime_is_accurate(pipe, world):
+def test_reference_model_through_the_runtime_is_accurate(ort_pipe, world):
     scs, qs = world
-    caps = pipe.caption([s.image for s in scs])
-    answers = pipe.vqa([s.image for s in scs], [q.text for q in qs])
+    caps = ort_pipe.caption([s.image for s in scs])
+    answers = ort_pipe.vqa([s.image for s in scs], [q.text for q in qs])
     assert sum(c == s.caption for c, s in zip(caps, scs)) >= 11
     assert sum(a == q.answer for a, q in zip(answers, qs)) >= 10
 
 
-def test_paths_pil_and_arrays_give_the_same_caption(pipe, world, tmp_path):
+def test_paths_pil_and_arrays_give_the_same_caption(ort_pipe, world, tmp_path):
     s = world[0][0]
     path = tmp_path / "scene.png"
     s.pil().save(path)
-    assert pipe.caption(str(path)) == pipe.caption(path) == pipe.caption(s.pil()) == pipe.caption(s.image)
-    assert isinstance(pipe.caption(s.image), str) and isinstance(pipe.caption([s.image]), list)
+    assert ort_pipe.caption(str(path)) == ort_pipe.caption(path) == ort_pipe.caption(s.pil()) == ort_pipe.caption(s.image)
+    assert isinstance(ort_pipe.caption(s.image), str) and isinstance(ort_pipe.caption([s.image]), list)
 
 
-def test_batch_size_does_not_change_results(pipe, world):
+def test_batch_size_does_not_change_results(ort_pipe, world):
     images = [s.image for s in world[0]]
-    assert pipe.caption(images, batch_size=5) == pipe.caption(images, batch_size=1) == pipe.caption(images)
+    assert ort_pipe.caption(images, batch_size=5) == ort_pipe.caption(images, batch_size=1) == ort_pipe.caption(images)
 
 
-def test_vqa_pairs_and_broadcasts(pipe, world):
+def test_vqa_pairs_and_broadcasts(ort_pipe, world):
     scs, qs = world
     img = scs[0].image
     texts = [q.text for q in pick_questions(scs[0])]
-    one_by_one = [pipe.vqa(img, t) for t in texts]
-    assert pipe.vqa(img, texts) == one_by_one
-    assert pipe.vqa([img] * len(texts), texts) == one_by_one
-    assert pipe.vqa([s.image for s in scs[:3]], texts[0]) == [pipe.vqa(s.image, texts[0]) for s in scs[:3]]
+    one_by_one = [ort_pipe.vqa(img, t) for t in texts]
+    assert ort_pipe.vqa(img, texts) == one_by_one
+    assert ort_pipe.vqa([img] * len(texts), texts) == one_by_one
+    assert ort_pipe.vqa([s.image for s in scs[:3]], texts[0]) == [ort_pipe.vqa(s.image, texts[0]) for s in scs[:3]]
     with pytest.raises(InputError, match="3 images but 2 questions"):
-        pipe.vqa([img] * 3, texts[:2])
+        ort_pipe.vqa([img] * 3, texts[:2])
 
 
-def test_one_pipeline_serves_many_threads(pipe, world):
+def test_one_pipeline_serves_many_threads(ort_pipe, world):
     scs, qs = world
-    expected = [(pipe.caption(s.image), pipe.vqa(s.image, q.text)) for s, q in zip(scs, qs)]
+    expected = [(ort_pipe.caption(s.image), ort_pipe.vqa(s.image, q.text)) for s, q in zip(scs, qs)]
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda sq: (pipe.caption(sq[0].image), pipe.vqa(sq[0].image, sq[1].text)), zip(scs * 3, qs * 3)))
+        got = list(pool.map(lambda sq: (ort_pipe.caption(sq[0].image), ort_pipe.vqa(sq[0].image, sq[1].text)), zip(scs * 3, qs * 3)))
     assert got == expected * 3
 
 
-def test_return_ids_and_timings(pipe, world):
+def test_return_ids_and_timings(ort_pipe, world):
     t = Timings()
-    g = pipe.caption(world[0][0].image, return_ids=True, timings=t)
-    assert g.ids[-1] == pipe.manifest.tasks["caption"]["eos_id"] and g.text == pipe.decode(g.ids)
+    g = ort_pipe.caption(world[0][0].image, return_ids=True, timings=t)
+    assert g.ids[-1] == ort_pipe.manifest.tasks["caption"]["eos_id"] and g.text == ort_pipe.decode(g.ids)
     assert t.encoder > 0 and t.first_token > 0 and len(t.tokens) == len(g.ids) - 1
 
 
-def test_generation_limits(pipe, world):
+def test_generation_limits(ort_pipe, world):
     img = world[0][0].image
-    assert len(pipe.caption(img, max_new_tokens=3, return_ids=True).ids) == 3
+    assert len(ort_pipe.caption(img, max_new_tokens=3, return_ids=True).ids) == 3
     with pytest.raises(InputError, match="max_new_tokens: 60 is over this bundle.s limit of 47"):
-        pipe.caption(img, max_new_tokens=60)
+        ort_pipe.caption(img, max_new_tokens=60)
     with pytest.raises(InputError, match="num_beams"):
-        pipe.caption(img, num_beams=0)
+        ort_pipe.caption(img, num_beams=0)
     with pytest.raises(InputError, match="unexpected keyword argument 'temperature'"):
-        pipe.caption(img, temperature=0.7)
+        ort_pipe.caption(img, temperature=0.7)
 
 
-def test_question_errors(pipe, world):
+def test_question_errors(ort_pipe, world):
     img = world[0][0].image
     with pytest.raises(InputError, match="question 1: empty"):
-        pipe.vqa([img, img], ["what color is the circle ?", " "])
+        ort_pipe.vqa([img, img], ["what color is the circle ?", " "])
     with pytest.raises(InputError, match="over the model's maximum of 32"):
-        pipe.vqa(img, " ".join(["what"] * 40))
+        ort_pipe.vqa(img, " ".join(["what"] * 40))
 
 
 def test_missing_task_and_device_fallback(tmp_path, bundles, world):

@@ -347,23 +347,13 @@ class FakeTensorRT:
 
 
 @pytest.fixture(scope="module")
-def shapes_bundle(bundles):
-    return bundles["shapes-vlm"][2]
-
-
-@pytest.fixture(scope="module")
-def ort_pipe(shapes_bundle):
-    return vlmedge.load(shapes_bundle)
-
-
-@pytest.fixture(scope="module")
 def world():
     scs = list(scenes("test", 0, 6))
     return scs, [pick_questions(s)[0].text for s in scs]
 
 
 @pytest.fixture
-def fake(monkeypatch, shapes_bundle, ort_pipe, tmp_path):
+def fake(monkeypatch, shapes, ort_pipe, tmp_path):
     """A fake TensorRT and CUDA (its engines run the reference pipeline's onnxruntime sessions), an
     engine directory of fake plans, and `make(**kw)` for a Pipeline on them."""
     bundle = ort_pipe.bundle
@@ -377,7 +367,7 @@ def fake(monkeypatch, shapes_bundle, ort_pipe, tmp_path):
                "graphs": {g: {"file": f"{g}.plan"} for g in bundle.manifest.graphs}}
 
     def make(**kw):
-        pipe = vlmedge.load(shapes_bundle)
+        pipe = vlmedge.load(shapes)
         pipe.backend = TensorRTBackend(tmp_path, engines, bundle.manifest, **kw)
         return pipe
 
@@ -487,12 +477,12 @@ def test_an_engine_directory_opens_through_vlmedge_load(fake, ort_pipe, world, m
 
 
 @pytest.fixture(scope="module")
-def engine_dir(shapes_bundle, tmp_path_factory):
+def engine_dir(shapes, tmp_path_factory):
     pytest.importorskip("tensorrt")
     from vlmedge.tensorrt.builder import build_engines
 
     out = tmp_path_factory.mktemp("trt") / "engines"
-    build_engines(shapes_bundle, out)
+    build_engines(shapes, out)
     return out
 
 

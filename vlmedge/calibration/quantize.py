@@ -85,6 +85,7 @@ class _Variant:
         self.src, self.work, self.o, self.feeds = src, work, o, feeds
         self.excluded: dict[str, dict[str, str]] = {g: {} for g in src.manifest.graphs}
         self.overflow: dict[str, dict[str, float]] = {}
+        self._reference: dict[str, list] = {}
 
     def build(self, graph: str, only: list[str] | None = None, dst: Path | None = None) -> list[str]:
         """(Re)write one graph with the current exclusions; returns the nodes it quantized/converted."""
@@ -123,12 +124,14 @@ class _Variant:
         """Max over outputs of max abs error / max(1, |FP32|) on a few recorded inputs."""
         import onnxruntime as ort
 
-        ref = ort.InferenceSession(str(self.src.graph_path(graph)), providers=["CPUExecutionProvider"])
+        if graph not in self._reference:  # FP32 outputs, computed once per graph for all probes
+            ref = ort.InferenceSession(str(self.src.graph_path(graph)), providers=["CPUExecutionProvider"])
+            feeds = self.feeds.get(graph, [])[:samples]
+            self._reference[graph] = [(f, ref.run(None, {i.name: f[i.name] for i in ref.get_inputs()})) for f in feeds]
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         types = {i.name: (np.float16 if i.type == "tensor(float16)" else None) for i in got.get_inputs()}
         err = 0.0
-        for f in self.feeds.get(graph, [])[:samples]:
-            a = ref.run(None, {i.name: f[i.name] for i in ref.get_inputs()})
+        for f, a in self._reference[graph]:
             b = got.run(None, {k: (f[k].astype(t) if t else f[k]) for k, t in types.items()})
             for x, y in zip(a, b):
                 err = max(err, float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max() / max(1.0, np.abs(x).max())))

@@ -71,16 +71,15 @@ class Timings:
 def encode(backend: Backend, pixel_values: np.ndarray, question_ids: np.ndarray | None = None,
            question_mask: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
     """The states the decoder cross-attends to (kept on the backend), and their mask."""
-    if question_ids is None:
-        states = backend.run("vision_encoder", {"pixel_values": pixel_values}, keep=("image_states",))["image_states"]
-        return states, np.ones((pixel_values.shape[0], _length(backend, states)), dtype=np.int64)
     image = backend.run("vision_encoder", {"pixel_values": pixel_values}, keep=("image_states",))["image_states"]
+    if question_ids is None:
+        return image, np.ones((pixel_values.shape[0], _length(image)), dtype=np.int64)
     feeds = {"question_ids": question_ids, "question_mask": question_mask, "image_states": image}
     states = backend.run("text_encoder", feeds, keep=("encoder_states",))["encoder_states"]
     return states, question_mask
 
 
-def _length(backend: Backend, value: Any) -> int:
+def _length(value: Any) -> int:
     shape = value.shape if isinstance(value, np.ndarray) else value.shape()
     return int(shape[1])
 
