@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,14 @@ app = typer.Typer(
 # Piped or captured output gets wide tables rather than names wrapped at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
+_verbose = False  # --verbose: errors print their traceback too
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", help="on an error, also print its traceback")) -> None:
+    """Export, quantize, build, run and compare vision-language models for ONNX Runtime and TensorRT."""
+    global _verbose
+    _verbose = verbose
 
 
 def _progress():
@@ -35,12 +43,9 @@ def _progress():
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from vlmedge.outdir import write_file_atomic
+
+    write_file_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _evaluate(model_name: str, split: str, n_scenes: int) -> dict:
@@ -225,9 +230,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Export a model's encoders and KV-cache decoder to ONNX, validate against PyTorch, write a bundle."""
-    from vlmedge.export.exporter import ExportOptions, check_out_dir, export_bundle
+    from vlmedge.export.exporter import ExportOptions, export_bundle
+    from vlmedge.outdir import check_out
 
-    check_out_dir(out, force)  # fail before loading anything heavy
+    check_out(out, force)  # fail before loading anything heavy
     from vlmedge.models.registry import load_adapter
 
     _quiet_export_logs()
@@ -269,9 +275,9 @@ def quantize(
 ) -> None:
     """Make an FP16 or calibrated INT8 variant of a bundle, checked against FP32 on held-out data."""
     from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
-    from vlmedge.export.exporter import check_out_dir
+    from vlmedge.outdir import check_out
 
-    check_out_dir(out, force)
+    check_out(out, force)
     _quiet_export_logs()
     import logging
 
@@ -310,11 +316,11 @@ def build(
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Build strongly typed TensorRT engines from a bundle (needs TensorRT and an NVIDIA GPU)."""
-    from vlmedge.export.exporter import check_out_dir
+    from vlmedge.outdir import check_out
     from vlmedge.tensorrt.builder import BuildOptions, build_engines
     from vlmedge.tensorrt.profiles import parse_overrides
 
-    check_out_dir(out, force)
+    check_out(out, force)
     options = BuildOptions(workspace_gib=workspace, timing_cache=timing_cache, dla_core=dla_core,
                            version_compatible=version_compatible, hardware_compatible=hardware_compatible,
                            profiles=parse_overrides(profile), force=force)
@@ -350,8 +356,11 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
         _quiet_export_logs()
         err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
 
+    def on_wait(holder: str) -> None:
+        err_console.print(f"waiting for another process ({holder}) exporting {bundle} to the cache", highlight=False)
+
     warn = lambda msg: err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
-    return Pipeline(resolve_bundle(bundle, on_export), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
+    return Pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
                     shared_threads=shared_threads)
 
 
@@ -474,18 +483,45 @@ def _quiet_export_logs() -> None:
         pass
 
 
+def _error(message: str) -> None:
+    if _verbose:
+        import traceback
+
+        traceback.print_exc()
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error (disk full, permission denied, read-only file system) as one line naming the path."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    what = f"{e.strerror} ({code})" if e.strerror and code else (e.strerror or str(e) or type(e).__name__)
+    return f"{where}: {what}" if where else what
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the app and returns its exit status; a VlmedgeError becomes one line on stderr."""
+    """Runs the app and returns its exit status. A VlmedgeError or an OSError becomes one line on
+    stderr and exit 2; anything else one line and exit 1; `--verbose` adds the traceback."""
+    global _verbose
+    _verbose = False
     try:
         app(args=argv, prog_name="vlmedge")  # usage errors: typer prints them and exits 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except VlmedgeError as e:
-        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         return e.exit_code
+    except OSError as e:
+        _error(os_error_line(e))
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as e:  # a bug: still one line, and the traceback on request
+        from vlmedge.errors import first_line
+
+        _error(f"{type(e).__name__}: {first_line(e)} (a vlmedge bug; run with --verbose for the traceback)")
+        return 1
     return 0
 
 

@@ -31,6 +31,10 @@ class BuildError(VlmedgeError):
     """A TensorRT engine could not be built or loaded."""
 
 
+class OutputError(VlmedgeError):
+    """An output could not be written (disk full, permission denied); the old one is left as it was."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (or its type): enough for a one-line error."""
     text = str(e).strip()

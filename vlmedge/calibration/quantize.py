@@ -26,6 +26,7 @@ import numpy as np
 
 from vlmedge.calibration.data import CalibrationSet, load_calibration, record_inputs
 from vlmedge.errors import InputError, ValidationError
+from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
 from vlmedge.runtime.pipeline import Pipeline
 
@@ -156,8 +157,6 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
 def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[[str], None] = lambda s: None,
                     progress=None):
     """`progress`: a rich Progress (or None) that shows the recording over the calibration images."""
-    from vlmedge.export.exporter import prepare_out_dir
-
     if o.precision not in PRECISIONS:
         raise InputError(f"--precision: {o.precision!r} is not one of {', '.join(PRECISIONS)}")
     if o.io_dtype not in ("float32", "float16"):
@@ -169,8 +168,8 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
     cs = load_calibration(o.calib, o.questions, need_questions="vqa" in src.manifest.tasks and o.precision == "int8"
                           and "text_encoder" in src.manifest.graphs)
     calib, held = cs.split()
-    tmp = prepare_out_dir(out, o.force)
-    try:
+    with OutputDir(out, o.force) as writer:
+        tmp = writer.path
         fp32 = Pipeline(src)
         log(f"recording graph inputs from FP32 generation over {len(calib.images)} images, {len(calib.questions)} questions")
         bar = progress.add_task("recording calibration inputs", total=len(calib.images) * ("caption" in src.manifest.tasks)
@@ -218,13 +217,8 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
         if not within:
             raise ValidationError(f"{o.precision} stays over budget after {len(history) - 1} nodes back in float: "
                                   + ", ".join(f"{k} {base[k]:.4f} -> {acc[k]:.4f}" for k in _summary(base)))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return load_bundle(out).manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        writer.commit()
+    return load_bundle(out).manifest
 
 
 def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:

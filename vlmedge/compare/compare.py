@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -181,6 +180,8 @@ def compare_bundles(paths: Sequence[str | os.PathLike | Bundle], eval_spec: str,
         raise InputError("BUNDLE: give at least one bundle directory")
     if runs < 1:
         raise InputError(f"runs: expected >= 1, got {runs}")
+    if out_dir is not None:
+        check_report_dir(Path(out_dir))  # fail now, not after the whole comparison
     bundles = [p if isinstance(p, Bundle) else load_bundle(p) for p in paths]
     ref = bundles[0]
     for b in bundles[1:]:
@@ -238,34 +239,34 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private; the report is not
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+REPORT_FILES = ("report.json", "report.md", "plot.png")
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """Refuse, before any work, a folder compare could not write or would clobber: compare replaces
+    a folder only when it is new, empty, or holds nothing but an earlier report."""
+    from vlmedge.outdir import check_out
+
+    if out_dir.is_dir() and not {p.name for p in out_dir.iterdir()} <= set(REPORT_FILES):
+        raise InputError(f"--out {out_dir}: holds files other than {', '.join(REPORT_FILES)}; "
+                         "choose a new or empty folder")
+    check_out(out_dir, force=True)
 
 
 def write_outputs(report: dict, out_dir: Path) -> dict[str, Path]:
-    """report.json, report.md and plot.png in `out_dir`, each written atomically."""
+    """report.json, report.md and plot.png in `out_dir`, swapped in together: a kill never leaves a
+    new report beside an old plot."""
     from vlmedge.compare.plot import accuracy_latency_plot
     from vlmedge.compare.render import comparison_markdown
+    from vlmedge.outdir import OutputDir
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"--out {out_dir}: cannot create the folder ({e.strerror})") from None
-    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}
+    check_report_dir(out_dir)
     text = json.dumps(_finite(report), indent=2) + "\n"
-    _write_atomic(paths["json"], lambda f: f.write(text))
-    _write_atomic(paths["markdown"], lambda f: f.write(comparison_markdown(report)))
+    markdown = comparison_markdown(report)
     image = accuracy_latency_plot(report)
-    _write_atomic(paths["plot"], lambda f: image.save(f, format="PNG"), mode="wb")
-    return paths
+    with OutputDir(out_dir, force=True) as w:
+        (w.path / "report.json").write_text(text)
+        (w.path / "report.md").write_text(markdown)
+        image.save(w.path / "plot.png", format="PNG")
+        w.commit()
+    return {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}

@@ -1,15 +1,12 @@
 """`vlmedge export`: trace a model's canonical graphs to ONNX, validate them, write a bundle.
 
-Everything is written into a temporary directory beside `--out` and renamed into place only when
-validation passes, so a failed export leaves nothing behind.
+Everything is written through `vlmedge.outdir.OutputDir` (a temp dir beside `--out`, swapped in only
+when validation passes), so a failed or killed export leaves the old `--out` as it was.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from vlmedge import __version__
 from vlmedge.errors import ExportError, InputError, first_line
 from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls
 from vlmedge.models.base import TASKS, Adapter
+from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, sha256_file
 
 DEFAULT_OPSET = 18
@@ -34,25 +32,6 @@ class ExportOptions:
     atol: float = 1e-4  # max abs error allowed per output, scaled by max(1, |reference|)
     max_batch: int = 16  # the batch axis' max (images x beams at run time)
     max_length: int | None = None  # decoder positions declared (prompt + generated); None: see axis_ranges
-
-
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an --out that export could not replace, before any heavy work."""
-    shutil.rmtree(prepare_out_dir(out, force))
-
-
-def prepare_out_dir(out: Path, force: bool) -> Path:
-    """Check --out; return a fresh temp dir beside it (the bundle is renamed from there into place)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError(f"--out {out}: exists and is not empty; pass --force to replace it")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def select_tasks(adapter: Adapter, task: str) -> list[str]:
@@ -123,8 +102,8 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
     if options.opset < MIN_OPSET:
         raise InputError(f"--opset {options.opset}: vlmedge needs opset {MIN_OPSET} or newer (LayerNormalization)")
     tasks = select_tasks(adapter, task)
-    tmp = prepare_out_dir(out, options.force)
-    try:
+    with OutputDir(out, options.force) as writer:
+        tmp = writer.path
         info = adapter.info
         d = info.dims
         with_text = "vqa" in tasks
@@ -200,13 +179,8 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
             from vlmedge.errors import ValidationError
 
             raise ValidationError(f"export of {adapter.source} failed validation: {validation['failures'][0]}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        writer.commit()
+    return manifest
 
 
 def _provenance(adapter: Adapter, opset: int, timings: dict[str, float]) -> dict:

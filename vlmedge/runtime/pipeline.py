@@ -176,34 +176,51 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmedge"
 
 
-def builtin_bundle(name: str, on_export=None) -> Path:
-    """The cached bundle of a built-in model, exported on first use (this step needs the export extras)."""
+def _usable(path: Path) -> bool:
+    """A cache entry counts only if its manifest loads and every file matches its hash."""
+    from vlmedge.errors import BundleError
+
+    try:
+        load_bundle(path)
+        return True
+    except BundleError:
+        return False
+
+
+def builtin_bundle(name: str, on_export=None, on_wait=None) -> Path:
+    """The cached bundle of a built-in model, exported on first use (this step needs the export extras).
+    An entry that fails its hashes (half deleted, corrupt) is exported again; processes that arrive
+    while one exports wait for it (`on_wait(holder)` says so) and then use its bundle."""
     from vlmedge import __version__
     from vlmedge.models.checkpoint import BUILTIN_MODELS, WEIGHTS
+    from vlmedge.outdir import TargetLock
 
     digest = hashlib.sha256((BUILTIN_MODELS[name] / WEIGHTS).read_bytes()).hexdigest()[:12]
     path = cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}"
-    if (path / "manifest.json").is_file():
+    if _usable(path):
         return path
-    try:
-        from vlmedge.export.exporter import export_bundle
-        from vlmedge.models.registry import load_adapter
-    except ImportError as e:
-        raise InputError(f"{name}: the built-in model is exported on first use, which needs torch "
-                         f"({e.name} is missing): pip install 'vlmedge[export]', or pass a bundle directory") from None
-    if on_export:
-        on_export(name, path)
-    export_bundle(load_adapter(name), "all", path)
+    with TargetLock(path, wait=True, on_wait=on_wait, label="cache entry"):
+        if _usable(path):  # another process exported it while this one waited
+            return path
+        try:
+            from vlmedge.export.exporter import ExportOptions, export_bundle
+            from vlmedge.models.registry import load_adapter
+        except ImportError as e:
+            raise InputError(f"{name}: the built-in model is exported on first use, which needs torch "
+                             f"({e.name} is missing): pip install 'vlmedge[export]', or pass a bundle directory") from None
+        if on_export:
+            on_export(name, path)
+        export_bundle(load_adapter(name), "all", path, ExportOptions(force=True))  # replaces a broken entry
     return path
 
 
-def resolve_bundle(source: str | os.PathLike, on_export=None) -> Bundle:
+def resolve_bundle(source: str | os.PathLike, on_export=None, on_wait=None) -> Bundle:
     """A bundle directory, or a built-in model's name."""
     from vlmedge.models.checkpoint import BUILTIN_MODELS
 
     s = str(source)
     if s in BUILTIN_MODELS and not Path(s).exists():
-        return load_bundle(builtin_bundle(s, on_export))
+        return load_bundle(builtin_bundle(s, on_export, on_wait))
     return load_bundle(s)
 
 

@@ -89,7 +89,7 @@ def build_engine(trt, logger, onnx_path: Path, profile: dict, o: BuildOptions, t
 def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = None,
                   on_graph: Callable[[str, str], None] = lambda g, s: None) -> dict:
     """Build every graph of a bundle into `out`; returns the engine manifest."""
-    from vlmedge.export.exporter import prepare_out_dir
+    from vlmedge.outdir import OutputDir
 
     o = options or BuildOptions()
     bundle = load_bundle(bundle_dir)
@@ -99,8 +99,8 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
         overrides.setdefault("batch", AxisRange(1, 1, 1))
     trt = import_tensorrt()
     gpu_name, cc = gpu_facts()
-    tmp = prepare_out_dir(out, o.force)
-    try:
+    with OutputDir(out, o.force) as writer:
+        tmp = writer.path
         logger = trt.Logger(trt.Logger.WARNING)
         cache = o.timing_cache.read_bytes() if o.timing_cache and o.timing_cache.is_file() else None
         graphs = {}
@@ -126,10 +126,5 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
                         "version_compatible": o.version_compatible, "hardware_compatible": o.hardware_compatible},
               "precision": m.precision.get("dtype", "float32"), "bundle": str(bundle.path), "graphs": graphs}
         write_engine_manifest(tmp, em)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return em
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        writer.commit()
+    return em
