@@ -239,8 +239,7 @@ class TargetLock:
             raise InputError(f"{self.label} {self.target}: cannot write there ({e.strerror or e})") from None
         try:
             _flock(fd, self.wait, lambda: self.on_wait and self.on_wait(_holder(fd)), lambda: self._busy(_holder(fd)))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {_host()}\n".encode(), 0)
+            _say_holder(fd)
         except BaseException:
             os.close(fd)
             self._rlock.release()
@@ -257,6 +256,16 @@ class TargetLock:
         else:
             _held[key] = (fd, depth - 1)
         self._rlock.release()
+
+
+def _say_holder(fd: int) -> None:
+    """Write who holds the lock into it, for the message a refused writer prints (best effort: on a
+    full disk the lock still works without it)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {_host()}\n".encode(), 0)
+    except OSError:
+        pass
 
 
 def _holder(fd: int) -> str:

@@ -187,16 +187,22 @@ def _usable(path: Path) -> bool:
         return False
 
 
+def cache_entry(name: str) -> Path:
+    """The cache directory of a built-in model's bundle: one per weights and vlmedge version."""
+    from vlmedge import __version__
+    from vlmedge.models.checkpoint import BUILTIN_MODELS, WEIGHTS
+
+    digest = hashlib.sha256((BUILTIN_MODELS[name] / WEIGHTS).read_bytes()).hexdigest()[:12]
+    return cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}"
+
+
 def builtin_bundle(name: str, on_export=None, on_wait=None) -> Path:
     """The cached bundle of a built-in model, exported on first use (this step needs the export extras).
     An entry that fails its hashes (half deleted, corrupt) is exported again; processes that arrive
     while one exports wait for it (`on_wait(holder)` says so) and then use its bundle."""
-    from vlmedge import __version__
-    from vlmedge.models.checkpoint import BUILTIN_MODELS, WEIGHTS
     from vlmedge.outdir import TargetLock
 
-    digest = hashlib.sha256((BUILTIN_MODELS[name] / WEIGHTS).read_bytes()).hexdigest()[:12]
-    path = cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}"
+    path = cache_entry(name)
     if _usable(path):
         return path
     with TargetLock(path, wait=True, on_wait=on_wait, label="cache entry"):
