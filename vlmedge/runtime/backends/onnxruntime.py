@@ -180,7 +180,7 @@ class OrtBackend:
             warn(f"TensorRT provider refused the manifest's profiles for {', '.join(refused)} ({first_error}); "
                  "they run with engines sized from the shapes seen, or on the next provider")
         used = self.sessions["decoder_step"].get_providers()[0]
-        if used != first:
+        if used != first and not refused:  # (a refusal was said already)
             warn(f"{first} could not be initialised (see onnxruntime's log); running on {used}")
         self.name = f"onnxruntime/{used}"
         self.summary = summary(ort, self.sessions["decoder_step"].get_providers())
