@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     with os.fdopen(fd, "w") as f:
         json.dump(report, f, indent=2, default=str)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, args.out)
     counts = {s: sum(p["status"] == s for p in check.parts) for s in ("ok", "not run", "failed")}
     _say(f"gpu-check: {counts['ok']} ok, {counts['not run']} not run, {counts['failed']} failed "
