@@ -229,6 +229,7 @@ class FakeCuda:
         assert self.capturing is not None, "no capture to end"
         self.capturing = None
         self.counts["graphs destroyed"] += 1  # what the failed capture recorded is thrown away
+        self.clear_error()  # as cuda-python's layer does after closing the capture
 
     def clear_error(self):
         self.counts["errors cleared"] += 1
