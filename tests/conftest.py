@@ -7,22 +7,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/families.py
 
 
-def _has_gpu() -> bool:
-    try:
-        import onnxruntime as ort
-
-        return "CUDAExecutionProvider" in ort.get_available_providers()
-    except Exception:
-        return False
+GATES = ("gpu", "tensorrt", "ort_cuda", "ort_tensorrt")  # markers, each skipped unless what it needs is here
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
+    """Skip each GPU test unless exactly what it needs is here (vlmedge.doctor.gpu_gates says why not).
+    Markers, not keywords: a keyword match would also hit a directory named gpu."""
+    marked = [(item, [g for g in GATES if item.get_closest_marker(g)]) for item in items]
+    if not any(gates for _, gates in marked):
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    from vlmedge.doctor import gpu_gates
+
+    why = gpu_gates()
+    for item, gates in marked:
+        reasons = [f"{g}: {why[g]}" for g in gates if why[g]]
+        if reasons:
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
 
 
 @pytest.fixture(scope="session")

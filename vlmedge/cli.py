@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vlmedge.console import console, err_console
+from vlmedge.console import progress as _progress
 from vlmedge.errors import InputError, VlmedgeError
 
 app = typer.Typer(
@@ -22,9 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# Piped or captured output gets wide tables rather than names wrapped at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
 _verbose = False  # --verbose: errors print their traceback too
 
 
@@ -35,11 +33,6 @@ def _options(verbose: bool = typer.Option(False, "--verbose", help="on an error,
     _verbose = verbose
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console)
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -359,9 +352,13 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
     def on_wait(holder: str) -> None:
         err_console.print(f"waiting for another process ({holder}) exporting {bundle} to the cache", highlight=False)
 
-    warn = lambda msg: err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
-    return Pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
+    from vlmedge.console import note, warn
+
+    pipe = Pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
                     shared_threads=shared_threads)
+    if device != "cpu":  # which onnxruntime (or TensorRT) runs, and on which providers
+        note(getattr(pipe.backend, "summary", pipe.backend.name))
+    return pipe
 
 
 def _answer_images(task: str, bundle: str, images: list[str], question: str | None, beams: int,
@@ -454,6 +451,18 @@ def vqa(
 ) -> None:
     """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
     _answer_images("vqa", bundle, [image], question, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """What is installed for the GPU path (onnxruntime, TensorRT, CUDA, GPU, DLA) and what each --device would use."""
+    from vlmedge.doctor import diagnose, print_report
+
+    report = diagnose()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, console)
 
 
 def _register_compare() -> None:

@@ -49,3 +49,7 @@ def read_json(path, error: type[VlmedgeError]):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+class DependencyError(VlmedgeError):
+    """A package this step needs is not installed, or is the wrong build; the message says what to install."""

@@ -3,6 +3,7 @@ manifest checks, ONNX Runtime's TensorRT EP options, and clear errors without Te
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,3 +133,183 @@ def test_an_engine_directory_without_tensorrt_is_one_clear_error(bundles, tmp_pa
     assert main(["caption", str(d), str(img)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install tensorrt" in err
+
+
+# -- the builder against a fake TensorRT (no GPU): timing cache and DLA ---------------------------
+
+
+class FakeBuilderTensorRT:
+    """The part of the tensorrt module the builder uses. A timing cache is bytes tagged with the
+    TensorRT version and GPU that made it; TensorRT refuses (set_timing_cache -> False) any other."""
+
+    __version__ = "10.3.0"
+    TAG = b"trt-10.3.0/sm87:"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class MemoryPoolType:
+        WORKSPACE = 0
+
+    class DeviceType:
+        GPU, DLA = "GPU", "DLA"
+
+    class BuilderFlag:
+        GPU_FALLBACK, VERSION_COMPATIBLE = "GPU_FALLBACK", "VERSION_COMPATIBLE"
+
+    def __init__(self, dla_cores=0):
+        self.dla_cores, self.configs = dla_cores, []
+
+    def Builder(self, logger):
+        return _FakeBuilder(self)
+
+    def OnnxParser(self, network, logger):
+        return _FakeParser(network)
+
+
+class _FakeParser:
+    num_errors = 0
+
+    def __init__(self, network):
+        self.network = network
+
+    def parse_from_file(self, path):
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        self.network.inputs = [i.name for i in graph.input]
+        self.network.graph = path
+        return True
+
+
+class _FakeNetwork:
+    def __init__(self):
+        self.inputs, self.graph = [], None
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, i):
+        return SimpleNamespace(name=self.inputs[i])
+
+
+class _FakeCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return FakeBuilderTensorRT.TAG + self.data.removeprefix(FakeBuilderTensorRT.TAG) + b"+"
+
+
+class _FakeConfig:
+    def __init__(self):
+        self.flags, self.profiles, self.cache, self.default_device_type, self.DLA_core = set(), [], None, "GPU", -1
+
+    def set_memory_pool_limit(self, pool, size):
+        pass
+
+    def create_timing_cache(self, data):
+        return _FakeCache(bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.data and not cache.data.startswith(FakeBuilderTensorRT.TAG):
+            return False  # another GPU or TensorRT version: nothing attached
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+    def add_optimization_profile(self, p):
+        self.profiles.append(p)
+
+    def set_flag(self, flag):
+        self.flags.add(flag)
+
+
+class _FakeBuilder:
+    def __init__(self, trt):
+        self.trt = trt
+        self.num_DLA_cores = trt.dla_cores
+
+    def create_network(self, flags):
+        return _FakeNetwork()
+
+    def create_builder_config(self):
+        config = _FakeConfig()
+        self.trt.configs.append(config)
+        return config
+
+    def create_optimization_profile(self):
+        shapes = {}
+        return SimpleNamespace(shapes=shapes, set_shape=lambda n, lo, opt, hi: shapes.__setitem__(n, (lo, opt, hi)))
+
+    def build_serialized_network(self, network, config):
+        if config.cache is not None:
+            config.cache.data += b"x"  # the build's timings
+        return b"plan of " + str(network.graph).encode()
+
+
+@pytest.fixture
+def fake_builder(monkeypatch):
+    """Install a fake TensorRT (and a fake GPU for its facts); returns a factory taking the DLA core count."""
+    from vlmedge import tensorrt_import
+    from vlmedge.tensorrt import builder
+
+    made = {}
+
+    def install(dla_cores=0):
+        made["trt"] = FakeBuilderTensorRT(dla_cores)
+        return made["trt"]
+
+    monkeypatch.setattr(tensorrt_import, "load", lambda: made["trt"])
+    monkeypatch.setattr(builder, "gpu_facts", lambda: ("Fake Orin", "8.7"))
+    return install
+
+
+def test_a_foreign_timing_cache_is_replaced_not_a_traceback(bundles, tmp_path, fake_builder):
+    from vlmedge.tensorrt.builder import BuildOptions, build_engines
+
+    trt = fake_builder()
+    cache = tmp_path / "orin.timing"
+    cache.write_bytes(b"made on another GPU")
+    messages = []
+    build_engines(bundles["shapes-vlm"][2], tmp_path / "engines", BuildOptions(timing_cache=cache), warn=messages.append)
+    assert len(messages) == 1 and "timing cache made by another GPU or TensorRT version" in messages[0]
+    assert cache.read_bytes().startswith(FakeBuilderTensorRT.TAG)  # a new cache replaced the foreign one
+    assert all(c.cache is not None for c in trt.configs)  # every graph built with a cache attached
+    # the next build reuses it: attached from the file, no warning, and it grows
+    before = cache.read_bytes()
+    build_engines(bundles["shapes-vlm"][2], tmp_path / "engines2", BuildOptions(timing_cache=cache), warn=messages.append)
+    assert len(messages) == 1 and trt.configs[-len(trt.configs) // 2].cache.data.startswith(before)
+    assert len(cache.read_bytes()) > len(before)
+
+
+def test_dla_is_checked_against_the_device_and_gets_static_shapes(bundles, tmp_path, fake_builder):
+    from vlmedge.tensorrt.builder import BuildOptions, build_engines
+
+    src = bundles["shapes-vlm"][2]
+    fake_builder(dla_cores=0)  # Orin Nano
+    with pytest.raises(InputError, match="--dla-core 0: Fake Orin has no DLA cores"):
+        build_engines(src, tmp_path / "e", BuildOptions(dla_core=0))
+    fake_builder(dla_cores=2)  # AGX Orin
+    with pytest.raises(InputError, match="--dla-core 2: Fake Orin has 2 DLA cores \\(0-1\\)"):
+        build_engines(src, tmp_path / "e", BuildOptions(dla_core=2))
+    with pytest.raises(InputError, match="--profile batch=1:1:4 with --dla-core: DLA runs static shapes"):
+        build_engines(src, tmp_path / "e", BuildOptions(dla_core=0, profiles=parse_overrides(["batch=1:1:4"])))
+    assert not (tmp_path / "e").exists()
+    trt = fake_builder(dla_cores=2)
+    em = build_engines(src, tmp_path / "e", BuildOptions(dla_core=1))
+    dla = [c for c in trt.configs if c.default_device_type == "DLA"]
+    assert len(dla) == 1 and dla[0].DLA_core == 1 and "GPU_FALLBACK" in dla[0].flags
+    shapes = dla[0].profiles[0].shapes["pixel_values"]
+    assert shapes[0] == shapes[1] == shapes[2] == (1, 3, 64, 64)  # min = opt = max
+    assert em["graphs"]["vision_encoder"]["dla_core"] == 1 and em["graphs"]["decoder_step"]["dla_core"] is None
+    assert load_bundle(tmp_path / "e").manifest.axes["batch"] == AxisRange(1, 1, 1)

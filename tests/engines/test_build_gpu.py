@@ -14,6 +14,7 @@ BUDGET_VQA = {"fp32": 0.003, "fp16": 0.003, "int8": 0.01}  # FP16 within 0.3 poi
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engines_of_every_precision_match_onnxruntime_fp32(bundles, tmp_path, precision):
     pytest.importorskip("tensorrt")

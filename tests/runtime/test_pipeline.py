@@ -84,7 +84,11 @@ def test_question_errors(ort_pipe, world):
         ort_pipe.vqa(img, " ".join(["what"] * 40))
 
 
-def test_missing_task_and_device_fallback(tmp_path, bundles, world):
+def test_missing_task_and_device_fallback(tmp_path, bundles, world, monkeypatch):
+    import onnxruntime
+
+    # an onnxruntime without the CUDA provider (as the CPU wheel), whatever this machine has
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     msgs = []
     p = vlmedge.load(bundles["vit-gpt2"][2], device="cuda", warn=msgs.append)
     assert p.backend.name == "onnxruntime/CPUExecutionProvider"

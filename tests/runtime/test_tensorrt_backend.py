@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import vlmedge
+from vlmedge import tensorrt_import
 from vlmedge.data.scenes import pick_questions, scenes
 from vlmedge.errors import BuildError, InputError
 from vlmedge.runtime.backends import cuda
-from vlmedge.runtime.backends import tensorrt as trt_backend
 from vlmedge.runtime.backends.tensorrt import (DeviceValue, TensorRTBackend, _Pool, axis_limits, gather_plan,
                                                graph_key, max_shape, outside)
 from vlmedge.runtime.bundle import AxisRange, TensorSpec
@@ -79,6 +79,14 @@ def test_output_maxima_follow_the_engine_profile_then_the_manifest():
     limits = axis_limits([past], {past.name: (8, 4, 63, 32)}, axes)  # the build narrowed batch and past_len
     assert limits == {"batch": 8, "past_len": 63, "total_len": 128}
     assert max_shape(present, limits) == (8, 4, 128, 32)
+
+
+def test_an_input_the_engine_left_out_has_no_profile_and_is_skipped():
+    axes = {"batch": AxisRange(1, 1, 16), "encoder_len": AxisRange(1, 8, 64)}
+    states = TensorSpec("encoder_states", "float32", ("batch", "encoder_len", 32))
+    mask = TensorSpec("encoder_mask", "int64", ("batch", "encoder_len"))  # BLIP's: nothing reads it
+    limits = axis_limits([states, mask], {"encoder_states": (4, 16, 32)}, axes)  # the engine has no mask input
+    assert limits == {"batch": 4, "encoder_len": 16}
 
 
 def test_shapes_outside_a_profile():
@@ -217,6 +225,15 @@ class FakeCuda:
         graph, self.capturing = self.capturing, None
         return graph
 
+    def end_capture_on_error(self, stream):
+        assert self.capturing is not None, "no capture to end"
+        self.capturing = None
+        self.counts["graphs destroyed"] += 1  # what the failed capture recorded is thrown away
+        self.clear_error()  # as cuda-python's layer does after closing the capture
+
+    def clear_error(self):
+        self.counts["errors cleared"] += 1
+
     def instantiate(self, graph):
         return list(graph)
 
@@ -307,6 +324,8 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle):
         shapes, addrs, device = dict(self.shapes), dict(self.addrs), self.engine.fake.device
+        if device.capturing is not None and getattr(device, "refuse_capture", False):
+            return False  # an engine with work CUDA graphs cannot capture
         if device.capturing is not None:  # a CUDA graph keeps the addresses and shapes of its capture
             device.capturing.append(lambda: self.engine.execute(shapes, addrs))
         else:
@@ -360,7 +379,7 @@ def fake(monkeypatch, shapes, ort_pipe, tmp_path):
     device = FakeCuda()
     trt = FakeTensorRT(bundle, device, ort_pipe.backend.sessions)
     monkeypatch.setattr(cuda, "_API", device)
-    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_import, "load", lambda: trt)
     for g in bundle.manifest.graphs:
         (tmp_path / f"{g}.plan").write_bytes(g.encode())
     engines = {"tensorrt": "10.3.0", "flags": {"version_compatible": False},
@@ -424,6 +443,123 @@ def test_cuda_graphs_off_where_the_cuda_layer_cannot_capture(fake, ort_pipe, wor
     assert pipe.caption(images) == ort_pipe.caption(images)
 
 
+def test_a_failed_capture_is_cleaned_up_and_the_step_runs_plainly(fake, ort_pipe, world):
+    fake.device.refuse_capture = True
+    messages = []
+    pipe = fake.make(cuda_graph=True, warn=messages.append)
+    images = [s.image for s in world[0][:2]]
+    assert pipe.caption(images, return_ids=True) == ort_pipe.caption(images, return_ids=True)
+    assert len(messages) == 1 and "could not be captured as a CUDA graph" in messages[0]
+    assert fake.device.capturing is None  # the stream left capture mode
+    assert fake.device.counts["graphs destroyed"] == 1 and fake.device.counts["errors cleared"] == 1
+    assert pipe.backend._graphs is None and pipe.backend.graph_launches == 0
+
+
+def test_cuda_graph_capture_closes_and_clears_on_every_failure():
+    """cuda.CudaGraph.capture over cuda-python's calls, as trtexec ends a failed capture."""
+    calls = []
+    ok, invalid = SimpleNamespace(name="cudaSuccess"), SimpleNamespace(name="cudaErrorStreamCaptureInvalidated")
+
+    def rt(end_error):
+        return SimpleNamespace(
+            cudaError_t=SimpleNamespace(cudaSuccess=ok),
+            cudaStreamCaptureMode=SimpleNamespace(cudaStreamCaptureModeThreadLocal="thread-local"),
+            cudaStreamBeginCapture=lambda s, mode: calls.append(("begin", mode)) or (ok,),
+            cudaStreamEndCapture=lambda s: calls.append("end") or ((end_error, 0) if end_error is invalid else (ok, 99)),
+            cudaGraphDestroy=lambda g: calls.append(("destroy", g)) or (ok,),
+            cudaGetLastError=lambda: calls.append("clear") or (ok,),
+            cudaGraphInstantiateWithFlags=lambda g, f: (ok, "exe"))
+
+    def failing():
+        raise BuildError("decoder_step: TensorRT could not run the engine")
+
+    for end_error, destroyed in ((ok, [("destroy", 99)]), (invalid, [])):
+        calls.clear()
+        api = cuda._CudaPython(rt(end_error))
+        cuda._API = api
+        try:
+            with pytest.raises(BuildError, match="could not run"):
+                cuda.CudaGraph.capture(SimpleNamespace(raw="s"), failing)
+        finally:
+            cuda._API = None
+        assert calls == [("begin", "thread-local"), "end", *destroyed, "clear"]
+
+
+class FakePyCudaDriver:
+    """pycuda.driver's calls, where (as in CUDA) a driver call needs a context current on its thread."""
+
+    class Error(Exception):
+        pass
+
+    def __init__(self):
+        self.local = __import__("threading").local()
+        driver = self
+
+        class Context:
+            def push(self):
+                driver._stack().append(self)
+
+            @staticmethod
+            def pop():
+                driver._stack().pop()
+
+        self.Context = Context
+        self.primary = Context()
+
+    def _stack(self):
+        if not hasattr(self.local, "stack"):
+            self.local.stack = []
+        return self.local.stack
+
+    def _current(self):
+        if not self._stack():
+            raise self.Error("cuMemAlloc failed: invalid device context")
+
+    def mem_alloc(self, n):
+        self._current()
+        return 4096
+
+    def Stream(self):
+        self._current()
+        return SimpleNamespace(handle=7, synchronize=self._current)
+
+
+def test_pycuda_calls_work_from_any_thread():
+    import threading
+
+    drv = FakePyCudaDriver()
+    drv.primary.push()  # what pycuda.autoprimaryctx does, on the importing thread only
+    api = cuda._PyCuda(drv, drv.primary)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(api.malloc(64)[0])
+            api.stream_sync(api.stream_create())
+        except BuildError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert not errors and results == [4096]
+    assert drv._stack() == [drv.primary]  # every push popped again
+
+
+def test_the_older_cuda_cudart_layout_is_used_when_cuda_bindings_is_absent(monkeypatch):
+    import types
+
+    monkeypatch.setattr(cuda, "_API", None)
+    cudart = types.ModuleType("cuda.cudart")
+    package = types.ModuleType("cuda")
+    package.cudart = cudart
+    monkeypatch.setitem(sys.modules, "cuda", package)
+    monkeypatch.setitem(sys.modules, "cuda.cudart", cudart)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # cuda-python before 12.6
+    a = cuda.api()
+    assert isinstance(a, cuda._CudaPython) and a.rt is cudart and a.layout == "cuda.cudart"
+
+
 def test_host_values_device_values_take_and_to_host(fake, ort_pipe, world):
     backend = fake.make().backend
     px = ort_pipe.images([s.image for s in world[0][:3]])
@@ -453,10 +589,7 @@ def test_engine_directory_problems_are_build_errors(fake):
 def test_an_engine_directory_opens_through_vlmedge_load(fake, ort_pipe, world, monkeypatch):
     import shutil
 
-    from vlmedge.tensorrt import builder
     from vlmedge.tensorrt.engines import write_engine_manifest
-
-    monkeypatch.setattr(builder, "import_tensorrt", lambda: fake.trt)  # where vlmedge.load's route imports it
 
     bundle = ort_pipe.bundle
     shutil.copy2(bundle.path / "manifest.json", fake.dir)
@@ -487,6 +620,7 @@ def engine_dir(shapes, tmp_path_factory):
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_engines_caption_like_onnxruntime_fp32(engine_dir, ort_pipe):
     images = [s.image for s in scenes("test", 0, 20)]
     pipe = vlmedge.load(engine_dir, device="tensorrt")
@@ -498,6 +632,7 @@ def test_engines_caption_like_onnxruntime_fp32(engine_dir, ort_pipe):
 
 
 @pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_engines_with_cuda_graphs_caption_like_without(engine_dir, ort_pipe):
     engines = json.loads((engine_dir / "engines.json").read_text())
     images = [s.image for s in scenes("test", 0, 8)]
@@ -507,3 +642,4 @@ def test_engines_with_cuda_graphs_caption_like_without(engine_dir, ort_pipe):
     pipe.backend = TensorRTBackend(engine_dir, engines, pipe.manifest, warn=messages.append, cuda_graph=True)
     assert pipe.caption(images, batch_size=4) == plain  # the first batch captures, the second replays
     assert not messages and pipe.backend._graphs
+    assert pipe.backend.graph_launches > 0  # decoder steps did replay from captured graphs

@@ -19,20 +19,17 @@ def compare_command(
 ) -> None:
     """Compare variants of one model (e.g. FP32, FP16, INT8) on the same data: accuracy, token agreement
     and graph error against the first bundle, latency, size and peak memory."""
-    from rich.markup import escape
-
-    from vlmedge import cli
     from vlmedge.compare.compare import compare_bundles
     from vlmedge.compare.render import print_comparison
+    from vlmedge.console import console, err_console, progress, warn
     from vlmedge.runtime.pipeline import resolve_bundle
 
     def on_export(name: str, path: Path) -> None:
-        cli.err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
+        err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
 
-    warn = lambda msg: cli.err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}", highlight=False)  # noqa: E731
     resolved = [resolve_bundle(b, on_export) for b in bundles]
-    with cli._progress() as p:
+    with progress() as p:
         report = compare_bundles(resolved, eval_spec, device, out, progress=p, runs=runs, warn=warn,
                                  shared_threads=True)  # as the other commands run
-    print_comparison(report, cli.console)
-    cli.console.print(f"report written to {out}: report.json, report.md, plot.png", highlight=False)
+    print_comparison(report, console)
+    console.print(f"report written to {out}: report.json, report.md, plot.png", highlight=False)

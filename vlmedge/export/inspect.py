@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmedge.runtime.bundle import Bundle
 
 
 def _shape(shape) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
+    return escape("[" + ", ".join(str(s) for s in shape) + "]")  # else rich reads [batch, 3, 64, 64] as markup
 
 
 def _size(n: int) -> str:
@@ -18,7 +19,7 @@ def _size(n: int) -> str:
 
 def print_bundle(bundle: Bundle, console: Console) -> None:
     m = bundle.manifest
-    console.print(f"[b]{bundle.path}[/b]: {m.family} ({m.architecture}), tasks {', '.join(m.tasks)}, "
+    console.print(f"[b]{escape(str(bundle.path))}[/b]: {escape(f'{m.family} ({m.architecture})')}, tasks {escape(', '.join(m.tasks))}, "
                   f"precision {m.precision.get('dtype')}, schema {m.schema_version}, opset {m.provenance.get('opset')}")
     t = Table(title="graphs")
     for col in ("graph", "file", "size", "tensor", "dtype", "shape"):
@@ -32,8 +33,8 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
             if x is None:
                 t.add_row("", "", "", f"... {len(rows) - 8} more", "", "")
                 continue
-            t.add_row(name if first else "", g.file if first else "", _size(size) if first else "",
-                      f"{kind} {x.name}", x.dtype, _shape(x.shape))
+            t.add_row(escape(name) if first else "", escape(g.file) if first else "", _size(size) if first else "",
+                      escape(f"{kind} {x.name}"), escape(x.dtype), _shape(x.shape))
         t.add_section()
     console.print(t)
     a = Table(title="dynamic axes (TensorRT profiles)")
@@ -46,13 +47,13 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
     for col in ("task", "encoder", "prompt ids", "eos", "pad", "max new tokens"):
         tt.add_column(col)
     for name, spec in m.tasks.items():
-        tt.add_row(name, spec["encoder"], str(spec["prompt_ids"]), str(spec["eos_id"]), str(spec["pad_id"]), str(spec["max_new_tokens"]))
+        tt.add_row(escape(name), escape(spec["encoder"]), escape(str(spec["prompt_ids"])), str(spec["eos_id"]), str(spec["pad_id"]), str(spec["max_new_tokens"]))
     console.print(tt)
     p = m.preprocessing
-    console.print(f"preprocessing: {p['height']}x{p['width']} {p['resample']}, mean {p['mean']}, std {p['std']}")
+    console.print(escape(f"preprocessing: {p['height']}x{p['width']} {p['resample']}, mean {p['mean']}, std {p['std']}"))
     prov = m.provenance
-    console.print(f"source: {prov.get('source')} ({', '.join(f'{k} {v[:12]}' for k, v in prov.get('source_sha256', {}).items())}), "
-                  f"{prov.get('exporter')}, torch {prov.get('torch')}")
+    console.print(escape(f"source: {prov.get('source')} ({', '.join(f'{k} {v[:12]}' for k, v in prov.get('source_sha256', {}).items())}), "
+                         f"{prov.get('exporter')}, torch {prov.get('torch')}"))
     if m.validation:
         print_validation(m.validation, console)
 

@@ -5,6 +5,12 @@ network is created strongly typed, as TensorRT 11 requires and 10.x supports; no
 builder flags. Profiles come from the manifest's axis ranges. The engine directory is written to a
 temp directory and renamed into place: engines, the engine manifest, and the bundle's manifest and
 tokenizer, so the runtime needs nothing else.
+
+A timing cache (`--timing-cache`) is read, attached and rewritten after the build. TensorRT refuses
+a cache made by another GPU or TensorRT version (`set_timing_cache` returns False): the build then
+says so in one line and starts a new cache, which replaces the file. DLA (`--dla-core`) runs static
+shapes only: the vision encoder is built at batch 1 (so every graph runs at batch 1), a `--profile`
+that asks for more is refused, and the core is checked against the device's DLA cores first.
 """
 
 from __future__ import annotations
@@ -14,13 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from vlmedge.errors import BuildError, first_line
-from vlmedge.runtime.bundle import MANIFEST, AxisRange, load_bundle, sha256_file
+from vlmedge import tensorrt_import
+from vlmedge.errors import BuildError, InputError, first_line
+from vlmedge.runtime.bundle import MANIFEST, AxisRange, Manifest, load_bundle, sha256_file
 from vlmedge.tensorrt.engines import write_engine_manifest
-from vlmedge.tensorrt.profiles import axes_with, graph_profile
+from vlmedge.tensorrt.profiles import Profile, axes_with, graph_profile
 
-INSTALL_HINT = ("TensorRT's Python package is not installed: on Jetson use JetPack's system TensorRT "
-                "(a venv with --system-site-packages); on x86, pip install tensorrt")
+DLA_GRAPH = "vision_encoder"  # the one graph with static shapes at batch 1
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,10 @@ class BuildOptions:
     force: bool = False
 
 
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BuildError(INSTALL_HINT) from None
-    return trt
+def _warn(msg: str) -> None:
+    from vlmedge.console import warn
+
+    warn(msg)
 
 
 def gpu_facts() -> tuple[str, str]:
@@ -54,8 +58,47 @@ def _network_flags(trt) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def build_engine(trt, logger, onnx_path: Path, profile: dict, o: BuildOptions, timing_cache: bytes | None,
-                 use_dla: bool) -> tuple[bytes, bytes]:
+def dla_overrides(manifest: Manifest, o: BuildOptions) -> dict[str, AxisRange]:
+    """The axis ranges of the DLA graph (batch 1 unless the user narrowed batch to 1 already);
+    InputError if a `--profile` asks DLA for a range, or the graph has another dynamic axis."""
+    batch = o.profiles.get("batch")
+    if batch is not None and not batch.min == batch.opt == batch.max == 1:
+        raise InputError(f"--profile batch={batch.min}:{batch.opt}:{batch.max} with --dla-core: DLA runs static shapes, "
+                         "so the vision encoder (and every graph after it) runs at batch 1; use --profile batch=1:1:1 "
+                         "or leave batch out")
+    overrides = {**o.profiles, "batch": AxisRange(1, 1, 1)}
+    for name, dims in graph_profile(manifest, DLA_GRAPH, overrides).items():
+        if not dims["min"] == dims["opt"] == dims["max"]:
+            raise InputError(f"--dla-core: {DLA_GRAPH}.{name} has a dynamic shape {dims['min']} .. {dims['max']} and "
+                             "DLA needs a static one; pin its axes with --profile AXIS=N:N:N")
+    return overrides
+
+
+def check_dla_core(builder, core: int, gpu_name: str) -> None:
+    """Refuse a DLA core this device does not have (Orin Nano has none)."""
+    n = int(builder.num_DLA_cores)
+    if n == 0:
+        raise InputError(f"--dla-core {core}: {gpu_name} has no DLA cores (AGX Orin and Orin NX have 2, Orin Nano none); "
+                         "build without --dla-core")
+    if not 0 <= core < n:
+        raise InputError(f"--dla-core {core}: {gpu_name} has {n} DLA cores (0-{n - 1})")
+
+
+def attach_timing_cache(config, data: bytes | None, where: str, warn: Callable[[str], None]) -> bool:
+    """Attach a timing cache made from `data` (a new one if `data` is empty or TensorRT refuses it:
+    another GPU or TensorRT version); False if TensorRT attaches none, then the build runs without."""
+    if data:
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        warn(f"{where}: timing cache made by another GPU or TensorRT version, not used; a new one replaces it")
+    cache = config.create_timing_cache(b"")
+    return cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
+
+
+def build_engine(trt, logger, onnx_path: Path, profile: Profile, o: BuildOptions, timing_cache: bytes | None,
+                 use_dla: bool, warn: Callable[[str], None] = _warn) -> tuple[bytes, bytes | None]:
+    """One engine; returns its plan and the timing cache after the build (None if none was attached)."""
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -64,8 +107,7 @@ def build_engine(trt, logger, onnx_path: Path, profile: dict, o: BuildOptions, t
         raise BuildError(f"{onnx_path}: TensorRT cannot parse it ({first_line(Exception(errors))})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(o.workspace_gib * (1 << 30)))
-    cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cached = attach_timing_cache(config, timing_cache, str(o.timing_cache or "timing cache"), warn)
     p = builder.create_optimization_profile()
     present = {network.get_input(i).name for i in range(network.num_inputs)}
     for name, dims in profile.items():
@@ -83,22 +125,24 @@ def build_engine(trt, logger, onnx_path: Path, profile: dict, o: BuildOptions, t
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+    after = config.get_timing_cache() if cached else None
+    return bytes(plan), (bytes(after.serialize()) if after is not None else timing_cache)
 
 
 def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = None,
-                  on_graph: Callable[[str, str], None] = lambda g, s: None) -> dict:
+                  on_graph: Callable[[str, str], None] = lambda g, s: None,
+                  warn: Callable[[str], None] = _warn) -> dict:
     """Build every graph of a bundle into `out`; returns the engine manifest."""
-    from vlmedge.outdir import OutputDir
+    from vlmedge.outdir import OutputDir, write_file_atomic
 
     o = options or BuildOptions()
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    overrides = dict(o.profiles)
-    if o.dla_core is not None:  # DLA runs static shapes only: the vision encoder at batch 1
-        overrides.setdefault("batch", AxisRange(1, 1, 1))
-    trt = import_tensorrt()
+    overrides = dla_overrides(m, o) if o.dla_core is not None else dict(o.profiles)
+    trt = tensorrt_import.load()
     gpu_name, cc = gpu_facts()
+    if o.dla_core is not None:
+        check_dla_core(trt.Builder(trt.Logger(trt.Logger.WARNING)), o.dla_core, gpu_name)
     with OutputDir(out, o.force) as writer:
         tmp = writer.path
         logger = trt.Logger(trt.Logger.WARNING)
@@ -106,9 +150,9 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
         graphs = {}
         for name, g in m.graphs.items():
             on_graph(name, "building")
-            use_dla = o.dla_core is not None and name == "vision_encoder"
+            use_dla = o.dla_core is not None and name == DLA_GRAPH
             profile = graph_profile(m, name, overrides if use_dla else o.profiles)
-            plan, cache = build_engine(trt, logger, bundle.graph_path(name), profile, o, cache, use_dla)
+            plan, cache = build_engine(trt, logger, bundle.graph_path(name), profile, o, cache, use_dla, warn)
             (tmp / f"{name}.plan").write_bytes(plan)
             graphs[name] = {"file": f"{name}.plan", "sha256": sha256_file(tmp / f"{name}.plan"),
                             "source": g.file, "source_sha256": sha256_file(bundle.graph_path(name)),
@@ -116,7 +160,7 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
                             "dla_core": o.dla_core if use_dla else None}
             on_graph(name, "done")
         if o.timing_cache and cache:
-            o.timing_cache.write_bytes(cache)
+            write_file_atomic(o.timing_cache, cache)
         # the runtime keeps within the manifest's axes: write the ranges the engines were built for
         # (with DLA, batch 1 everywhere, since the vision encoder runs one image at a time)
         (tmp / MANIFEST).write_text(replace(m, axes=axes_with(m, overrides if o.dla_core is not None else o.profiles)).to_json())

@@ -59,15 +59,26 @@ def profiles(manifest: Manifest, overrides: dict[str, AxisRange] | None = None) 
     return {g: graph_profile(manifest, g, overrides) for g in manifest.graphs}
 
 
-def ort_tensorrt_options(profile: Profile, cache_dir: str) -> dict[str, str]:
+def ort_tensorrt_options(profile: Profile | None, cache_dir: str, dtype: str = "float32") -> dict[str, str]:
     """ONNX Runtime TensorRT execution provider options for one graph: explicit profile shapes
-    (`name:1x3x224x224,...`) and an engine / timing cache directory, so engines are built once."""
-    def shapes(kind: str) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, dims[kind]))}" for name, dims in profile.items())
+    (`name:1x3x224x224,...`; None: let the provider size engines from the shapes it sees), an
+    engine / timing cache directory so engines are built once, and the bundle's precision.
 
-    return {
-        "trt_profile_min_shapes": shapes("min"), "trt_profile_opt_shapes": shapes("opt"),
-        "trt_profile_max_shapes": shapes("max"),
+    The provider builds weakly typed networks and has no strongly typed option, so reduced precision
+    must be allowed explicitly: FP16 bundles enable FP16 kernels, INT8 bundles (explicit Q/DQ, no
+    calibration table) enable INT8; an FP32 bundle stays FP32."""
+    def shapes(kind: str) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, dims[kind]))}" for name, dims in (profile or {}).items())
+
+    opts = {
         "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache_dir,
         "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache_dir,
     }
+    if profile:
+        opts.update({"trt_profile_min_shapes": shapes("min"), "trt_profile_opt_shapes": shapes("opt"),
+                     "trt_profile_max_shapes": shapes("max")})
+    if dtype == "float16":
+        opts["trt_fp16_enable"] = "True"
+    elif dtype == "int8":
+        opts["trt_int8_enable"] = "True"
+    return opts

@@ -50,13 +50,13 @@ def open_backend(bundle, device: str = "cpu", threads: int | None = None, warn=N
 
 def _open_engines(bundle, warn) -> Backend:
     """The TensorRT backend for an engine directory, once engines.json matches this TensorRT and GPU."""
+    from vlmedge import tensorrt_import
     from vlmedge.runtime.backends import cuda
     from vlmedge.runtime.backends.tensorrt import TensorRTBackend
-    from vlmedge.tensorrt.builder import import_tensorrt
     from vlmedge.tensorrt.engines import ENGINES, check_engine_manifest, read_engine_manifest
 
     em = read_engine_manifest(bundle.path)
-    trt = import_tensorrt()
+    trt = tensorrt_import.load()
     _, compute_capability = cuda.device_properties()
     check_engine_manifest(em, bundle.manifest, trt.__version__, compute_capability, where=str(bundle.path / ENGINES))
     return TensorRTBackend(bundle.path, em, bundle.manifest, warn=warn)

@@ -6,7 +6,13 @@ imported until the first call. Every cuda-python call returns `(error, results..
 and a failure raises BuildError naming the call; PyCUDA's exceptions are turned into the same.
 
 CUDA graphs (stream capture) need cuda-python: PyCUDA releases do not expose stream capture, so
-`graphs_supported()` is False there and the backend runs without them.
+`graphs_supported()` is False there and the backend runs without them. A capture that fails ends
+as trtexec ends one: the capture is closed, any graph it returned destroyed and the error cleared,
+so the stream and the next call are unaffected.
+
+Threads: the runtime API (cuda-python, TensorRT) binds the device's primary context on any thread;
+PyCUDA's driver calls need a current context, so each of them pushes the primary context and pops
+it again, and a pipeline shared across threads works with either.
 """
 
 from __future__ import annotations
@@ -29,12 +35,20 @@ class _CudaPython:
 
     def __init__(self, rt):
         self.rt = rt
+        self.layout = getattr(rt, "__name__", "cuda-python")  # cuda.bindings.runtime, or cuda.cudart before 12.6
 
     def _call(self, call: str, result: tuple) -> Any:
         err, rest = result[0], result[1:]
         if err != self.rt.cudaError_t.cudaSuccess:
             raise BuildError(f"{call} failed: {getattr(err, 'name', err)}")
         return rest[0] if len(rest) == 1 else rest
+
+    def device_count(self) -> int:
+        return int(self._call("cudaGetDeviceCount", self.rt.cudaGetDeviceCount()))
+
+    def driver_version(self) -> str:
+        v = int(self._call("cudaDriverGetVersion", self.rt.cudaDriverGetVersion()))  # 1000 * major + 10 * minor
+        return f"{v // 1000}.{v % 1000 // 10}"
 
     def device_properties(self) -> tuple[str, str]:
         p = self._call("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(0))
@@ -82,11 +96,23 @@ class _CudaPython:
         self._copy("cudaMemcpyAsync (device to device)", dst, src, nbytes, "cudaMemcpyDeviceToDevice", stream)
 
     def begin_capture(self, stream) -> None:
-        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        # thread-local, as trtexec: another thread's unrelated CUDA calls do not invalidate this capture
+        mode = self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self._call("cudaStreamBeginCapture", self.rt.cudaStreamBeginCapture(stream, mode))
 
     def end_capture(self, stream):
         return self._call("cudaStreamEndCapture", self.rt.cudaStreamEndCapture(stream))
+
+    def end_capture_on_error(self, stream) -> None:
+        """Close a capture whose enqueue failed: an invalidated capture returns no graph; otherwise
+        the graph it returns is unusable and destroyed. Then clear the error the capture left."""
+        err, graph = self.rt.cudaStreamEndCapture(stream)
+        if err == self.rt.cudaError_t.cudaSuccess and graph is not None and int(graph):
+            self.rt.cudaGraphDestroy(graph)
+        self.clear_error()
+
+    def clear_error(self) -> None:
+        self.rt.cudaGetLastError()  # returns and resets the last (non-sticky) error
 
     def instantiate(self, graph):
         # ...WithFlags: the same signature in CUDA 11.4+ and 12 (plain cudaGraphInstantiate changed in 12)
@@ -108,14 +134,30 @@ class _PyCuda:
     name = "pycuda"
     graphs = False
 
-    def __init__(self, drv):
-        self.drv = drv
+    def __init__(self, drv, context):
+        self.drv, self.context = drv, context  # the device's primary context (pycuda.autoprimaryctx)
+        self.layout = "pycuda.driver"
 
     def _do(self, call: str, fn: Callable, *args) -> Any:
+        # the primary context is current only on the thread that imported pycuda.autoprimaryctx:
+        # make it current around every call, so any thread may use the pipeline
+        try:
+            self.context.push()
+        except self.drv.Error as e:
+            raise BuildError(f"Context.push failed: {first_line(e)}") from None
         try:
             return fn(*args)
         except self.drv.Error as e:
             raise BuildError(f"{call} failed: {first_line(e)}") from None
+        finally:
+            self.drv.Context.pop()
+
+    def device_count(self) -> int:
+        return int(self._do("Device.count", self.drv.Device.count))
+
+    def driver_version(self) -> str:
+        v = int(self._do("get_driver_version", self.drv.get_driver_version))
+        return f"{v // 1000}.{v % 1000 // 10}"
 
     def device_properties(self) -> tuple[str, str]:
         dev = self._do("Device", self.drv.Device, 0)
@@ -180,16 +222,25 @@ def api():
             except ImportError:
                 raise BuildError(MISSING) from None
             try:
-                import pycuda.autoprimaryctx  # noqa: F401  retains and pushes the primary context
+                import pycuda.autoprimaryctx as primary  # retains the primary context (current on this thread)
             except Exception as e:  # pycuda.driver.Error: no device or driver
                 raise BuildError(f"pycuda cannot open the GPU ({first_line(e)})") from None
-            _API = _PyCuda(drv)
+            _API = _PyCuda(drv, primary.context)
     return _API
 
 
 def device_properties() -> tuple[str, str]:
     """(name, compute capability "major.minor") of device 0."""
     return api().device_properties()
+
+
+def device_count() -> int:
+    return api().device_count()
+
+
+def driver_version() -> str:
+    """The CUDA version the driver supports, "major.minor"."""
+    return api().driver_version()
 
 
 def graphs_supported() -> bool:
@@ -274,10 +325,19 @@ class CudaGraph:
         a.begin_capture(stream.raw)
         try:
             enqueue()
-        finally:  # always leave capture mode, even if the enqueue failed
-            graph = a.end_capture(stream.raw)
+        except BaseException:  # leave capture mode, drop what was captured, clear the error
+            a.end_capture_on_error(stream.raw)
+            raise
+        try:
+            graph = a.end_capture(stream.raw)  # fails if the capture was invalidated
+        except BuildError:
+            a.clear_error()
+            raise
         try:
             return cls(a.instantiate(graph))
+        except BuildError:
+            a.clear_error()
+            raise
         finally:
             a.destroy_graph(graph)
 

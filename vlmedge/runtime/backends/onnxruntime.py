@@ -11,6 +11,13 @@
   exists onnxruntime refuses any session in the process that asks for its own threads.
 - `prepare()` binds a graph's fixed inputs once (cross-attention K/V and the mask for every
   decoding step); each call then binds only what changed.
+- onnxruntime is not a hard dependency (`vlmedge[cpu]` installs onnxruntime, `vlmedge[gpu]`
+  onnxruntime-gpu; both provide the same module, so the one installed last wins): which package was
+  found and which providers run is one line (`summary`); without any, one line says what to install.
+- TensorRT provider: the bundle's precision is enabled (FP16, INT8) and explicit profiles come from
+  the manifest. The provider needs a profile for every dynamic input of every TensorRT subgraph it
+  carves out; when it refuses the manifest's, the graph is opened without explicit profiles (engines
+  sized from the shapes seen), and if that fails too, on the next provider; one line says so.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from typing import Any, Collection, Mapping
 
 import numpy as np
 
-from vlmedge.errors import BundleError, InputError, first_line
+from vlmedge.errors import BundleError, DependencyError, InputError, first_line
 from vlmedge.runtime.bundle import Bundle
+
+INSTALL_HINT = ("onnxruntime is not installed: pip install 'vlmedge[cpu]' (CPU), or 'vlmedge[gpu]' for "
+                "onnxruntime-gpu (NVIDIA GPUs; on Jetson, JetPack's onnxruntime-gpu: see docs/jetson.md)")
+DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
 
 _PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -34,12 +45,56 @@ def _stderr(msg: str) -> None:
     print(f"vlmedge: {msg}", file=sys.stderr)
 
 
-def tensorrt_provider_options(bundle: Bundle, graph: str, cache_dir: str | None = None) -> dict[str, str]:
-    """TensorRT EP options for one graph: profile shapes from the manifest, and an engine and timing
-    cache beside the bundle (engines are built on the first run and reused)."""
+def import_onnxruntime():
+    """The onnxruntime module; DependencyError naming what to install if there is none."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DependencyError(INSTALL_HINT) from None
+    return onnxruntime
+
+
+def installed_distributions() -> dict[str, str]:
+    """Packages that provide the `onnxruntime` module, with their versions (more than one clash)."""
+    from importlib import metadata
+
+    found = {}
+    for name in DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def clash(found: dict[str, str]) -> str | None:
+    """A one-line warning when several onnxruntime packages share the module (the last installed wins)."""
+    if len(found) < 2:
+        return None
+    names = " ".join(found)
+    gpu = "onnxruntime-gpu" if "onnxruntime-gpu" in found else next(n for n in found if n != "onnxruntime")
+    return (f"{', '.join(found)} are all installed and share one module, so the last one installed wins; "
+            f"keep one: pip uninstall -y {names} && pip install {gpu}")
+
+
+def summary(ort, providers: list[str]) -> str:
+    """Which onnxruntime was found and which providers a session uses, in one line."""
+    found = installed_distributions()
+    package = ", ".join(f"{n} {v}" for n, v in found.items()) or f"onnxruntime {ort.__version__}"
+    return (f"onnxruntime: {package} ({ort.__file__.rsplit('/', 2)[0] if ort.__file__ else '?'}); "
+            f"providers {', '.join(providers)}")
+
+
+def tensorrt_provider_options(bundle: Bundle, graph: str, cache_dir: str | None = None,
+                              profiles: bool = True) -> dict[str, str]:
+    """TensorRT EP options for one graph: the bundle's precision, profile shapes from the manifest
+    (unless `profiles` is False), and an engine and timing cache beside the bundle (engines are built
+    on the first run and reused)."""
     from vlmedge.tensorrt.profiles import graph_profile, ort_tensorrt_options
 
-    return ort_tensorrt_options(graph_profile(bundle.manifest, graph), cache_dir or str(bundle.path / ".trt-cache"))
+    return ort_tensorrt_options(graph_profile(bundle.manifest, graph) if profiles else None,
+                                cache_dir or str(bundle.path / ".trt-cache"),
+                                bundle.manifest.precision.get("dtype", "float32"))
 
 
 def providers_for(device: str, available: Collection[str], warn=_stderr) -> list[str]:
@@ -49,7 +104,8 @@ def providers_for(device: str, available: Collection[str], warn=_stderr) -> list
     wanted = _PROVIDERS[device]
     chosen = [p for p in wanted if p in available]
     if chosen[0] != wanted[0]:
-        hint = "install onnxruntime-gpu (onnxruntime-gpu for Jetson from the JetPack index)" if device != "cpu" else ""
+        hint = ("install onnxruntime-gpu: pip install 'vlmedge[gpu]' (on Jetson, JetPack's onnxruntime-gpu, "
+                "see docs/jetson.md)") if device != "cpu" else ""
         warn(f"{wanted[0]} is not available in this onnxruntime ({', '.join(available)}); "
              f"running on {chosen[0]}. {hint}".strip())
     return chosen
@@ -102,10 +158,11 @@ class _Runner:
 class OrtBackend:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None, warn=None,
                  shared_threads: bool = False):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self._ort = ort
         warn = warn or _stderr
+        if device != "cpu" and (message := clash(installed_distributions())):
+            warn(message)
         chosen = providers_for(device, ort.get_available_providers(), warn)
         first = chosen[0]
         opts = ort.SessionOptions()
@@ -115,23 +172,42 @@ class OrtBackend:
         elif threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
+        refused: dict[str, str] = {}  # graph -> what happened to the TensorRT provider's profiles
         for name in bundle.manifest.graphs:
-            path = bundle.graph_path(name)
-            providers: list = [(p, tensorrt_provider_options(bundle, name)) if p == "TensorrtExecutionProvider" else p
-                               for p in chosen]
-            try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
-            except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-                raise BundleError(f"{path}: onnxruntime cannot load this graph ({first_line(e)})") from None
+            self.sessions[name] = self._session(bundle, name, opts, chosen, refused)
+        if refused:
+            first_error = next(iter(refused.values()))
+            warn(f"TensorRT provider refused the manifest's profiles for {', '.join(refused)} ({first_error}); "
+                 "they run with engines sized from the shapes seen, or on the next provider")
         used = self.sessions["decoder_step"].get_providers()[0]
-        if used != first:
+        if used != first and not refused:  # (a refusal was said already)
             warn(f"{first} could not be initialised (see onnxruntime's log); running on {used}")
         self.name = f"onnxruntime/{used}"
+        self.summary = summary(ort, self.sessions["decoder_step"].get_providers())
         self.device = "cpu" if used == "CPUExecutionProvider" else "cuda"
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         # host arrays are cast to what each graph declares (an FP16 bundle may take float16 inputs)
         self._dtypes = {(n, i.name): _NP_TYPES.get(i.type) for n, s in self.sessions.items() for i in s.get_inputs()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+
+    def _session(self, bundle: Bundle, name: str, opts, chosen: list[str], refused: dict[str, str]):
+        """One graph's session; with the TensorRT provider, explicit profiles first, then none, then
+        the providers after it (each failure noted in `refused`)."""
+        path, ort = str(bundle.graph_path(name)), self._ort
+        attempts: list[list] = []
+        if "TensorrtExecutionProvider" in chosen:
+            for profiles in (True, False):
+                attempts.append([(p, tensorrt_provider_options(bundle, name, profiles=profiles))
+                                 if p == "TensorrtExecutionProvider" else p for p in chosen])
+        rest = [p for p in chosen if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+        attempts.append(rest)
+        for i, providers in enumerate(attempts):
+            try:
+                return ort.InferenceSession(path, opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+                if i == len(attempts) - 1:
+                    raise BundleError(f"{path}: onnxruntime cannot load this graph ({first_line(e)})") from None
+                refused.setdefault(name, first_line(e))
 
     def _bind_input(self, binding, graph: str, name: str, value: Any) -> None:
         if isinstance(value, np.ndarray):

@@ -25,7 +25,8 @@ allocated once.
   sequence of a batch size on, every step replays; beam reordering picks either parity, both
   captured. At most MAX_CUDA_GRAPHS are kept, for the backend's lifetime; sets beyond run plainly.
   The encoders and decoder_init run once per sequence and are not captured. A failed capture says
-  so and turns CUDA graphs off.
+  so in one line, is cleaned up (cuda.CudaGraph.capture), turns CUDA graphs off and the step runs
+  plainly. `graph_launches` counts replays (the GPU tests check that graphs did replay).
 - Calls are serialised by a lock: a Pipeline shared by threads runs one graph at a time.
 """
 
@@ -39,12 +40,11 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
+from vlmedge import tensorrt_import
 from vlmedge.errors import BuildError, InputError, first_line
 from vlmedge.runtime.backends import cuda
 from vlmedge.runtime.bundle import AxisRange, GraphSpec, Manifest, TensorSpec
 
-INSTALL_HINT = ("TensorRT's Python package is not installed: on Jetson use JetPack's system TensorRT "
-                "(a venv with --system-site-packages); on x86, pip install tensorrt")
 MAX_CUDA_GRAPHS = 256  # captured decoder_step graphs kept (each holds an execution context)
 
 Dims = tuple[int, ...]
@@ -52,15 +52,6 @@ Dims = tuple[int, ...]
 
 def _stderr(msg: str) -> None:
     print(f"vlmedge: {msg}", file=sys.stderr)
-
-
-def _import_tensorrt():
-    try:
-        import tensorrt
-    except (ImportError, OSError) as e:  # OSError: a wheel whose libnvinfer cannot be loaded
-        detail = "" if isinstance(e, ModuleNotFoundError) else f" ({first_line(e)})"
-        raise BuildError(INSTALL_HINT + detail) from None
-    return tensorrt
 
 
 # -- shape bookkeeping (pure) -------------------------------------------------------------------
@@ -76,10 +67,13 @@ def volume(dims: Sequence[int]) -> int:
 def axis_limits(inputs: Sequence[TensorSpec], input_max: Mapping[str, Sequence[int]],
                 axes: Mapping[str, AxisRange]) -> dict[str, int]:
     """Largest size of every named axis: as the engine's profile allows for the axes its inputs
-    use (a build may narrow the manifest's ranges), else the manifest's `axes` maximum."""
+    use (a build may narrow the manifest's ranges), else the manifest's `axes` maximum. An input
+    the engine left out (one its family ignores) has no profile and is skipped."""
     limits = {name: r.max for name, r in axes.items()}
     seen: dict[str, int] = {}
     for t in inputs:
+        if t.name not in input_max:
+            continue
         for d, m in zip(t.shape, input_max[t.name]):
             if isinstance(d, str):
                 seen[d] = max(seen.get(d, 0), int(m))
@@ -264,7 +258,7 @@ class TensorRTBackend:
 
     def __init__(self, engine_dir: Path, engines: dict, manifest: Manifest, warn: Callable[[str], None] | None = None,
                  cuda_graph: bool = False):
-        trt = _import_tensorrt()  # first: its absence is the likeliest problem and the clearest message
+        trt = tensorrt_import.load()  # first: its absence is the likeliest problem and the clearest message
         self.warn = warn or _stderr
         self.name = f"tensorrt/{trt.__version__}"
         self.stream = cuda.Stream()  # also sets up CUDA (PyCUDA: the primary context) before TensorRT runs
@@ -280,6 +274,7 @@ class TensorRTBackend:
                 raise BuildError(f"{root / 'engines.json'}: graph {g!r} is not in the bundle's manifest")
             self.engines[g] = _Engine(trt, self._runtime, g, root / entry["file"], manifest.graphs[g], manifest.axes)
         self._graphs: dict[tuple, tuple[Any, cuda.CudaGraph]] | None = None  # decoder_step: key -> (context, graph)
+        self.graph_launches = 0  # decoder steps replayed from a captured CUDA graph
         if cuda_graph:
             if cuda.graphs_supported():
                 self._graphs = {}
@@ -364,6 +359,7 @@ class TensorRTBackend:
             return _run(e.context, e.name, self.stream)
         key = graph_key(tensors)
         if key in graphs:
+            self.graph_launches += 1
             return graphs[key][1].launch(self.stream)
         if len(graphs) >= MAX_CUDA_GRAPHS:
             return _run(e.context, e.name, self.stream)
@@ -373,10 +369,10 @@ class TensorRTBackend:
             _run(ctx, e.name, self.stream)  # this call's result; the enqueue TensorRT wants before a capture
             self.stream.synchronize()
             graphs[key] = (ctx, cuda.CudaGraph.capture(self.stream, lambda: _run(ctx, e.name, self.stream)))
-        except BuildError as err:
+        except BuildError as err:  # the capture is closed and its error cleared (CudaGraph.capture)
             self.warn(f"decoder_step could not be captured as a CUDA graph ({err}); running without CUDA graphs")
             self._graphs = None
-            _run(e.context, e.name, self.stream)
+            _run(e.context, e.name, self.stream)  # the main context is bound to this call's tensors
 
 
 def _bind(ctx, graph: str, tensors: Mapping[str, DeviceValue], inputs: Collection[str]) -> None:

@@ -1,0 +1,281 @@
+"""`make gpu-check` (`python -m vlmedge.gpucheck`): one command that proves the GPU path on a machine.
+
+1. `vlmedge doctor`: what is installed and what each device would use.
+2. The built-in `shapes-vlm` bundle in FP32, FP16 and INT8 (exported and quantized once on the CPU,
+   cached beside the built-in bundle as `vlmedge demo` caches them).
+3. The reference: CPU FP32 tokens for test scenes (a caption and an answer each).
+4. Per precision, every GPU runtime: native TensorRT engines (built here, with a shared timing
+   cache) without and with CUDA graphs, ONNX Runtime's CUDA provider and its TensorRT provider.
+   Each is checked against the reference: FP32 and FP16 tokens equal, or at least 99% identical with
+   the differences listed; INT8 within the bundle's accuracy budget (VQA accuracy and BLEU-4 on test
+   scenes against CPU FP32). Latency per stage at batch 1 (median).
+
+A part that cannot run here (no GPU, no TensorRT, no onnxruntime-gpu, no torch to export) is
+reported as not run with its reason in one line, and the rest goes on. The exit status is 1 only if
+a part that ran failed. Everything is written to `--out` (gpu-check.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vlmedge.errors import VlmedgeError, first_line
+
+PRECISIONS = ("fp32", "fp16", "int8")
+RUNTIMES = ("tensorrt", "tensorrt+cuda-graphs", "ort-cuda", "ort-tensorrt")
+AGREEMENT = 0.99  # FP32 / FP16: share of identical token sequences needed when not all are equal
+
+
+class NotRun(Exception):
+    """A part that cannot run on this machine; the message says why."""
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+class Check:
+    """The parts run so far, each {name, status, reason, seconds, ...}."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, Any]] = []
+
+    def part(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        try:
+            detail = fn()
+            status, reason = detail.pop("status", "ok"), detail.pop("reason", "")
+        except NotRun as e:
+            detail, status, reason = {}, "not run", str(e)
+        except VlmedgeError as e:
+            detail, status, reason = {}, "failed", str(e)
+        except Exception as e:  # an unexpected failure of one part must not stop the others
+            detail, status, reason = {}, "failed", f"{type(e).__name__}: {first_line(e)}"
+        seconds = round(time.perf_counter() - t0, 2)
+        self.parts.append({"name": name, "status": status, "reason": reason, "seconds": seconds, **detail})
+        _say(f"[{status}] {name} ({seconds:.1f} s){': ' + reason if reason else ''}")
+        return detail if status == "ok" or (status == "failed" and detail) else None
+
+
+def _latency(pipe, image, runs: int = 20) -> dict[str, float]:
+    """Median ms per stage of a batch-1 caption, after two warm-up calls."""
+    from vlmedge.runtime.decoding import Timings
+
+    ts = []
+    for i in range(runs + 2):
+        t = Timings()
+        pipe.caption(image, timings=t)
+        if i >= 2:
+            ts.append(t)
+    med = lambda xs: round(statistics.median(xs) * 1000, 3) if xs else None  # noqa: E731
+    return {"preprocess_ms": med([t.preprocess for t in ts]), "vision_encoder_ms": med([t.encoder for t in ts]),
+            "first_token_ms": med([t.first_token for t in ts]), "per_token_ms": med([x for t in ts for x in t.tokens]),
+            "caption_ms": med([t.total for t in ts]), "tokens": len(ts[0].tokens) + 1}
+
+
+def _outputs(pipe, world) -> dict[str, list]:
+    images, questions = world
+    caps = pipe.caption(images, return_ids=True)
+    ans = pipe.vqa(images, questions, return_ids=True)
+    return {"captions": [(g.text, list(g.ids)) for g in caps], "answers": [(g.text, list(g.ids)) for g in ans]}
+
+
+def _agreement(got: dict[str, list], ref: dict[str, list]) -> dict[str, Any]:
+    """Share of identical token sequences, and the first differences (what was expected, what came)."""
+    same, total, diffs = 0, 0, []
+    for kind in ("captions", "answers"):
+        for i, (g, r) in enumerate(zip(got[kind], ref[kind])):
+            total += 1
+            if g[1] == r[1]:
+                same += 1
+            elif len(diffs) < 8:
+                diffs.append({"kind": kind, "index": i, "cpu_fp32": r[0], "here": g[0]})
+    return {"identical": same, "total": total, "agreement": round(same / max(1, total), 4), "differences": diffs}
+
+
+def _quiet() -> None:
+    """The exporter's and quantizer's warnings are nothing a user of this check can act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TORCH_LOGS", "-all")
+    for name in ("torch", "torch.onnx", "torch.export", "onnxscript", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vlmedge.gpucheck", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("gpu-check.json"), help="the JSON report")
+    ap.add_argument("--work", type=Path, default=None, help="engines and caches (default: beside the built-in bundle)")
+    ap.add_argument("--scenes", type=int, default=64, help="test scenes whose tokens are compared")
+    ap.add_argument("--eval-scenes", type=int, default=200, help="test scenes for the INT8 accuracy budget")
+    args = ap.parse_args(argv)
+
+    import vlmedge
+    from vlmedge.doctor import diagnose, gpu_gates, print_report
+
+    _quiet()
+    check = Check()
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {"vlmedge": vlmedge.__version__}
+    doctor = check.part("doctor", lambda: {"report": diagnose()})
+    report["doctor"] = doctor["report"] if doctor else None
+    if doctor:
+        from vlmedge.console import console
+
+        print_report(doctor["report"], console)
+    gates = gpu_gates()
+    gate = {"tensorrt": gates["tensorrt"], "tensorrt+cuda-graphs": gates["tensorrt"], "ort-cuda": gates["ort_cuda"],
+            "ort-tensorrt": gates["ort_tensorrt"]}
+    any_gpu = any(v is None for v in gate.values())
+
+    bundles: dict[str, Path] = {}
+
+    def make_bundles() -> dict[str, Any]:
+        from vlmedge.runtime.pipeline import resolve_bundle
+
+        fp32 = resolve_bundle("shapes-vlm", lambda n, p: _say(f"  exporting {n} once, to {p}")).path
+        bundles["fp32"] = fp32
+        for precision in ("fp16", "int8"):
+            path = fp32.with_name(f"{fp32.name}-{precision}")
+            if not (path / "manifest.json").is_file():
+                import logging
+
+                from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
+
+                _say(f"  making the {precision} variant once, to {path}")
+                logging.getLogger().setLevel(logging.ERROR)
+                quantize_bundle(fp32, path, QuantizeOptions(precision, force=True), log=lambda s: None)
+            bundles[precision] = path
+        return {"bundles": {k: str(v) for k, v in bundles.items()}}
+
+    check.part("bundles: shapes-vlm FP32, FP16, INT8 (CPU; made once, then cached)", make_bundles)
+    work = args.work or (bundles["fp32"].parent / "gpu-check" if bundles else Path(tempfile.gettempdir()) / "vlmedge-gpu-check")
+
+    state: dict[str, Any] = {}
+
+    def reference() -> dict[str, Any]:
+        if not bundles:
+            raise NotRun("no bundles (see above)")
+        from vlmedge.data.scenes import pick_questions, scenes
+        from vlmedge.runtime.pipeline import Pipeline
+        from vlmedge.runtime.bundle import load_bundle
+
+        scs = list(scenes("test", 0, args.scenes))
+        state["world"] = ([s.image for s in scs], [pick_questions(s)[0].text for s in scs])
+        cpu = Pipeline(load_bundle(bundles["fp32"]), "cpu")
+        state["ref"] = _outputs(cpu, state["world"])
+        out: dict[str, Any] = {"scenes": args.scenes, "latency": _latency(cpu, state["world"][0][0])}
+        if any_gpu:
+            from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
+
+            state["es"] = evaluation_set("test", args.eval_scenes)
+            state["ref_eval"] = evaluate_pipeline(cpu, state["es"])
+            out["accuracy"] = {"vqa_accuracy": state["ref_eval"]["vqa"]["accuracy"],
+                               "bleu4": state["ref_eval"]["caption"]["bleu4"]}
+        return out
+
+    check.part("reference: CPU FP32 tokens and latency", reference)
+    engines: dict[str, Path] = {}
+
+    def build(precision: str) -> dict[str, Any]:
+        from vlmedge.tensorrt.builder import BuildOptions, build_engines
+
+        if gates["tensorrt"]:
+            raise NotRun(gates["tensorrt"])
+        if precision not in bundles:
+            raise NotRun("no bundle (see above)")
+        cache = work / "timing.cache"
+        reused = cache.is_file()
+        out = work / f"engines-{precision}"
+        em = build_engines(bundles[precision], out, BuildOptions(timing_cache=cache, force=True))
+        engines[precision] = out
+        return {"engines": str(out), "timing_cache_reused": reused, "timing_cache_bytes": cache.stat().st_size
+                if cache.is_file() else 0, "tensorrt": em["tensorrt"], "gpu": em["gpu"]}
+
+    def run(precision: str, runtime: str) -> dict[str, Any]:
+        import vlmedge as v
+
+        if gate[runtime]:
+            raise NotRun(gate[runtime])
+        if "ref" not in state:
+            raise NotRun("no CPU reference (see above)")
+        warnings: list[str] = []
+        if runtime.startswith("tensorrt"):
+            if precision not in engines:
+                raise NotRun("no engines (see the build above)")
+            from vlmedge.runtime.backends.tensorrt import TensorRTBackend
+
+            pipe = v.load(engines[precision], warn=warnings.append)
+            if runtime.endswith("cuda-graphs"):
+                em = json.loads((engines[precision] / "engines.json").read_text())
+                pipe.backend = TensorRTBackend(engines[precision], em, pipe.manifest, warn=warnings.append,
+                                               cuda_graph=True)
+        else:
+            device = "cuda" if runtime == "ort-cuda" else "tensorrt"
+            pipe = v.load(bundles[precision], device=device, warn=warnings.append)
+            want = "CUDAExecutionProvider" if device == "cuda" else "TensorrtExecutionProvider"
+            if pipe.backend.name != f"onnxruntime/{want}":
+                return {"status": "failed", "reason": f"ran on {pipe.backend.name}, not {want}", "warnings": warnings}
+        got = _outputs(pipe, state["world"])
+        agree = _agreement(got, state["ref"])
+        out: dict[str, Any] = {"backend": pipe.backend.name, "tokens": agree, "warnings": warnings}
+        if runtime.endswith("cuda-graphs"):
+            out["cuda_graph_replays"] = pipe.backend.graph_launches  # so far: the token check's captions and answers
+        out["latency"] = _latency(pipe, state["world"][0][0])
+        if precision == "int8":
+            from vlmedge.evaluation.scene_eval import evaluate_pipeline
+
+            budget = json.loads((bundles["int8"] / "manifest.json").read_text())["precision"]["accuracy"]["budget"]
+            r = evaluate_pipeline(pipe, state["es"])
+            ref = state["ref_eval"]
+            drop = {"vqa_accuracy": round(ref["vqa"]["accuracy"] - r["vqa"]["accuracy"], 4),
+                    "bleu4": round(ref["caption"]["bleu4"] - r["caption"]["bleu4"], 4)}
+            out["accuracy_drop"], out["budget"] = drop, budget
+            if drop["vqa_accuracy"] > budget["vqa_accuracy"] or drop["bleu4"] > budget["bleu4"]:
+                out.update(status="failed", reason=f"over budget: VQA accuracy -{drop['vqa_accuracy']}, "
+                                                   f"BLEU-4 -{drop['bleu4']} (budget {budget})")
+        elif agree["agreement"] < 1 and agree["agreement"] < AGREEMENT:
+            out.update(status="failed", reason=f"{agree['identical']}/{agree['total']} token sequences equal CPU FP32's "
+                                               f"(needed {AGREEMENT:.0%}); first differences: {agree['differences'][:2]}")
+        elif agree["agreement"] < 1:
+            out["reason"] = f"{agree['identical']}/{agree['total']} equal; differences listed in the report"
+        if runtime.endswith("cuda-graphs") and not out.get("status") and not out["cuda_graph_replays"]:
+            out.update(status="failed", reason="no decoder step was replayed from a CUDA graph "
+                                               f"({'; '.join(warnings) or 'no warning given'})")
+        return out
+
+    for precision in PRECISIONS:
+        check.part(f"{precision}: build TensorRT engines", lambda p=precision: build(p))
+        for runtime in RUNTIMES:
+            check.part(f"{precision}: {runtime}", lambda p=precision, r=runtime: run(p, r))
+
+    report["parts"] = check.parts
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["hardware_evidence"] = any(p["status"] == "ok" and ":" in p["name"] and "build" not in p["name"]
+                                      and not p["name"].startswith(("bundles", "reference")) for p in check.parts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, args.out)
+    counts = {s: sum(p["status"] == s for p in check.parts) for s in ("ok", "not run", "failed")}
+    _say(f"gpu-check: {counts['ok']} ok, {counts['not run']} not run, {counts['failed']} failed "
+         f"in {report['seconds']:.0f} s; written to {args.out}")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
