@@ -92,6 +92,8 @@ MANIFESTS = [
     ("bool-for-int", _set("tasks.caption.eos_id", True), "load", "tasks.caption.eos_id"),
     ("deep-nesting", _raw('{"provenance": ' + DEEP + "}"), "load", "nested too deeply"),
     ("nested-free-part", _set("provenance.x", json.loads("[" * 100 + "]" * 100)), "load", "provenance"),
+    ("nested-unknown-field", _set("precision.calibration", json.loads("[" * 100 + "]" * 100)), "load",
+     "precision.calibration: nested deeper than 32 levels"),
     ("not-an-object", _raw("[1, 2, 3]"), "load", "expected an object"),
     ("bad-resample", _set("preprocessing.resample", "fancy"), "load", "preprocessing.resample"),
     ("bad-mean-length", _set("preprocessing.mean", [0.5, 0.5]), "load", "preprocessing.mean"),

@@ -108,7 +108,7 @@ _TENSOR = Obj({
     "shape": List(Either((int, Int(1, DIM_MAX)), (str, Str(max_len=64, what="an axis name")),
                          what="a positive int or an axis name"), min_len=0, max_len=8),
 })
-_GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 4096), "outputs": List(_TENSOR, 1, 4096)})
+_GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)})
 _IDS = Int(0, VOCAB_MAX - 1)
 _TASK = Obj({
     "encoder": Str(choices=("vision_encoder", "text_encoder")),
