@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--bundle", default="shapes-vlm")
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--calls", type=int, default=500, help="calls per thread")
-    ap.add_argument("--warmup", type=int, default=30, help="calls per thread before the first RSS reading")
+    ap.add_argument("--warmup", type=int, default=100, help="calls per thread before the first RSS reading")
     ap.add_argument("--budget-mb", type=float, default=5.0)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
