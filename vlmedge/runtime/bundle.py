@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from vlmedge.errors import BundleError, first_line, read_json
 from vlmedge.runtime.schema import Either, Free, Int, Invalid, List, Map, Num, Obj, Str, show
@@ -251,7 +251,7 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
 
 _ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
-IO = Iterable[tuple[str, str, Sequence[Any]]]  # (name, dtype, shape) as a backend reports them
+IO = Iterable[Any]  # (name, dtype, shape) tuples, or objects with .name .type .shape (onnxruntime's NodeArg)
 
 
 def check_graph_io(where: str, graph: str, spec: GraphSpec, inputs: IO, outputs: IO,
@@ -263,6 +263,7 @@ def check_graph_io(where: str, graph: str, spec: GraphSpec, inputs: IO, outputs:
     `unused_inputs_ok`: the graph may lack inputs its family ignores (TensorRT drops them)."""
     for kind, declared, actual in (("inputs", spec.inputs, list(inputs)), ("outputs", spec.outputs, list(outputs))):
         want = {t.name: t for t in declared}
+        actual = [t if isinstance(t, tuple) else (t.name, t.type, t.shape) for t in actual]
         got = {name: (_ONNX_TYPES.get(str(dtype), str(dtype)), tuple(shape)) for name, dtype, shape in actual}
         extra = sorted(set(got) - set(want))
         missing = sorted(set(want) - set(got)) if kind == "outputs" or not unused_inputs_ok else []

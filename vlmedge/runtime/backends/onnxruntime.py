@@ -123,8 +123,8 @@ class OrtBackend:
                 self.sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
                 raise BundleError(f"{path}: onnxruntime cannot load this graph ({first_line(e)})") from None
-            io = [[(t.name, t.type, t.shape) for t in ts] for ts in (self.sessions[name].get_inputs(), self.sessions[name].get_outputs())]
-            check_graph_io(str(path), name, bundle.manifest.graphs[name], *io, axes=bundle.manifest.axes)
+            s = self.sessions[name]
+            check_graph_io(str(path), name, bundle.manifest.graphs[name], s.get_inputs(), s.get_outputs(), bundle.manifest.axes)
         used = self.sessions["decoder_step"].get_providers()[0]
         if used != first:
             warn(f"{first} could not be initialised (see onnxruntime's log); running on {used}")
