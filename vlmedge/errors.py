@@ -41,14 +41,23 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def read_json(path, error: type[VlmedgeError]):
-    """Parse a JSON file; a file that is not JSON raises `error` naming it."""
+def read_json(path, error: type[VlmedgeError], max_bytes: int = 64 << 20):
+    """Parse a JSON file; a file that is not JSON, too large or nested too deeply raises `error` naming it."""
     import json
 
     try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size:,} bytes, over the limit of {max_bytes:,} for this file")
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
+    except MemoryError:
+        raise error(f"{path}: too large to read into memory") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or first_line(e)})") from None
 
 
 class DependencyError(VlmedgeError):

@@ -9,7 +9,7 @@ import pytest
 
 from vlmedge.cli import main
 from vlmedge.errors import BuildError, InputError
-from vlmedge.runtime.bundle import AxisRange, load_bundle
+from vlmedge.runtime.bundle import AxisRange, load_bundle, sha256_file
 from vlmedge.tensorrt.engines import check_engine_manifest, read_engine_manifest, write_engine_manifest
 from vlmedge.tensorrt.profiles import graph_profile, ort_tensorrt_options, parse_overrides, profiles
 
@@ -61,7 +61,7 @@ def test_ort_tensorrt_ep_options(bundles, tmp_path):
 def _engine_manifest(m, **over):
     em = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"},
           "flags": {"version_compatible": False, "hardware_compatible": False},
-          "graphs": {g: {"file": f"{g}.plan", "source_sha256": s.sha256} for g, s in m.graphs.items()}}
+          "graphs": {g: {"file": f"{g}.plan", "sha256": "0" * 64, "source_sha256": s.sha256} for g, s in m.graphs.items()}}
     em.update(over)
     return em
 
@@ -125,7 +125,11 @@ def test_an_engine_directory_without_tensorrt_is_one_clear_error(bundles, tmp_pa
     for f in ("manifest.json", "tokenizer.json"):
         shutil.copy2(src / f, d / f)
     m = load_bundle(src).manifest
-    write_engine_manifest(d, _engine_manifest(m))
+    em = _engine_manifest(m)
+    for g, e in em["graphs"].items():  # stand-in plans with their hashes: the directory is sound
+        (d / e["file"]).write_bytes(g.encode())
+        e["sha256"] = sha256_file(d / e["file"])
+    write_engine_manifest(d, em)
     img = tmp_path / "x.png"
     from vlmedge.data.scenes import scenes
 

@@ -272,6 +272,9 @@ class FakeEngine:
     def get_tensor_dtype(self, name):
         return np.dtype(self.specs[name].dtype)
 
+    def get_tensor_shape(self, name):  # -1: a dynamic dimension, as TensorRT reports it
+        return tuple(d if isinstance(d, int) else -1 for d in self.specs[name].shape)
+
     def get_tensor_profile_shape(self, name, profile):
         axes = self.fake.bundle.manifest.axes
         return [tuple(d if isinstance(d, int) else getattr(axes[d], k) for d in self.specs[name].shape)
@@ -589,12 +592,14 @@ def test_engine_directory_problems_are_build_errors(fake):
 def test_an_engine_directory_opens_through_vlmedge_load(fake, ort_pipe, world, monkeypatch):
     import shutil
 
+    from vlmedge.runtime.bundle import sha256_file
     from vlmedge.tensorrt.engines import write_engine_manifest
 
     bundle = ort_pipe.bundle
     shutil.copy2(bundle.path / "manifest.json", fake.dir)
     shutil.copy2(bundle.tokenizer_path, fake.dir)
-    graphs = {g: {"file": f"{g}.plan", "source_sha256": spec.sha256} for g, spec in fake.manifest.graphs.items()}
+    graphs = {g: {"file": f"{g}.plan", "sha256": sha256_file(fake.dir / f"{g}.plan"), "source_sha256": spec.sha256}
+              for g, spec in fake.manifest.graphs.items()}
     em = {"tensorrt": "10.3.0", "gpu": {"name": "Fake GPU", "compute_capability": "8.7"}, "flags": {}, "graphs": graphs}
     write_engine_manifest(fake.dir, em)
     pipe = vlmedge.load(fake.dir, device="tensorrt")

@@ -3,8 +3,14 @@
 The manifest is everything the runtime, calibration and the TensorRT builder need to use the
 graphs without knowing the model family: per graph its file, hash, inputs and outputs (dtypes,
 named dynamic axes), min/opt/max of every axis, preprocessing, tokenizer ids, task recipes,
-precision, provenance and the export's validation results. Loading checks the schema version,
-that every file exists and that its sha256 matches.
+precision, provenance and the export's validation results.
+
+A bundle is untrusted input, checked like a request body before anything reads it: the manifest
+against a schema (vlmedge.runtime.schema: every field typed and ranged, axis ranges bounded), its
+cross-field rules (axes defined, the tensor names and ranks the decoding loop uses, token ids
+within the vocabulary), every file name confined to the bundle directory (no absolute paths, no
+'..', no symlink that leads out), and every file's sha256. When a backend opens a graph,
+`check_graph_io` compares the graph's own inputs and outputs with the manifest.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
-from vlmedge.errors import BundleError, read_json
+from vlmedge.errors import BundleError, first_line, read_json
+from vlmedge.runtime.schema import Either, Free, Int, Invalid, List, Map, Num, Obj, Str, show
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -72,86 +79,214 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _need(d: dict, key: str, kind: type | tuple, where: str):
-    if key not in d:
-        raise BundleError(f"{where}: missing field {key!r}")
-    if not isinstance(d[key], kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise BundleError(f"{where}.{key}: expected {names}, got {type(d[key]).__name__}")
-    return d[key]
+# -- the manifest's schema ----------------------------------------------------------------------
+
+AXIS_MAX = 1 << 20  # largest value of any dynamic axis (batch, lengths): beyond it no profile is sane
+DIM_MAX = 1 << 24  # largest fixed dimension (a vocabulary, a hidden width)
+VOLUME_MAX = (1 << 31) - 1  # elements of one tensor at its largest shape (TensorRT indexes with int32)
+VOCAB_MAX = 1 << 22
+MANIFEST_MAX_BYTES = 16 << 20
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "box", "lanczos", "hamming")  # runtime.preprocess
+CHANNEL_ORDERS = ("RGB",)  # what runtime.preprocess produces
+SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 lowercase hex digits)")
 
 
-def _tensor(d: Any, where: str) -> TensorSpec:
-    if not isinstance(d, dict):
-        raise BundleError(f"{where}: expected an object with name, dtype and shape")
-    name = _need(d, "name", str, where)
-    dtype = _need(d, "dtype", str, where)
-    if dtype not in DTYPES:
-        raise BundleError(f"{where}.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    shape = _need(d, "shape", list, where)
-    for i, s in enumerate(shape):
-        if not (isinstance(s, str) and s) and not (isinstance(s, int) and not isinstance(s, bool) and s > 0):
-            raise BundleError(f"{where}.shape[{i}]: expected a positive int or an axis name, got {s!r}")
-    return TensorSpec(name, dtype, tuple(shape))
+def _relative_name(name: str) -> str | None:
+    """Why a file name from a manifest is not a plain path inside its directory, or None."""
+    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return f"{show(name)} is an absolute path; expected a file name inside the directory"
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return f"{show(name)} leaves the directory or is not a plain path ('..', '.', empty parts); expected a file name inside it"
+    return None
+
+
+FILE_NAME = Str(max_len=255, test=_relative_name, what="a file name")
+_TENSOR = Obj({
+    "name": Str(max_len=256, what="a tensor name"),
+    "dtype": Str(choices=DTYPES),
+    "shape": List(Either((int, Int(1, DIM_MAX)), (str, Str(max_len=64, what="an axis name")),
+                         what="a positive int or an axis name"), min_len=0, max_len=8),
+})
+_GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)})
+_IDS = Int(0, VOCAB_MAX - 1)
+_TASK = Obj({
+    "encoder": Str(choices=("vision_encoder", "text_encoder")),
+    "prompt_ids": List(_IDS, min_len=1, max_len=1024),
+    "eos_id": _IDS, "pad_id": _IDS,
+    "max_new_tokens": Int(1, AXIS_MAX),
+})
+MANIFEST_SCHEMA = Obj({
+    "schema_version": Int(0, 1 << 31),
+    "family": Str(max_len=128), "architecture": Str(max_len=256),
+    "tasks": Map(Str(choices=("caption", "vqa")), _TASK, min_len=1),
+    "dims": Obj({
+        "decoder_layers": Int(1, 1024), "decoder_heads": Int(1, 1024), "decoder_head_dim": Int(1, 4096),
+        "vocab_size": Int(1, VOCAB_MAX), "encoder_hidden": Int(1, DIM_MAX), "image_tokens": Int(1, AXIS_MAX),
+        "max_target_len": Int(2, AXIS_MAX),
+    }, {"max_question_len": Int(0, AXIS_MAX)}),
+    "graphs": Map(Str(choices=GRAPH_NAMES), _GRAPH, min_len=1),
+    "axes": Map(Str(max_len=64, what="an axis name"),
+                Obj({"min": Int(1, AXIS_MAX), "opt": Int(1, AXIS_MAX), "max": Int(1, AXIS_MAX)}), min_len=1, max_len=64),
+    "preprocessing": Obj({
+        "height": Int(1, 16384), "width": Int(1, 16384), "resample": Str(choices=RESAMPLE_FILTERS),
+        "mean": List(Num(-1e6, 1e6), 3, 3), "std": List(Num(0, 1e6, positive=True), 3, 3),
+    }, {"rescale": Num(0, 1e6, positive=True), "channel_order": Str(choices=CHANNEL_ORDERS)}),
+    "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
+    "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
+    "provenance": Free(dict),
+}, {"validation": Free(dict)})
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """present.{i}.self.key / value ..., past.{i}.self.key / value ..., cross.{i}.key / value ..."""
+    if prefix == "cross":
+        return [f"cross.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    return [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
+
+
+def canonical_io(graph: str, layers: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The inputs and outputs (name -> rank) the decoding loop feeds and reads for a graph."""
+    kv = lambda prefix: {n: 4 for n in kv_names(prefix, layers)}  # noqa: E731  (batch, heads, length, head_dim)
+    return {
+        "vision_encoder": ({"pixel_values": 4}, {"image_states": 3}),
+        "text_encoder": ({"question_ids": 2, "question_mask": 2, "image_states": 3}, {"encoder_states": 3}),
+        "decoder_init": ({"input_ids": 2, "encoder_states": 3, "encoder_mask": 2},
+                         {"logits": 2, **kv("present"), **kv("cross")}),
+        "decoder_step": ({"input_ids": 2, "encoder_mask": 2, **kv("past"), **kv("cross")}, {"logits": 2, **kv("present")}),
+    }[graph]
+
+
+def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims: dict[str, int],
+                  prep: dict[str, Any]) -> None:
+    """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes."""
+    for gname, g in graphs.items():
+        w = f"graphs.{gname}"
+        want_in, want_out = canonical_io(gname, dims["decoder_layers"])
+        for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
+            names = [t.name for t in tensors]
+            if len(set(names)) != len(names):
+                raise Invalid(f"{w}.{kind}", f"names a tensor twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+            if set(names) != set(want):
+                missing, extra = sorted(set(want) - set(names)), sorted(set(names) - set(want))
+                raise Invalid(f"{w}.{kind}", "not the tensors the decoding loop uses with dims.decoder_layers "
+                              f"{dims['decoder_layers']}: " + "; ".join(x for x in (
+                                  f"missing {', '.join(missing[:4])}" if missing else "",
+                                  f"unexpected {', '.join(extra[:4])}" if extra else "") if x))
+            for i, t in enumerate(tensors):
+                tw = f"{w}.{kind}[{i}]"
+                if len(t.shape) != want[t.name]:
+                    raise Invalid(f"{tw}.shape", f"{t.name} has rank {len(t.shape)}, expected {want[t.name]}")
+                volume = 1
+                for j, s in enumerate(t.shape):
+                    if isinstance(s, str) and s not in axes:
+                        raise Invalid(f"{tw}.shape[{j}]", f"axis {s!r} is not defined in axes")
+                    volume *= axes[s].max if isinstance(s, str) else s
+                if volume > VOLUME_MAX:
+                    raise Invalid(f"{tw}.shape", f"{t.name} has {volume:,} elements at its largest shape, "
+                                  f"over {VOLUME_MAX:,}; the axes ranges are too large")
+                if t.name == "logits" and isinstance(t.shape[-1], int) and t.shape[-1] != dims["vocab_size"]:
+                    raise Invalid(f"{tw}.shape[1]", f"logits has {t.shape[-1]} entries, but dims.vocab_size is {dims['vocab_size']}")
+                if t.name == "pixel_values":
+                    want_shape = (3, prep["height"], prep["width"])
+                    for j, (s, expect) in enumerate(zip(t.shape[1:], want_shape), start=1):
+                        if isinstance(s, int) and s != expect:
+                            raise Invalid(f"{tw}.shape[{j}]", f"pixel_values is {t.shape[1:]}, but preprocessing makes "
+                                          f"(3, {prep['height']}, {prep['width']})")
+
+
+def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dict[str, int]) -> None:
+    vocab = dims["vocab_size"]
+    for tname, t in tasks.items():
+        w = f"tasks.{tname}"
+        if tname == "vqa" and t["encoder"] != "text_encoder":
+            raise Invalid(f"{w}.encoder", "vqa runs through the text_encoder graph")
+        needed = ["vision_encoder", "decoder_init", "decoder_step"] + (["text_encoder"] if t["encoder"] == "text_encoder" else [])
+        for n in needed:
+            if n not in graphs:
+                raise Invalid(w, f"needs graph {n!r}, which graphs does not list")
+        for i, token in enumerate(t["prompt_ids"]):
+            if token >= vocab:
+                raise Invalid(f"{w}.prompt_ids[{i}]", f"token id {token} is outside the vocabulary (dims.vocab_size {vocab})")
+        for key in ("eos_id", "pad_id"):
+            if t[key] >= vocab:
+                raise Invalid(f"{w}.{key}", f"token id {t[key]} is outside the vocabulary (dims.vocab_size {vocab})")
+        room = dims["max_target_len"] - len(t["prompt_ids"])
+        if t["max_new_tokens"] > room:
+            raise Invalid(f"{w}.max_new_tokens", f"{t['max_new_tokens']} does not fit after a {len(t['prompt_ids'])}-token "
+                          f"prompt in dims.max_target_len {dims['max_target_len']}")
 
 
 def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
-    """Check a decoded manifest against the schema; every error names the field."""
-    if not isinstance(raw, dict):
-        raise BundleError(f"{where}: expected a JSON object")
-    version = _need(raw, "schema_version", int, where)
-    if version != SCHEMA_VERSION:
-        raise BundleError(f"{where}: schema_version {version} is not supported (this vlmedge reads {SCHEMA_VERSION}); re-export the bundle")
-    graphs: dict[str, GraphSpec] = {}
-    for gname, g in _need(raw, "graphs", dict, where).items():
-        w = f"{where}: graphs.{gname}"
-        if gname not in GRAPH_NAMES:
-            raise BundleError(f"{w}: unknown graph (expected {', '.join(GRAPH_NAMES)})")
-        if not isinstance(g, dict):
-            raise BundleError(f"{w}: expected an object")
-        graphs[gname] = GraphSpec(
-            file=_need(g, "file", str, w), sha256=_need(g, "sha256", str, w),
-            inputs=tuple(_tensor(t, f"{w}.inputs[{i}]") for i, t in enumerate(_need(g, "inputs", list, w))),
-            outputs=tuple(_tensor(t, f"{w}.outputs[{i}]") for i, t in enumerate(_need(g, "outputs", list, w))),
-        )
-    axes: dict[str, AxisRange] = {}
-    for aname, a in _need(raw, "axes", dict, where).items():
-        w = f"{where}: axes.{aname}"
-        if not isinstance(a, dict):
-            raise BundleError(f"{w}: expected an object with min, opt, max")
-        r = AxisRange(_need(a, "min", int, w), _need(a, "opt", int, w), _need(a, "max", int, w))
-        if not 1 <= r.min <= r.opt <= r.max:
-            raise BundleError(f"{w}: expected 1 <= min <= opt <= max, got {r.min}, {r.opt}, {r.max}")
-        axes[aname] = r
-    for gname, g in graphs.items():
-        for t in g.inputs + g.outputs:
-            for s in t.shape:
-                if isinstance(s, str) and s not in axes:
-                    raise BundleError(f"{where}: graphs.{gname} tensor {t.name} uses axis {s!r}, which axes does not define")
-    tasks = _need(raw, "tasks", dict, where)
-    if not tasks:
-        raise BundleError(f"{where}: tasks is empty")
-    for tname, t in tasks.items():
-        w = f"{where}: tasks.{tname}"
-        if tname not in ("caption", "vqa"):
-            raise BundleError(f"{w}: unknown task (expected caption or vqa)")
-        enc = _need(t, "encoder", str, w)
-        needed = ["vision_encoder", "decoder_init", "decoder_step"] + (["text_encoder"] if enc == "text_encoder" else [])
-        for n in needed:
-            if n not in graphs:
-                raise BundleError(f"{w}: needs graph {n!r}, which graphs does not list")
-        _need(t, "prompt_ids", list, w)
-        _need(t, "eos_id", int, w)
-        _need(t, "pad_id", int, w)
-        _need(t, "max_new_tokens", int, w)
+    """Check a decoded manifest against the schema and its cross-field rules; every error is one
+    line naming the field."""
+    if isinstance(raw, dict) and "schema_version" in raw and type(raw["schema_version"]) is int \
+            and raw["schema_version"] != SCHEMA_VERSION:
+        raise BundleError(f"{where}: schema_version {raw['schema_version']} is not supported "
+                          f"(this vlmedge reads {SCHEMA_VERSION}); re-export the bundle")
+    try:
+        m = MANIFEST_SCHEMA.check(raw)
+        graphs = {n: GraphSpec(g["file"], g["sha256"], *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+                                                               for t in g[k]) for k in ("inputs", "outputs")))
+                  for n, g in m["graphs"].items()}
+        axes = {}
+        for name, a in m["axes"].items():
+            if not a["min"] <= a["opt"] <= a["max"]:
+                raise Invalid(f"axes.{name}", f"expected 1 <= min <= opt <= max, got {a['min']}, {a['opt']}, {a['max']}")
+            axes[name] = AxisRange(a["min"], a["opt"], a["max"])
+        if "batch" not in axes:
+            raise Invalid("axes.batch", "missing (every graph's first axis)")
+        _check_graphs(graphs, axes, m["dims"], m["preprocessing"])
+        _check_tasks(m["tasks"], graphs, m["dims"])
+    except Invalid as e:
+        raise BundleError(f"{where}: {e}") from None
     return Manifest(
-        family=_need(raw, "family", str, where), architecture=_need(raw, "architecture", str, where),
-        tasks=tasks, dims=_need(raw, "dims", dict, where), graphs=graphs, axes=axes,
-        preprocessing=_need(raw, "preprocessing", dict, where), tokenizer=_need(raw, "tokenizer", dict, where),
-        precision=_need(raw, "precision", dict, where), provenance=_need(raw, "provenance", dict, where),
-        validation=raw.get("validation", {}), schema_version=version,
+        family=m["family"], architecture=m["architecture"], tasks=m["tasks"], dims=m["dims"], graphs=graphs, axes=axes,
+        preprocessing=m["preprocessing"], tokenizer=m["tokenizer"], precision=m["precision"],
+        provenance=m["provenance"], validation=m.get("validation", {}), schema_version=m["schema_version"],
     )
 
+
+# -- graphs as the backends see them ------------------------------------------------------------
+
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(int8)": "int8", "tensor(uint8)": "uint8"}
+IO = Iterable[Any]  # (name, dtype, shape) tuples, or objects with .name .type .shape (onnxruntime's NodeArg)
+
+
+def check_graph_io(where: str, graph: str, spec: GraphSpec, inputs: IO, outputs: IO,
+                   axes: Mapping[str, AxisRange] | None = None, unused_inputs_ok: bool = False) -> None:
+    """Refuse a loaded graph (an ONNX Runtime session, a TensorRT engine) whose inputs or outputs
+    differ from the manifest's in name, dtype or rank, or in a fixed dimension: a graph swapped for
+    another fails here, when it is opened, not halfway through a caption. dtypes are numpy names or
+    ONNX type strings (`tensor(float)`); a dynamic dimension is a string, None or a negative int.
+    `unused_inputs_ok`: the graph may lack inputs its family ignores (TensorRT drops them)."""
+    for kind, declared, actual in (("inputs", spec.inputs, list(inputs)), ("outputs", spec.outputs, list(outputs))):
+        want = {t.name: t for t in declared}
+        actual = [t if isinstance(t, tuple) else (t.name, t.type, t.shape) for t in actual]
+        got = {name: (_ONNX_TYPES.get(str(dtype), str(dtype)), tuple(shape)) for name, dtype, shape in actual}
+        extra = sorted(set(got) - set(want))
+        missing = sorted(set(want) - set(got)) if kind == "outputs" or not unused_inputs_ok else []
+        if extra or missing:
+            what = "; ".join(x for x in (f"has {', '.join(extra[:4])} that the manifest does not declare" if extra else "",
+                                         f"lacks {', '.join(missing[:4])}" if missing else "") if x)
+            raise BundleError(f"{where}: not the graph manifest.json describes for graphs.{graph}.{kind}: it {what}")
+        for name, (dtype, shape) in got.items():
+            t = want[name]
+            field_name = f"graphs.{graph}.{kind}[{declared.index(t)}]"
+            if dtype != t.dtype:
+                raise BundleError(f"{where}: {name} is {dtype}, but manifest.json {field_name}.dtype says {t.dtype}")
+            if len(shape) != len(t.shape):
+                raise BundleError(f"{where}: {name} has rank {len(shape)}, but manifest.json {field_name}.shape "
+                                  f"{list(t.shape)} has rank {len(t.shape)}")
+            for j, (d, m) in enumerate(zip(shape, t.shape)):
+                if type(d) is not int or d < 0:
+                    continue  # dynamic in the graph
+                if isinstance(m, int) and d != m:
+                    raise BundleError(f"{where}: {name} has dimension {j} = {d}, but manifest.json {field_name}.shape says {m}")
+                if isinstance(m, str) and axes and m in axes and not axes[m].min <= d <= axes[m].max:
+                    raise BundleError(f"{where}: {name} has dimension {j} fixed at {d}, outside axes.{m} "
+                                      f"{axes[m].min}..{axes[m].max} in manifest.json")
 
 @dataclass(frozen=True)
 class Bundle:
@@ -166,23 +301,42 @@ class Bundle:
         return self.path / self.manifest.tokenizer["file"]
 
 
+def confined(root: Path, name: str, field_name: str, what: str = MANIFEST) -> Path:
+    """`root/name`, refused unless it stays inside `root` once symlinks are resolved."""
+    problem = _relative_name(name)
+    if problem:
+        raise BundleError(f"{root / what}: {field_name}: {problem}")
+    path = root / name
+    try:
+        real, base = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise BundleError(f"{path}: cannot be resolved ({first_line(e)}; named by {what} {field_name})") from None
+    if real != base and base not in real.parents:
+        raise BundleError(f"{path}: leads outside {root} (to {real}) through a symlink; refused "
+                          f"(named by {what} {field_name})")
+    return path
+
+
 def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Open a bundle directory; refuses unknown schemas, missing files and hash mismatches. A
-    TensorRT engine directory (engines.json beside the bundle's manifest and tokenizer) opens too:
-    its graphs are engines, checked when the TensorRT backend loads them."""
+    """Open a bundle directory; refuses unknown schemas, a manifest that fails its schema, files
+    outside the directory, missing files and hash mismatches. A TensorRT engine directory
+    (engines.json beside the bundle's manifest and tokenizer) opens too: its graphs are engines,
+    checked when the TensorRT backend loads them."""
     root = Path(path)
     mpath = root / MANIFEST
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory")
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing; {root} is not a vlmedge bundle")
-    manifest = parse_manifest(read_json(mpath, BundleError), str(mpath))
+    manifest = parse_manifest(read_json(mpath, BundleError, MANIFEST_MAX_BYTES), str(mpath))
     engines = (root / "engines.json").is_file()
-    files = [] if engines else [(f"graphs.{n}", g.file, g.sha256) for n, g in manifest.graphs.items()]
-    files.append(("tokenizer", manifest.tokenizer.get("file", ""), manifest.tokenizer.get("sha256", "")))
+    files = [(f"graphs.{n}.file", g.file, g.sha256) for n, g in manifest.graphs.items()]
+    files.append(("tokenizer.file", manifest.tokenizer["file"], manifest.tokenizer["sha256"]))
     for field_name, fname, digest in files:
-        fpath = root / fname
-        if not fname or not fpath.is_file():
+        fpath = confined(root, fname, field_name)
+        if engines and field_name.startswith("graphs."):
+            continue  # an engine directory holds engines, not the ONNX files its manifest names
+        if not fpath.is_file():
             raise BundleError(f"{fpath}: missing (named by {MANIFEST} {field_name})")
         if verify_hashes and sha256_file(fpath) != digest:
             raise BundleError(f"{fpath}: sha256 does not match {MANIFEST} {field_name}; the file was changed or is corrupt")

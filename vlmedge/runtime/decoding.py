@@ -13,6 +13,8 @@ to reorder cache rows when beams change.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -21,15 +23,9 @@ import numpy as np
 
 from vlmedge.errors import InputError
 from vlmedge.runtime.backends import Backend
+from vlmedge.runtime.bundle import kv_names
 
 NEG = np.float32(-1.0e9)  # HF's "never choose this" score
-
-
-def kv_names(prefix: str, layers: int) -> list[str]:
-    """present.{i}.self.key / value ..., past.{i}.self.key / value ..., cross.{i}.key / value ..."""
-    if prefix == "cross":
-        return [f"cross.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    return [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
 
 
 @dataclass(frozen=True)
@@ -44,14 +40,34 @@ class GenerationConfig:
     eos_token_id: int | None = None  # None: the task's EOS
 
     def check(self) -> None:
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise InputError(f"num_beams: expected >= 1, got {self.num_beams}")
-        if self.min_new_tokens < 0:
-            raise InputError(f"min_new_tokens: expected >= 0, got {self.min_new_tokens}")
-        if self.early_stopping not in (True, False, "never"):
-            raise InputError(f"early_stopping: expected True, False or 'never', got {self.early_stopping!r}")
+        """Refuse options of the wrong type or range with one line naming the option: a bool is not
+        a count, a float must be finite, a string is not a number."""
+        if self.max_new_tokens is not None:
+            _count("max_new_tokens", self.max_new_tokens, 1)
+        _count("min_new_tokens", self.min_new_tokens, 0)
+        _count("num_beams", self.num_beams, 1)
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real) \
+                or not math.isfinite(self.length_penalty) or abs(self.length_penalty) > 10:
+            # bounded: generated_length ** length_penalty must stay a float
+            raise InputError(f"length_penalty: expected a finite number in [-10, 10], got {_show(self.length_penalty)}")
+        if not (self.early_stopping is True or self.early_stopping is False
+                or (isinstance(self.early_stopping, str) and self.early_stopping == "never")):
+            raise InputError(f"early_stopping: expected True, False or 'never', got {_show(self.early_stopping)}")
+        if self.eos_token_id is not None:
+            _count("eos_token_id", self.eos_token_id, 0)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _count(name: str, value: Any, least: int) -> None:
+    """An integer option (Python or numpy int, never a bool or a float) of at least `least`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name}: expected an integer >= {least}, got {_show(value)}")
+    if value < least:
+        raise InputError(f"{name}: expected >= {least}, got {value}")
 
 
 @dataclass

@@ -7,7 +7,9 @@
 - Every mode becomes RGB as Hugging Face's `convert_to_rgb` does: transparency is composited
   onto white; grayscale, palette and CMYK are converted; 16-bit images are scaled to 8 bits
   (65535 -> 255) rather than clipped.
-- numpy arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, uint16, or float in [0, 1].
+- numpy arrays: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); uint8, uint16, or float in [0, 1] (NaN and
+  infinite pixels are refused, not captioned).
+- PIL images are loaded first: a closed or truncated one is one InputError, not Pillow's own.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def _from_array(a: np.ndarray, where: str) -> Image.Image:
     if a.dtype == np.uint16:
         a = np.round(a.astype(np.float32) / 257.0).astype(np.uint8)
     elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            bad = np.count_nonzero(~np.isfinite(a))
+            raise InputError(f"{where}: {bad:,} pixels are NaN or infinite; expected floats in [0, 1]")
         if a.size and (a.min() < 0.0 or a.max() > 1.0):
             raise InputError(f"{where}: float images must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]")
         a = np.round(a * 255.0).astype(np.uint8)
@@ -99,6 +104,12 @@ def load_image(src: Any, max_pixels: int = DEFAULT_MAX_PIXELS, where: str | None
     where = where or "image"
     if isinstance(src, Image.Image):
         _check_pixels(src.size, max_pixels, where)
+        try:
+            src.load()  # a lazily opened image is decoded here; a closed one says so
+        except ValueError as e:  # Pillow: "Operation on closed image"
+            raise InputError(f"{where}: cannot read this PIL image ({first_line(e)}); pass it before closing it") from None
+        except (OSError, SyntaxError) as e:
+            raise InputError(f"{where}: truncated or corrupt image ({first_line(e)})") from None
         return to_rgb(src)
     if isinstance(src, np.ndarray):
         _check_pixels((src.shape[1], src.shape[0]) if src.ndim >= 2 else (0, 0), max_pixels, where)

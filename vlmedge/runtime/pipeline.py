@@ -13,6 +13,7 @@ session per graph and no per-call state, so one pipeline can serve several threa
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vlmedge.errors import InputError, VlmedgeError
+from vlmedge.errors import BundleError, InputError, VlmedgeError, first_line
 from vlmedge.runtime.backends import open_backend
 from vlmedge.runtime.bundle import Bundle, load_bundle
 from vlmedge.runtime.decoding import GenerationConfig, Timings, encode, generate
@@ -39,6 +40,15 @@ def _many(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
 
+def _count(name: str, value: Any, least: int) -> int:
+    """An integer argument (never a bool, a float or a string) of at least `least`, as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name}: expected an integer >= {least}, got {type(value).__name__} {value!r:.40}")
+    if value < least:
+        raise InputError(f"{name}: expected >= {least}, got {value}")
+    return int(value)
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None, shared_threads: bool = False):
@@ -46,11 +56,19 @@ class Pipeline:
 
         self.bundle = bundle
         self.manifest = m = bundle.manifest
+        if not isinstance(device, str):
+            raise InputError(f"device: expected 'cpu', 'cuda' or 'tensorrt', got {type(device).__name__}")
+        self.max_pixels = _count("max_pixels", max_pixels, 1)
+        self.batch_size = _count("batch_size", batch_size, 1)
+        if threads is not None:
+            _count("threads", threads, 0)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
+            raise BundleError(f"{bundle.tokenizer_path}: not a tokenizer the tokenizers library can load "
+                              f"({first_line(e)}; named by manifest.json tokenizer.file)") from None
         self.backend = open_backend(bundle, device, threads, warn, shared_threads)
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
         self._tok_lock = threading.Lock()
-        self.max_pixels = max_pixels
-        self.batch_size = batch_size
         self.layers = int(m.dims["decoder_layers"])
         self.max_question_len = int(m.dims.get("max_question_len", 0))
         self.max_batch = m.axes["batch"].max if "batch" in m.axes else batch_size
@@ -73,7 +91,13 @@ class Pipeline:
         and questions longer than the model's max_question_len are refused (not truncated)."""
         rows = []
         for i, q in enumerate(questions):
-            if not isinstance(q, str) or not q.strip():
+            if not isinstance(q, str):
+                raise InputError(f"question {i}: expected a string, got {type(q).__name__}")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"question {i}: not valid Unicode text (a lone surrogate at character {e.start})") from None
+            if not q.strip():
                 raise InputError(f"question {i}: empty; expected a question in words")
             with self._tok_lock:
                 ids = self.tokenizer.encode(q).ids
@@ -138,6 +162,16 @@ class Pipeline:
         except TypeError as e:
             raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
         config.check()
+        if not isinstance(return_ids, bool):
+            raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
+        if batch_size is not None:
+            _count("batch_size", batch_size, 1)
+        if config.num_beams > self.max_batch:
+            raise InputError(f"num_beams: {config.num_beams} beams are over this bundle's batch maximum of "
+                             f"{self.max_batch} (axes.batch.max); use at most {self.max_batch}")
+        vocab = self.manifest.dims["vocab_size"]
+        if config.eos_token_id is not None and config.eos_token_id >= vocab:
+            raise InputError(f"eos_token_id: {config.eos_token_id} is outside the vocabulary (0..{vocab - 1})")
         spec = self.manifest.tasks[task]
         max_new = config.max_new_tokens or spec["max_new_tokens"]
         if max_new > self.max_new_tokens(task):
@@ -146,7 +180,7 @@ class Pipeline:
         if not images:
             return []
         # a decoder batch is (images x beams) rows and stays within the bundle's batch range
-        chunk = max(1, min(batch_size or self.batch_size, self.max_batch // config.num_beams))
+        chunk = min(batch_size or self.batch_size, self.max_batch // config.num_beams)
         results: list = []
         for s in range(0, len(images), chunk):
             t0 = time.perf_counter()

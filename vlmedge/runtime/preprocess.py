@@ -8,12 +8,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from vlmedge.runtime.bundle import RESAMPLE_FILTERS
 from vlmedge.runtime.images import to_rgb
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS, "hamming": Image.Resampling.HAMMING,
-}
+_RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}  # the names a manifest may use
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float], rescale: float = 1.0 / 255.0) -> np.ndarray:

@@ -5,6 +5,11 @@ An engine only runs on the TensorRT version that built it (unless built version-
 that version or later within the same major version) and on GPUs of the same compute capability
 (unless built hardware-compatible, then on Ampere or newer). Loading checks this first, so a
 mismatch is one clear error that says to rebuild rather than a deserialisation failure.
+
+`engines.json` is untrusted input like a bundle's manifest: `read_engine_manifest` checks it
+against `ENGINES_SCHEMA` (vlmedge.runtime.schema, the same checker as the manifest's: why not a
+schema library is said there), and `verify_plans` confines every plan file to the directory and
+checks its sha256 before TensorRT ever deserialises it (a plan is native code TensorRT trusts).
 """
 
 from __future__ import annotations
@@ -13,13 +18,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
-from vlmedge.errors import BuildError, read_json
-from vlmedge.runtime.bundle import Manifest
+from vlmedge.errors import BuildError, BundleError, read_json
+from vlmedge.runtime.bundle import AXIS_MAX, FILE_NAME, GRAPH_NAMES, SHA256, Manifest, confined, sha256_file
+from vlmedge.runtime.schema import Bool, Free, Int, Invalid, List, Map, Nullable, Num, Obj, Str
 
 ENGINES = "engines.json"
 SCHEMA_VERSION = 1
+ENGINES_MAX_BYTES = 16 << 20
+
+
+def _version(text: str) -> str | None:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return f"{text!r} is not a version number"
+    return None
+
+
+_SHAPE = List(Int(1, AXIS_MAX), 0, 8)
+ENGINES_SCHEMA = Obj({
+    "schema_version": Int(0, 1 << 31),
+    "tensorrt": Str(max_len=64, test=_version, what="a TensorRT version"),
+    "gpu": Obj({"compute_capability": Str(pattern=r"[0-9]{1,3}\.[0-9]{1,3}", what="a compute capability such as 8.7")},
+               {"name": Str(max_len=256)}),
+    "flags": Obj({}, {"version_compatible": Bool(), "hardware_compatible": Bool(), "strongly_typed": Bool(),
+                      "workspace_gib": Num(0, 1 << 20), "dla_core": Nullable(Int(0, 63))}),
+    "graphs": Map(Str(choices=GRAPH_NAMES), Obj(
+        {"file": FILE_NAME, "sha256": SHA256},
+        {"source": Str(max_len=255), "source_sha256": SHA256, "dla_core": Nullable(Int(0, 63)),
+         "profile": Map(Str(max_len=256), Obj({"min": _SHAPE, "opt": _SHAPE, "max": _SHAPE}))}), min_len=1),
+}, {"precision": Str(max_len=32), "bundle": Free(str)})
 
 
 def write_engine_manifest(out: Path, data: dict[str, Any]) -> None:
@@ -27,17 +57,33 @@ def write_engine_manifest(out: Path, data: dict[str, Any]) -> None:
 
 
 def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
+    """engines.json, checked against its schema; every problem is one line naming the field."""
     path = engine_dir / ENGINES
     if not path.is_file():
         raise BuildError(f"{path}: missing; {engine_dir} is not an engine directory (make one with vlmedge build)")
-    em = read_json(path, BuildError)
+    em = read_json(path, BuildError, ENGINES_MAX_BYTES)
     if not isinstance(em, dict) or em.get("schema_version") != SCHEMA_VERSION:
         raise BuildError(f"{path}: schema_version {em.get('schema_version') if isinstance(em, dict) else None!r} "
                          f"is not supported (this vlmedge reads {SCHEMA_VERSION}); rebuild with vlmedge build")
-    for key in ("tensorrt", "gpu", "flags", "graphs"):
-        if key not in em:
-            raise BuildError(f"{path}: missing field {key!r}")
-    return em
+    try:
+        return ENGINES_SCHEMA.check(em)
+    except Invalid as e:
+        raise BuildError(f"{path}: {e}") from None
+
+
+def verify_plans(engine_dir: Path, em: dict[str, Any]) -> None:
+    """Every plan file inside the directory, present, and with the sha256 engines.json records:
+    checked before TensorRT deserialises anything."""
+    for name, g in em["graphs"].items():
+        try:
+            path = confined(engine_dir, g["file"], f"graphs.{name}.file", ENGINES)
+        except BundleError as e:
+            raise BuildError(str(e)) from None
+        if not path.is_file():
+            raise BuildError(f"{path}: missing (named by {ENGINES} graphs.{name}.file); rebuild with vlmedge build")
+        if sha256_file(path) != g["sha256"]:
+            raise BuildError(f"{path}: sha256 does not match {ENGINES} graphs.{name}.sha256; the plan was changed "
+                             "or is corrupt; rebuild with vlmedge build")
 
 
 def check_engine_manifest(em: dict[str, Any], manifest: Manifest, tensorrt_version: str,

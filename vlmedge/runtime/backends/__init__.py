@@ -53,9 +53,10 @@ def _open_engines(bundle, warn) -> Backend:
     from vlmedge import tensorrt_import
     from vlmedge.runtime.backends import cuda
     from vlmedge.runtime.backends.tensorrt import TensorRTBackend
-    from vlmedge.tensorrt.engines import ENGINES, check_engine_manifest, read_engine_manifest
+    from vlmedge.tensorrt.engines import ENGINES, check_engine_manifest, read_engine_manifest, verify_plans
 
     em = read_engine_manifest(bundle.path)
+    verify_plans(bundle.path, em)  # before TensorRT reads a byte of them
     trt = tensorrt_import.load()
     _, compute_capability = cuda.device_properties()
     check_engine_manifest(em, bundle.manifest, trt.__version__, compute_capability, where=str(bundle.path / ENGINES))

@@ -28,7 +28,7 @@ from typing import Any, Collection, Mapping
 import numpy as np
 
 from vlmedge.errors import BundleError, DependencyError, InputError, first_line
-from vlmedge.runtime.bundle import Bundle
+from vlmedge.runtime.bundle import Bundle, check_graph_io
 
 INSTALL_HINT = ("onnxruntime is not installed: pip install 'vlmedge[cpu]' (CPU), or 'vlmedge[gpu]' for "
                 "onnxruntime-gpu (NVIDIA GPUs; on Jetson, JetPack's onnxruntime-gpu: see docs/jetson.md)")
@@ -174,7 +174,9 @@ class OrtBackend:
         self.sessions = {}
         refused: dict[str, str] = {}  # graph -> what happened to the TensorRT provider's profiles
         for name in bundle.manifest.graphs:
-            self.sessions[name] = self._session(bundle, name, opts, chosen, refused)
+            self.sessions[name] = s = self._session(bundle, name, opts, chosen, refused)
+            check_graph_io(str(bundle.graph_path(name)), name, bundle.manifest.graphs[name], s.get_inputs(),
+                           s.get_outputs(), bundle.manifest.axes)
         if refused:
             first_error = next(iter(refused.values()))
             warn(f"TensorRT provider refused the manifest's profiles for {', '.join(refused)} ({first_error}); "

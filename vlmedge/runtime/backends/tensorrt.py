@@ -43,7 +43,7 @@ import numpy as np
 from vlmedge import tensorrt_import
 from vlmedge.errors import BuildError, InputError, first_line
 from vlmedge.runtime.backends import cuda
-from vlmedge.runtime.bundle import AxisRange, GraphSpec, Manifest, TensorSpec
+from vlmedge.runtime.bundle import AxisRange, GraphSpec, Manifest, TensorSpec, check_graph_io
 
 MAX_CUDA_GRAPHS = 256  # captured decoder_step graphs kept (each holds an execution context)
 
@@ -176,6 +176,9 @@ class _Engine:
             except TypeError:
                 raise BuildError(f"{path}: tensor {n} is {engine.get_tensor_dtype(n)}, which numpy cannot hold; "
                                  "rebuild with float32, float16 or integer I/O") from None
+        io = {n: (n, self.dtypes[n].name, tuple(engine.get_tensor_shape(n))) for n in names}  # -1: dynamic
+        check_graph_io(str(path), name, spec, [io[n] for n in self.inputs], [io[n] for n in self.outputs], axes,
+                       unused_inputs_ok=True)
         # (min, opt, max) of every input in optimisation profile 0, the only one vlmedge builds
         self.profile = {n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, 0))
                         for n in self.inputs}
