@@ -35,12 +35,6 @@ def _options(verbose: bool = typer.Option(False, "--verbose", help="on an error,
 
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    from vlmedge.outdir import write_file_atomic
-
-    write_file_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 def _evaluate(model_name: str, split: str, n_scenes: int) -> dict:
     from vlmedge.evaluation.scene_eval import evaluate_torch_model, evaluation_set
     from vlmedge.models.checkpoint import load_pretrained
@@ -67,7 +61,9 @@ def evaluate(
     report = _evaluate(model, split, scenes)
     print_report(report, console, title=model)
     if json_out:
-        _write_json_atomic(json_out, report)
+        from vlmedge.outdir import write_file_atomic
+
+        write_file_atomic(json_out, json.dumps(report, indent=2) + "\n")
 
 
 @app.command()
@@ -96,7 +92,9 @@ def train(
     console.print(f"model written to {out / 'model'}")
     report = _evaluate(str(out / "model"), "test", 1000)
     print_report(report, console, title="trained model")
-    _write_json_atomic(out / "test_report.json", report)
+    from vlmedge.outdir import write_file_atomic
+
+    write_file_atomic(out / "test_report.json", json.dumps(report, indent=2) + "\n")
 
 
 @app.command("scenes")

@@ -327,8 +327,8 @@ class OutputDir:
         _check_target(self.target, self.force, self.label)
         self._lock.__enter__()
         try:
+            clear_stale(self.target.absolute())  # may put back an old copy a dead writer set aside
             _check_target(self.target, self.force, self.label)  # again, now that no one else writes it
-            clear_stale(self.target.absolute())
             self.path = _side_name(self.target.absolute(), TMP)
             try:
                 os.mkdir(self.path, 0o777)  # mode from the umask, unlike mkdtemp's 0700

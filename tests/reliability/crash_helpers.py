@@ -1,7 +1,6 @@
 """Helpers for the reliability tests: run the real `vlmedge` command in its own process, as a user does."""
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ def tree(root: Path) -> dict[str, str]:
 
 def leftovers(target: Path) -> list[str]:
     """Temp or set-aside directories a writer of `target` left beside it."""
-    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")))
+    sides = (f".{target.name}.tmp-", f".{target.name}.old-")
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(sides))
 
 
 class Cli:

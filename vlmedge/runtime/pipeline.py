@@ -212,12 +212,10 @@ def cache_dir() -> Path:
 
 def _usable(path: Path) -> bool:
     """A cache entry counts only if its manifest loads and every file matches its hash."""
-    from vlmedge.errors import BundleError
-
     try:
         load_bundle(path)
         return True
-    except BundleError:
+    except VlmedgeError:  # missing, half deleted, corrupt: export it again
         return False
 
 
