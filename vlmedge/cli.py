@@ -117,7 +117,9 @@ def scenes_cmd(
         s.pil().save(out / name)
         qs = [{"question": q.text, "answer": q.answer, "type": q.qtype} for q in pick_questions(s)]
         lines.append(json.dumps({"image": name, "captions": [s.caption], "questions": qs, "seed": scene_seed(split, i)}))
-    (out / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+    from vlmedge.outdir import write_file_atomic
+
+    write_file_atomic(out / "scenes.jsonl", "\n".join(lines) + "\n")
     console.print(f"{count} scenes written to {out}")
 
 

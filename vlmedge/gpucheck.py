@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from vlmedge.errors import VlmedgeError, first_line
+from vlmedge.outdir import write_file_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
 RUNTIMES = ("tensorrt", "tensorrt+cuda-graphs", "ort-cuda", "ort-tensorrt")
@@ -264,13 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["hardware_evidence"] = any(p["status"] == "ok" and ":" in p["name"] and "build" not in p["name"]
                                       and not p["name"].startswith(("bundles", "reference")) for p in check.parts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.out.name}.", dir=args.out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, args.out)
+    write_file_atomic(args.out, json.dumps(report, indent=2, default=str) + "\n")
     counts = {s: sum(p["status"] == s for p in check.parts) for s in ("ok", "not run", "failed")}
     _say(f"gpu-check: {counts['ok']} ok, {counts['not run']} not run, {counts['failed']} failed "
          f"in {report['seconds']:.0f} s; written to {args.out}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from vlmedge.errors import ModelLoadError, first_line, read_json
@@ -35,23 +33,17 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def save_pretrained(model, tokenizer, out_dir: Path) -> None:
-    """Write the three files into out_dir atomically (a temp dir renamed into place)."""
+    """Write the three files into out_dir through the crash-safe writer (the directory appears whole)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from vlmedge.outdir import OutputDir
+
+    with OutputDir(out_dir, force=True, label="model directory") as w:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps({"model_type": "shapes-vlm", **model.config.to_dict()}, indent=2) + "\n")
-        tokenizer.save(str(tmp / TOKENIZER))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(state, str(w.path / WEIGHTS), metadata={"format": "pt"})
+        (w.path / CONFIG).write_text(json.dumps({"model_type": "shapes-vlm", **model.config.to_dict()}, indent=2) + "\n")
+        tokenizer.save(str(w.path / TOKENIZER))
+        w.commit()
 
 
 def load_config(model_dir: Path):
