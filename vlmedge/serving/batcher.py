@@ -151,9 +151,8 @@ class Batcher:
         self._task = asyncio.create_task(self._schedule(), name="vlmedge-batcher")
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on a model worker (warm-up), in turn with the batches."""
-        async with self._slots:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """Run fn on a model worker thread (warm-up), in turn with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def close(self, timeout: float = 60.0) -> None:
         """Stop admitting, answer everything admitted (drain), then stop the workers."""
