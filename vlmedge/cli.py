@@ -461,7 +461,8 @@ def _caption_to_jsonl(bundle: str, images: list[str], out: Optional[Path], ray: 
             pipe = _open_pipeline(bundle, device, max_pixels, batch_size)
             s = offline.caption_to_jsonl(pipe, paths, out, generation, batch_size, max_pixels, progress=step)
     err_console.print(f"{s.captioned} images written to {out}" + (f", {s.resumed} already there" if s.resumed else "")
-                      + (f"; {s.errors} could not be read (their lines say why)" if s.errors else ""), highlight=False)
+                      + (f"; {s.errors} could not be read (their lines say why)" if s.errors else ""), highlight=False,
+                      soft_wrap=True)
     if s.errors:
         raise typer.Exit(2)
 

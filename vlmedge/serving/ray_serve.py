@@ -24,6 +24,7 @@ from vlmedge.serving.options import ServeOptions, api_key_from_env
 GPU_DEVICES = ("cuda", "tensorrt")
 
 
+@serve.deployment(name="vlmedge")
 @serve.ingress()
 class VlmedgeDeployment:
     """One replica: the app of vlmedge.serving.app with its own pipeline (loaded at replica start)."""
@@ -45,7 +46,6 @@ def deployment(options: ServeOptions, replicas: int = 1, autoscaling: Optional[d
     if num_cpus is None:
         num_cpus = 1.0
     settings: dict[str, Any] = {
-        "name": "vlmedge",
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         # the replica's own queue bounds it (429); Serve's proxy holds at most as many more (503 past that)
         "max_ongoing_requests": options.max_queue + 1,
