@@ -36,6 +36,7 @@ from vlmedge.serving.inputs import (
     JsonRequest,
     decode_image,
     parse_form_options,
+    small_image,
     parse_json_body,
     split_options,
 )
@@ -227,7 +228,10 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
                 try:
                     body = await _read_body(request)
                     data, question, opts = await _parse(request, body, task)
-                    job, return_ids = await run_in_threadpool(_prepare, pipe, task, data, question, opts)
+                    if small_image(data):  # decodes in well under a millisecond: no thread hop
+                        job, return_ids = _prepare(pipe, task, data, question, opts)
+                    else:
+                        job, return_ids = await run_in_threadpool(_prepare, pipe, task, data, question, opts)
                 except VlmedgeError as e:
                     raise ApiError(400, "bad_input", str(e)) from None
                 t1 = time.perf_counter()

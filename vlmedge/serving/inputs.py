@@ -75,6 +75,19 @@ def decode_image(data: bytes, max_pixels: int, where: str = "image") -> Image.Im
     return to_rgb(ImageOps.exif_transpose(img))
 
 
+INLINE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under 1 ms)
+
+
+def small_image(data: bytes) -> bool:
+    """True if the image's header says it is small enough to decode without leaving the event loop."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            w, h = img.size
+    except Exception:  # a bad image is reported by decode_image, off the loop
+        return False
+    return w * h <= INLINE_PIXELS and len(data) <= 4 * INLINE_PIXELS
+
+
 def _one_line(e: "ValidationError") -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"]) or "body"
