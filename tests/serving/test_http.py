@@ -7,11 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import png_b64, serve  # tests/serving/conftest.py
 from PIL import Image
 
-httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from serving_helpers import png_b64, serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,12 @@ def test_concurrent_requests_are_batched_and_options_grouped_apart(server, pipe,
         return c.post("/v1/caption", json={"image": png_b64(scene_pngs[i][1]), "num_beams": b}).json()
 
     with server.client() as c, ThreadPoolExecutor(32) as ex:
+        calls_before = _metrics(c)["vlmedge_batch_size_count"][0][1]
         got = list(ex.map(post, jobs))
-        m = _metrics(c)
+        calls = _metrics(c)["vlmedge_batch_size_count"][0][1] - calls_before
     assert [g["text"] for g in got] == [(greedy if b == 1 else beam)[i] for i, b in jobs]
     assert max(g["batch_size"] for g in got) > 1  # requests that arrived together ran as one call
-    sizes = dict((tuple(sorted(lb.items())), v) for lb, v in m["vlmedge_batch_size_count"])
-    assert sum(sizes.values()) < len(jobs) + 10  # fewer model calls than requests (+ earlier tests' calls)
+    assert calls < len(jobs)
 
 
 def test_bad_input_is_400_with_one_line(server, scene_pngs):

@@ -7,11 +7,11 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, png_b64
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
+from serving_helpers import free_port, png_b64  # noqa: E402
 
 from vlmedge.serving.offline import caption_to_jsonl, ray_caption_to_jsonl  # noqa: E402
 from vlmedge.serving.options import ServeOptions  # noqa: E402
@@ -136,3 +136,16 @@ def test_a_replica_killed_under_load_drops_no_request(ray_server, pipe, scene_pn
     assert len(ok) > before_kill + 10  # the endpoint kept answering after the kill
     with httpx.Client(base_url=ray_server, timeout=60) as c:
         assert c.post("/v1/caption", json={"image": png_b64(scene_pngs[0][1])}).json()["text"] == expected[0]
+
+
+def test_app_builder_reads_serve_run_arguments(shapes):
+    from ray.serve import Application
+
+    from vlmedge.serving.ray_serve import app_builder
+
+    app = app_builder({"bundle": str(shapes), "replicas": "2", "max_batch": "8", "max_wait_ms": "2", "num_cpus": "0.5"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown argument"):
+        app_builder({"bundle": str(shapes), "max_batches": "8"})
+    with pytest.raises(ValueError, match="missing argument bundle"):
+        app_builder({})

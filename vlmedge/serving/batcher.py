@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
-from vlmedge.errors import VlmedgeError
 from vlmedge.runtime.decoding import Timings
 from vlmedge.runtime.pipeline import Generation, Pipeline
 from vlmedge.serving.inputs import Job
@@ -263,4 +262,4 @@ class Batcher:
                              timings=timings, **config)
 
 
-__all__ = ["Batcher", "Closing", "QueueFull", "Result", "Ticket", "VlmedgeError"]
+__all__ = ["Batcher", "Closing", "QueueFull", "Result", "Ticket"]
