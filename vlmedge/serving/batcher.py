@@ -185,9 +185,23 @@ class Batcher:
             await self._wake.wait()
 
     async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()
+            try:
+                await self._start_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug here must not leave requests waiting for their timeout
+                self._slots.release()
+                for w in list(self._waiting):
+                    if not w.future.done():
+                        w.future.set_exception(e)
+                self._waiting.clear()
+
+    async def _start_batch(self) -> None:
+        """With a worker slot held: wait for a request, gather its batch, start it (the batch releases the slot)."""
+        loop = asyncio.get_running_loop()
+        while True:
             first = await self._next_waiting()
             cap = self.capacity(first.job)
             deadline = first.arrived + self.max_wait_s
@@ -204,11 +218,11 @@ class Batcher:
             for w in batch:
                 self._waiting.remove(w)
             if not batch:  # the first one timed out meanwhile
-                self._slots.release()
                 continue
             task = loop.create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            return
 
     async def _execute(self, batch: list[_Waiting]) -> None:
         try:

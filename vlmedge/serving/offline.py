@@ -167,6 +167,9 @@ def ray_caption_to_jsonl(bundle: str, device: str, paths: Sequence[Path], out: P
         if todo:
             ctx = ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True
+            if progress:  # the caller shows its own progress; Ray Data's bars and plan would interleave with it
+                ctx.enable_progress_bars = False
+                ctx.print_on_execution_start = False
             ds = ray.data.from_items([{"image": p} for p in todo]).map_batches(
                 RayCaptioner,
                 fn_constructor_kwargs=dict(bundle=bundle, device=device, max_pixels=max_pixels, generation=generation,

@@ -45,6 +45,8 @@ def deployment(options: ServeOptions, replicas: int = 1, autoscaling: Optional[d
         num_gpus = 1.0 if options.device in GPU_DEVICES else 0.0
     if num_cpus is None:
         num_cpus = 1.0
+    if options.threads is None and not num_gpus:  # replicas sharing a machine must not each take every core
+        options = replace(options, threads=max(1, int(num_cpus)))
     settings: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         # the replica's own queue bounds it (429); Serve's proxy holds at most as many more (503 past that)
