@@ -506,7 +506,7 @@ def serve(
     timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="seconds before a request gets 504"),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="require Authorization: Bearer <the key this environment variable holds>"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads (default: all cores)"),
-    ray: bool = typer.Option(False, "--ray", help="run as a Ray Serve deployment (pip install 'vlmedge[ray]')"),
+    ray: bool = typer.Option(False, "--ray", help="run as a Ray Serve deployment (needs the ray extra)"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="with --ray: replicas (one GPU each on a GPU device)"),
     autoscaling: Optional[str] = typer.Option(None, "--autoscaling", help='with --ray: Serve autoscaling_config as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4}\''),
     replica_cpus: Optional[float] = typer.Option(None, "--replica-cpus", min=0, help="with --ray: CPUs reserved per replica (default 1)"),
