@@ -191,3 +191,15 @@ def test_sigterm_drains_requests_in_flight(shapes, scene_pngs, tmp_path):
             rs = [f.result() for f in futures]
         assert [r.status_code for r in rs] == [200] * 6
         assert len({r.json()["text"] for r in rs}) == 1
+
+
+def test_the_event_loop_answers_while_the_model_runs(server, scene_pngs):
+    slow = {"image": png_b64(scene_pngs[2][1]), "num_beams": 8, "min_new_tokens": 45, "max_new_tokens": 45}
+    with server.client() as c, ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(c.post, "/v1/caption", json=slow) for _ in range(4)]  # two batches of 2 x 8 beams
+        while _metrics(c)["vlmedge_queue_depth"][0][1] < 4:
+            time.sleep(0.002)
+        time.sleep(0.02)
+        assert c.get("/healthz").status_code == 200 and c.get("/v1/models").status_code == 200
+        assert not all(f.done() for f in futures)  # answered while the model was busy with them
+        assert [f.result().status_code for f in futures] == [200] * 4
