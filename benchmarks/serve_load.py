@@ -5,9 +5,9 @@ What it does, in one run on the CPU with `shapes-vlm` (greedy captions of 5-obje
 
 1. Server overhead: `Pipeline.caption(path)` in this process (PNG decode included) and the same
    caption posted to the batching server, alternating one by one, p50 and p99 of each.
-2. For each server configuration, one after the other (never both at once): `vlmedge serve` with
-   dynamic batching (--max-batch 16 --max-wait-ms 5) and with batch-1 serving (--max-batch 1),
-   started as a child process on a free localhost port. At each concurrency, that many clients
+2. Two servers, `vlmedge serve` with dynamic batching (--max-batch 16 --max-wait-ms 5) and with
+   batch-1 serving (--max-batch 1), child processes on free localhost ports, loaded in turn (never
+   both at once), level by level, so that both see the machine alike. At each concurrency, that many clients
    (asyncio + aiohttp, one keep-alive connection each) post JSON requests with base64 PNGs back to
    back for --seconds (after a 2 s warm-up that is not counted; before the first level, 3 s at the
    highest concurrency bring memory to its steady state): requests per second, p50/p99
@@ -216,29 +216,27 @@ def main() -> None:
 
     print(f"bundle {bundle}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
           f"{args.seconds:g} s per level", flush=True)
-    results: dict[str, list[dict]] = {}
-    inproc: dict = {}
-    for name, extra in CONFIGS.items():
-        proc, url = start_server(bundle, extra, work / f"{name}.log")
-        rows = []
-        try:
-            if name == "batched":
-                inproc = asyncio.run(paired(bundle, paths, bodies, url, min(args.seconds, 30.0)))
-                print(f"one at a time, alternating: in-process Pipeline.caption(path) p50 {inproc['in_process_p50_ms']:.2f} ms "
-                      f"(p99 {inproc['in_process_p99_ms']:.2f}), over HTTP p50 {inproc['http_p50_ms']:.2f} ms "
-                      f"(p99 {inproc['http_p99_ms']:.2f}); {inproc['pairs']} pairs", flush=True)
-            # steady state first: the arenas grow to the largest batch before memory is watched
+    servers = {name: start_server(bundle, extra, work / f"{name}.log") for name, extra in CONFIGS.items()}
+    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    try:
+        proc, url = servers["batched"]
+        inproc = asyncio.run(paired(bundle, paths, bodies, url, min(args.seconds, 30.0)))
+        print(f"one at a time, alternating: in-process Pipeline.caption(path) p50 {inproc['in_process_p50_ms']:.2f} ms "
+              f"(p99 {inproc['in_process_p99_ms']:.2f}), over HTTP p50 {inproc['http_p50_ms']:.2f} ms "
+              f"(p99 {inproc['http_p99_ms']:.2f}); {inproc['pairs']} pairs", flush=True)
+        for proc, url in servers.values():  # steady state first: arenas grow to the largest batch before memory is watched
             asyncio.run(load_level(url, bodies, max(levels), 3.0, 0.0, proc.pid))
-            for c in levels:
+        for c in levels:  # the two servers take turns, level by level, so both see the machine alike
+            for name, (proc, url) in servers.items():
                 r = asyncio.run(load_level(url, bodies, c, args.seconds, 2.0, proc.pid))
-                rows.append(r)
+                results[name].append(r)
                 print(f"{name:8s} c={c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                       f"batch {r['mean_batch']:5.2f}  errors {r['errors'] or 0}  RSS {r['rss_start_mb']:.0f} -> "
                       f"{r['rss_end_mb']:.0f} MB", flush=True)
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-        results[name] = rows
 
     by = {n: {r["concurrency"]: r for r in rows} for n, rows in results.items()}
     checks = {}
