@@ -432,9 +432,45 @@ def caption(
     batch_size: int = _BATCH,
     max_pixels: int = _PIXELS,
     as_json: bool = typer.Option(False, "--json", help="print JSON: per image its caption and token ids, or its error"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write results to this JSONL instead; a rerun resumes where a stopped one ended"),
+    ray: bool = typer.Option(False, "--ray", help="with --out: run on Ray Data across a cluster's workers, one pipeline per actor"),
 ) -> None:
     """Caption images with a bundle (ONNX Runtime; no PyTorch needed)."""
+    if out is not None or ray:
+        _caption_to_jsonl(bundle, images, out, ray, dict(num_beams=beams, max_new_tokens=max_new_tokens), device,
+                          batch_size, max_pixels)
+        return
     _answer_images("caption", bundle, images, None, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+
+
+def _caption_to_jsonl(bundle: str, images: list[str], out: Optional[Path], ray: bool, generation: dict, device: str,
+                      batch_size: int, max_pixels: int) -> None:
+    """`vlmedge caption --out FILE.jsonl [--ray]`: resumable results in a file (vlmedge.serving.offline)."""
+    from vlmedge.runtime.images import expand_paths
+    from vlmedge.serving import offline
+
+    if out is None:
+        raise InputError("--ray: needs --out FILE.jsonl (the results of a cluster run go to a file)")
+    paths = expand_paths(images)
+    if not paths:
+        raise InputError(f"IMAGE: {' '.join(images)} matches no image files")
+    with _progress() as p:
+        bar = p.add_task("caption", total=len(paths))
+        step = lambda n: p.advance(bar, n)  # noqa: E731
+        if ray:
+            try:
+                import ray as _ray  # noqa: F401
+            except ImportError:
+                raise InputError("--ray needs Ray: pip install 'vlmedge[ray]'") from None
+            s = offline.ray_caption_to_jsonl(bundle, device, paths, out, generation, batch_size, max_pixels, progress=step)
+        else:
+            pipe = _open_pipeline(bundle, device, max_pixels, batch_size)
+            s = offline.caption_to_jsonl(pipe, paths, out, generation, batch_size, max_pixels, progress=step)
+    err_console.print(f"{s.captioned} images written to {out}" + (f", {s.resumed} already there" if s.resumed else "")
+                      + (f"; {s.errors} could not be read (their lines say why)" if s.errors else ""), highlight=False,
+                      soft_wrap=True)
+    if s.errors:
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -472,6 +508,61 @@ def _register_compare() -> None:
 
 
 _register_compare()
+
+
+@app.command()
+def serve(
+    bundle: str = typer.Argument(..., help="bundle or engine directory, or a built-in model name"),
+    device: str = _DEVICE,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (default: this machine only)"),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="requests per model call (images x beams stay within the bundle's range)"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="how long a batch waits for requests on their way in"),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests admitted at once; more get 429 with Retry-After"),
+    max_body_mb: float = typer.Option(20.0, "--max-body-mb", min=0.001, help="largest request body, MB (413 above)"),
+    max_pixels: int = typer.Option(16_000_000, "--max-pixels", min=1, help="refuse images with more pixels than this (400)"),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="seconds before a request gets 504"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="require Authorization: Bearer <the key this environment variable holds>"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads (default: all cores)"),
+    ray: bool = typer.Option(False, "--ray", help="run as a Ray Serve deployment (needs the ray extra)"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="with --ray: replicas (one GPU each on a GPU device)"),
+    autoscaling: Optional[str] = typer.Option(None, "--autoscaling", help='with --ray: Serve autoscaling_config as JSON, e.g. \'{"min_replicas": 1, "max_replicas": 4}\''),
+    replica_cpus: Optional[float] = typer.Option(None, "--replica-cpus", min=0, help="with --ray: CPUs reserved per replica (default 1)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="with --ray: a running cluster (default: RAY_ADDRESS, else a local one)"),
+) -> None:
+    """Serve captions and answers over HTTP with dynamic batching (POST /v1/caption, /v1/vqa; /docs)."""
+    from dataclasses import replace as _replace
+
+    from vlmedge.serving.options import ServeOptions, api_key_from_env
+    from vlmedge.serving.server import is_loopback, missing_extra
+
+    options = ServeOptions(bundle=bundle, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), max_pixels=max_pixels,
+                           timeout_s=timeout, api_key=api_key_from_env(api_key_env), threads=threads)
+    options.check()
+    if not is_loopback(host) and options.api_key is None:
+        err_console.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without an API key: anyone who "
+                          "can reach this port can use the model (--api-key-env VAR to require one)", highlight=False)
+    log = lambda s: err_console.print(s, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    if ray:
+        scaling = None
+        if autoscaling:
+            try:
+                scaling = json.loads(autoscaling)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--autoscaling: not valid JSON ({e})") from None
+            if not isinstance(scaling, dict):
+                raise InputError("--autoscaling: expected a JSON object, e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+        try:
+            from vlmedge.serving.ray_serve import serve_ray
+        except ImportError as e:
+            raise missing_extra(e, "ray") from None
+        serve_ray(options, host, port, replicas, scaling, replica_cpus, address=ray_address, log=log)
+        return
+    from vlmedge.serving.server import serve_uvicorn
+
+    pipe = _open_pipeline(bundle, device, max_pixels, max_batch)  # a bad bundle is one line here, before binding
+    serve_uvicorn(_replace(options, model_name=Path(bundle).name), host, port, pipe, log=log)
 
 
 def _quiet_export_logs() -> None:

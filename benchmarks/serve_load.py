@@ -1,0 +1,265 @@
+"""Load on `vlmedge serve`: throughput and latency at concurrency 1, 8, 32 and 64, dynamic batching
+against batch-1 serving, and the server's overhead over an in-process call.
+
+What it does, in one run on the CPU with `shapes-vlm` (greedy captions of 5-object test scenes):
+
+1. Server overhead: `Pipeline.caption(path)` in this process (PNG decode included) and the same
+   caption posted to the batching server, one at a time, in alternating blocks of 16 back-to-back
+   calls, p50 and p99 of each.
+2. Two servers, `vlmedge serve` with dynamic batching (--max-batch 16 --max-wait-ms 5) and with
+   batch-1 serving (--max-batch 1), child processes on free localhost ports, loaded in turn (never
+   both at once), level by level, so that both see the machine alike. At each concurrency, that many clients
+   (asyncio + aiohttp, one keep-alive connection each) post JSON requests with base64 PNGs back to
+   back for --seconds (after a 2 s warm-up that is not counted; before the first level, 3 s at the
+   highest concurrency bring memory to its steady state): requests per second, p50/p99
+   latency, errors, mean batch size (from /metrics), and the server's resident memory at the start
+   and the end of the level.
+3. Checks: at concurrency 32 batching gives >= 2x the throughput of batch-1; at concurrency 1 the
+   batching server adds <= 2 ms to the in-process p50; RSS flat (grows < 10% from the first level's
+   start to the last level's end); no
+   errors below saturation (the queue limit, 64, is never reached by 64 clients).
+
+Run:  .venv/bin/python benchmarks/serve_load.py [--seconds 60] [--concurrency 1,8,32,64] [--json PATH]
+
+Needs the serve extra and aiohttp (which Ray Serve brings). The load generator shares the machine
+with the server: on a small CPU it takes part of the cores the server could use, for both
+configurations alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import aiohttp  # noqa: E402
+
+from vlmedge.data.scenes import scenes  # noqa: E402
+
+PAUSE = 0.05  # seconds between blocks of in-process and HTTP calls
+BLOCK = 16  # calls per block
+CONFIGS = {"batched": ["--max-batch", "16", "--max-wait-ms", "5"], "batch-1": ["--max-batch", "1"]}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def paired(bundle: str, paths: list[Path], bodies: list[bytes], url: str, seconds: float) -> dict:
+    """The in-process call and the same request over HTTP (one at a time on a keep-alive connection),
+    in alternating blocks of BLOCK back-to-back calls with a pause between blocks (so that neither
+    side's spinning threads take the other's cores): both sides warm, both seeing the machine alike."""
+    import vlmedge
+
+    pipe = vlmedge.load(bundle, shared_threads=True)
+    local: list[float] = []
+    remote: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        end = time.perf_counter() + seconds
+        block = -1  # a warm-up block of each, not counted
+        while time.perf_counter() < end:
+            for k in range(BLOCK):
+                p = paths[(block * BLOCK + k) % len(paths)]
+                t = time.perf_counter()
+                pipe.caption(str(p))
+                if block >= 0:
+                    local.append(time.perf_counter() - t)
+            await asyncio.sleep(PAUSE)
+            for k in range(BLOCK):
+                body = bodies[(block * BLOCK + k) % len(bodies)]
+                t = time.perf_counter()
+                async with session.post(url + "/v1/caption", data=body, headers={"content-type": "application/json"}) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                if block >= 0:
+                    remote.append(time.perf_counter() - t)
+            await asyncio.sleep(PAUSE)
+            block += 1
+    del pipe
+    return {"calls_each": len(local), "in_process_p50_ms": pct(local, 50) * 1000, "in_process_p99_ms": pct(local, 99) * 1000,
+            "http_p50_ms": pct(remote, 50) * 1000, "http_p99_ms": pct(remote, 99) * 1000}
+
+
+async def _metric_sums(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
+    """(sum, count) of vlmedge_batch_size from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(url + "/metrics") as r:
+        text = await r.text()
+    s = c = 0.0
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "vlmedge_batch_size_sum":
+                s = smp.value
+            elif smp.name == "vlmedge_batch_size_count":
+                c = smp.value
+    return s, c
+
+
+async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float, pid: int) -> dict:
+    """`concurrency` clients posting back to back; latencies of requests that start after the warm-up."""
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + seconds
+    conn = aiohttp.TCPConnector(limit=concurrency + 2)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        rss_start = float("nan")
+        b0 = None
+
+        async def client(k: int) -> None:
+            nonlocal b0
+            i = k
+            while True:
+                now = time.perf_counter()
+                if now >= t_end:
+                    return
+                t = time.perf_counter()
+                try:
+                    async with session.post(url + "/v1/caption", data=bodies[i % len(bodies)],
+                                            headers={"content-type": "application/json"}) as r:
+                        await r.read()
+                        status = r.status
+                except Exception as e:  # noqa: BLE001 - counted, reported
+                    status = type(e).__name__
+                dt = time.perf_counter() - t
+                if t >= t_start:
+                    if status == 200:
+                        lat.append(dt)
+                    else:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+                i += concurrency
+
+        async def mark() -> None:
+            nonlocal b0, rss_start
+            await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
+            b0 = await _metric_sums(session, url)
+            rss_start = rss_mb(pid)
+
+        await asyncio.gather(mark(), *(client(k) for k in range(concurrency)))
+        b1 = await _metric_sums(session, url)
+        rss_end = rss_mb(pid)
+    calls = b1[1] - b0[1]
+    return {"concurrency": concurrency, "requests": len(lat), "rps": len(lat) / seconds,
+            "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "errors": errors,
+            "mean_batch": (b1[0] - b0[0]) / calls if calls else float("nan"), "rss_start_mb": rss_start, "rss_end_mb": rss_end}
+
+
+def start_server(bundle: str, args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlmedge.cli", "serve", bundle, "--port", str(port), *args]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server not ready: {log.read_text()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default="shapes-vlm", help="bundle directory or built-in name (exported once, cached)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="measured seconds per concurrency level")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    from vlmedge.runtime.pipeline import resolve_bundle
+
+    bundle = str(resolve_bundle(args.bundle).path)
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    paths, bodies = [], []
+    for i, s in enumerate(scenes("test", 0, 32)):
+        buf = io.BytesIO()
+        s.pil().save(buf, "PNG")
+        p = work / f"scene-{i:02d}.png"
+        p.write_bytes(buf.getvalue())
+        paths.append(p)
+        bodies.append(json.dumps({"image": base64.b64encode(buf.getvalue()).decode()}).encode())
+
+    print(f"bundle {bundle}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+          f"{args.seconds:g} s per level", flush=True)
+    servers = {name: start_server(bundle, extra, work / f"{name}.log") for name, extra in CONFIGS.items()}
+    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    try:
+        proc, url = servers["batched"]
+        inproc = asyncio.run(paired(bundle, paths, bodies, url, min(args.seconds, 30.0)))
+        print(f"one at a time, in alternating blocks: in-process Pipeline.caption(path) p50 {inproc['in_process_p50_ms']:.2f} ms "
+              f"(p99 {inproc['in_process_p99_ms']:.2f}), over HTTP p50 {inproc['http_p50_ms']:.2f} ms "
+              f"(p99 {inproc['http_p99_ms']:.2f}); {inproc['calls_each']} calls each", flush=True)
+        for proc, url in servers.values():  # steady state first: arenas grow to the largest batch before memory is watched
+            asyncio.run(load_level(url, bodies, max(levels), 3.0, 0.0, proc.pid))
+        for c in levels:  # the two servers take turns, level by level, so both see the machine alike
+            for name, (proc, url) in servers.items():
+                r = asyncio.run(load_level(url, bodies, c, args.seconds, 2.0, proc.pid))
+                results[name].append(r)
+                print(f"{name:8s} c={c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                      f"batch {r['mean_batch']:5.2f}  errors {r['errors'] or 0}  RSS {r['rss_start_mb']:.0f} -> "
+                      f"{r['rss_end_mb']:.0f} MB", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+    by = {n: {r["concurrency"]: r for r in rows} for n, rows in results.items()}
+    checks = {}
+    if 32 in levels:
+        ratio = by["batched"][32]["rps"] / by["batch-1"][32]["rps"]
+        checks["batching_speedup_c32"] = {"value": ratio, "target": ">= 2", "ok": ratio >= 2}
+    over = inproc["http_p50_ms"] - inproc["in_process_p50_ms"]
+    checks["server_overhead_p50_ms_c1"] = {"value": over, "target": "<= 2", "ok": over <= 2}
+    for name, rows in results.items():
+        growth = (rows[-1]["rss_end_mb"] - rows[0]["rss_start_mb"]) / rows[0]["rss_start_mb"]
+        checks[f"rss_growth_{name}"] = {"value": growth, "target": "< 0.1", "ok": growth < 0.10}
+    errs = sum(sum(r["errors"].values()) for rs in results.values() for r in rs)
+    checks["errors"] = {"value": errs, "target": "0", "ok": errs == 0}
+    for k, v in checks.items():
+        print(f"check {k}: {v['value']:.3g} (target {v['target']}) {'OK' if v['ok'] else 'FAIL'}")
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": args.seconds, "in_process": inproc, "results": results,
+                                         "checks": checks}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Dynamic batching: requests with the same task and generation options that arrive close together
+run as one pipeline call, off the event loop.
+
+A batch starts when a model worker is free. It takes the oldest waiting request and every waiting
+request compatible with it (same task, same options), up to the batch capacity: `max_batch`
+images, and images x beams within the bundle's batch range. While the batch is short and more
+requests are on their way in (admitted, still being read or decoded), it waits for them, at most
+`max_wait` after the oldest one arrived; a lone request on an idle server runs at once. Requests
+with other options wait for a batch of their own. While a worker is busy, requests pile up and
+the next batch takes them all, so under load batches fill without waiting.
+
+Admission is bounded: at most `max_queue` requests are admitted (waiting or running); the next one
+gets `QueueFull` with a suggested Retry-After, so memory never grows with the offered load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from vlmedge.runtime.decoding import Timings
+from vlmedge.runtime.pipeline import Generation, Pipeline
+from vlmedge.serving.inputs import Job
+
+
+class QueueFull(Exception):
+    """The server holds max_queue requests already; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is at its queue limit; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Closing(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A request's answer, with the seconds it spent per stage (model stages are its batch's)."""
+
+    generation: Generation
+    timings: dict[str, float]
+    batch_size: int
+
+
+@dataclass
+class _Waiting:
+    job: Job
+    future: asyncio.Future
+    arrived: float
+
+
+class Ticket:
+    """A request's place in the server, from admission to answer; release it when answered."""
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher = batcher
+        self._submitted = False
+        self._released = False
+
+    async def run(self, job: Job) -> Result:
+        """Queue the job and wait for its batch; cancelling the wait takes it out of the queue."""
+        b = self._batcher
+        self._submitted = True
+        b._incoming -= 1
+        fut = asyncio.get_running_loop().create_future()
+        b._waiting.append(_Waiting(job, fut, time.perf_counter()))
+        b._wake.set()
+        return await fut
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        b = self._batcher
+        if not self._submitted:
+            b._incoming -= 1
+        b._admitted -= 1
+        b._on_depth(b._admitted)
+        if b._admitted == 0:
+            b._idle.set()
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Batcher:
+    """Groups jobs into pipeline calls run by `workers` threads; see the module docstring."""
+
+    def __init__(self, pipe: Pipeline, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 64,
+                 workers: int = 1, on_batch: Optional[Callable[[int, Timings], None]] = None,
+                 on_depth: Optional[Callable[[int], None]] = None):
+        self.pipe = pipe
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.workers = workers
+        self._on_batch = on_batch or (lambda n, t: None)
+        self._on_depth = on_depth or (lambda n: None)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmedge-model")
+        self._waiting: deque[_Waiting] = deque()
+        self._admitted = 0  # requests holding a ticket
+        self._incoming = 0  # admitted, not yet queued (being read and decoded)
+        self._batch_seconds = 0.05  # running mean of a model call, for Retry-After
+        self._closing = False
+        self._task: Optional[asyncio.Task] = None
+        self._running: set[asyncio.Task] = set()
+
+    # -- admission ---------------------------------------------------------------------------
+    def admit(self) -> Ticket:
+        """A place for one request, or QueueFull (Closing while shutting down)."""
+        if self._closing:
+            raise Closing()
+        if self._admitted >= self.max_queue:
+            raise QueueFull(self.retry_after())
+        self._admitted += 1
+        self._incoming += 1
+        self._idle.clear()
+        self._on_depth(self._admitted)
+        return Ticket(self)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room, estimated from the mean model call."""
+        batches = self._admitted / max(1, self.max_batch * self.workers)
+        return max(1, math.ceil(batches * self._batch_seconds))
+
+    @property
+    def depth(self) -> int:
+        return self._admitted
+
+    def capacity(self, job: Job) -> int:
+        """Images per model call for this job's options: max_batch, and images x beams within the bundle's range."""
+        return max(1, min(self.max_batch, self.pipe.max_batch // max(1, job.config.num_beams)))
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._slots = asyncio.Semaphore(self.workers)
+        self._task = asyncio.create_task(self._schedule(), name="vlmedge-batcher")
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on a model worker thread (warm-up), in turn with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def close(self, timeout: float = 60.0) -> None:
+        """Stop admitting, answer everything admitted (drain), then stop the workers."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for w in list(self._waiting):
+            if not w.future.done():
+                w.future.set_exception(Closing())
+        self._executor.shutdown(wait=True)
+
+    # -- scheduling --------------------------------------------------------------------------
+    def _compatible(self, first: Job) -> list[_Waiting]:
+        return [w for w in self._waiting if w.job.task == first.task and w.job.config == first.config]
+
+    async def _next_waiting(self) -> _Waiting:
+        while True:
+            while self._waiting and self._waiting[0].future.done():  # timed out or cancelled while waiting
+                self._waiting.popleft()
+            if self._waiting:
+                return self._waiting[0]
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                await self._start_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug here must not leave requests waiting for their timeout
+                self._slots.release()
+                for w in list(self._waiting):
+                    if not w.future.done():
+                        w.future.set_exception(e)
+                self._waiting.clear()
+
+    async def _start_batch(self) -> None:
+        """With a worker slot held: wait for a request, gather its batch, start it (the batch releases the slot)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next_waiting()
+            cap = self.capacity(first.job)
+            deadline = first.arrived + self.max_wait_s
+            while len(self._compatible(first.job)) < cap and self._incoming > 0:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = [w for w in self._compatible(first.job) if not w.future.done()][:cap]
+            for w in batch:
+                self._waiting.remove(w)
+            if not batch:  # the first one timed out meanwhile
+                continue
+            task = loop.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            return
+
+    async def _execute(self, batch: list[_Waiting]) -> None:
+        try:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            outcomes, timings = await loop.run_in_executor(self._executor, self._run_batch, [w.job for w in batch])
+            model = time.perf_counter() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * model
+            self._on_batch(len(batch), timings)
+            stages = {"preprocess": timings.preprocess, "encoder": timings.encoder, "first_token": timings.first_token,
+                      "decode": sum(timings.tokens), "model": model}
+            for w, out in zip(batch, outcomes):
+                if w.future.done():
+                    continue
+                if isinstance(out, BaseException):
+                    w.future.set_exception(out)
+                else:
+                    w.future.set_result(Result(out, {"queue": started - w.arrived, **stages}, len(batch)))
+        except BaseException as e:  # never leave a request without an answer
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+    def _run_batch(self, jobs: list[Job]) -> tuple[list[Any], Timings]:
+        """One pipeline call for the batch (in a worker thread). If it fails, each job runs alone, so
+        one request that breaks the model fails alone."""
+        timings = Timings()
+        try:
+            return list(self._call(jobs, timings)), timings
+        except Exception as e:
+            if len(jobs) == 1:
+                return [e], timings
+        outcomes: list[Any] = []
+        for job in jobs:
+            try:
+                outcomes.extend(self._call([job], Timings()))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes, timings
+
+    def _call(self, jobs: list[Job], timings: Timings) -> list[Generation]:
+        task, config = jobs[0].task, asdict(jobs[0].config)
+        images = [j.image for j in jobs]
+        if task == "caption":
+            return self.pipe.caption(images, return_ids=True, batch_size=len(jobs), timings=timings, **config)
+        return self.pipe.vqa(images, [j.question for j in jobs], return_ids=True, batch_size=len(jobs),
+                             timings=timings, **config)
+
+
+__all__ = ["Batcher", "Closing", "QueueFull", "Result", "Ticket"]

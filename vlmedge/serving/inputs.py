@@ -1,0 +1,133 @@
+"""Request bodies to model jobs: image bytes decoded with the runtime's checks, generation options
+validated, each problem one line naming the field (the server answers it with a 400)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmedge.errors import InputError, first_line
+from vlmedge.runtime.decoding import GenerationConfig
+from vlmedge.runtime.images import _check_pixels, to_rgb
+
+try:  # pydantic comes with FastAPI (the serve extra); the batcher and offline runs do without it
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+except ImportError:  # pragma: no cover
+    BaseModel = object  # type: ignore[assignment,misc]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request for the model: a decoded RGB image, the question (VQA), the generation options."""
+
+    task: str  # "caption" or "vqa"
+    image: Any  # RGB PIL image
+    question: Optional[str]
+    config: GenerationConfig
+
+
+if BaseModel is not object:
+
+    class GenerationOptions(BaseModel):
+        """Generation options as in the Python API (`pipe.caption(..., num_beams=3)`), plus return_ids."""
+
+        model_config = ConfigDict(extra="forbid")
+        max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the bundle's")
+        min_new_tokens: int = Field(0, ge=0)
+        num_beams: int = Field(1, ge=1, description="beam search width (1: greedy)")
+        length_penalty: float = 1.0
+        early_stopping: Union[bool, Literal["never"]] = False
+        eos_token_id: Optional[int] = None
+        return_ids: bool = Field(False, description="also return the generated token ids")
+
+    class JsonRequest(GenerationOptions):
+        """POST body as JSON: the image base64-encoded (PNG, JPEG, ...), the question for /v1/vqa."""
+
+        image: str = Field(..., description="the image file's bytes, base64-encoded")
+        question: Optional[str] = Field(None, description="the question (/v1/vqa only)")
+
+    _OPTION_FIELDS = tuple(GenerationOptions.model_fields)
+
+
+def decode_image(data: bytes, max_pixels: int, where: str = "image") -> Image.Image:
+    """Image file bytes -> RGB image, with the checks `load_image` makes on a path: the pixel limit
+    from the header before decoding, truncation, not an image, EXIF orientation."""
+    if not data:
+        raise InputError(f"{where}: empty (0 bytes); expected an image file's bytes")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit applies, before decoding
+        img = Image.open(io.BytesIO(data))
+        _check_pixels(img.size, max_pixels, where)
+        img.load()
+    except UnidentifiedImageError:
+        raise InputError(f"{where}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{where}: truncated or corrupt image ({first_line(e)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+INLINE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under 1 ms)
+
+
+def small_image(data: bytes) -> bool:
+    """True if the image's header says it is small enough to decode without leaving the event loop."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            w, h = img.size
+    except Exception:  # a bad image is reported by decode_image, off the loop
+        return False
+    return w * h <= INLINE_PIXELS and len(data) <= 4 * INLINE_PIXELS
+
+
+def _one_line(e: "ValidationError") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field; expected one of image, question, {', '.join(_OPTION_FIELDS)}"
+    if err["type"] == "missing":
+        return f"{loc}: missing; expected {'the image (base64)' if loc == 'image' else 'a value'}"
+    return f"{loc}: {err['msg'].lower()}, got {json.dumps(err.get('input'), default=str)[:60]}"
+
+
+def parse_json_body(body: bytes) -> tuple[bytes, Optional[str], dict]:
+    """A JSON body -> (image bytes, question, generation options incl. return_ids)."""
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"body: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"body: expected a JSON object, got {type(raw).__name__}")
+    try:
+        req = JsonRequest.model_validate(raw)
+    except ValidationError as e:
+        raise InputError(_one_line(e)) from None
+    try:
+        data = base64.b64decode(req.image, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image: not valid base64") from None
+    opts = req.model_dump(exclude={"image", "question"})
+    return data, req.question, opts
+
+
+def parse_form_options(fields: dict[str, str]) -> dict:
+    """Multipart form fields (strings) -> generation options incl. return_ids."""
+    try:
+        return GenerationOptions.model_validate(fields).model_dump()
+    except ValidationError as e:
+        raise InputError(_one_line(e)) from None
+
+
+def split_options(opts: dict) -> tuple[GenerationConfig, bool]:
+    """Validated options -> (GenerationConfig, return_ids)."""
+    opts = dict(opts)
+    return_ids = bool(opts.pop("return_ids", False))
+    return GenerationConfig(**opts), return_ids
