@@ -44,10 +44,16 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise InputError(f"{where}: is a directory, expected an image file")
     if path.stat().st_size == 0:
         raise InputError(f"{where}: empty file (0 bytes)")
+    return open_checked(path, max_pixels, where)
+
+
+def open_checked(source, max_pixels: int, where: str) -> Image.Image:
+    """A path or file object -> decoded, upright image: the pixel limit checked from the header
+    before decoding; not an image, truncated or corrupt -> one InputError naming `where`."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None  # our own limit applies, before decoding
-        img = Image.open(path)
+        img = Image.open(source)
         _check_pixels(img.size, max_pixels, where)
         img.load()
     except UnidentifiedImageError:

@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from vlmedge.errors import InputError, first_line
+from vlmedge.errors import InputError
 from vlmedge.runtime.decoding import GenerationConfig
-from vlmedge.runtime.images import _check_pixels, to_rgb
+from vlmedge.runtime.images import open_checked, to_rgb
 
 try:  # pydantic comes with FastAPI (the serve extra); the batcher and offline runs do without it
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,19 +60,7 @@ def decode_image(data: bytes, max_pixels: int, where: str = "image") -> Image.Im
     from the header before decoding, truncation, not an image, EXIF orientation."""
     if not data:
         raise InputError(f"{where}: empty (0 bytes); expected an image file's bytes")
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        Image.MAX_IMAGE_PIXELS = None  # our own limit applies, before decoding
-        img = Image.open(io.BytesIO(data))
-        _check_pixels(img.size, max_pixels, where)
-        img.load()
-    except UnidentifiedImageError:
-        raise InputError(f"{where}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{where}: truncated or corrupt image ({first_line(e)})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return to_rgb(ImageOps.exif_transpose(img))
+    return to_rgb(open_checked(io.BytesIO(data), max_pixels, where))
 
 
 INLINE_PIXELS = 256 * 256  # images up to this size are decoded on the event loop (well under 1 ms)
