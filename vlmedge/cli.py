@@ -244,7 +244,11 @@ def export(
             else:
                 p.update(tasks[name], description=f"{name} {state}")
 
-        manifest = export_bundle(adapter, task, out, ExportOptions(opset=opset, force=force, max_batch=max_batch, max_length=max_length), on_graph=on_graph)
+        try:
+            manifest = export_bundle(adapter, task, out, ExportOptions(opset=opset, force=force, max_batch=max_batch, max_length=max_length), on_graph=on_graph)
+        except BaseException:
+            p.live.transient = True  # a failure leaves its one error line, not a half-finished bar
+            raise
         if "validation" in tasks:
             p.update(tasks["validation"], completed=1, description="validation [green]passed[/green]")
     from vlmedge.export.inspect import print_validation

@@ -41,6 +41,31 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def cause_chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from (`raise ... from`), outermost first. Implicit context
+    ("during handling of ...") is not followed: the exception raised last says more than the one it replaced."""
+    chain = [e]
+    while chain[-1].__cause__ is not None and all(c is not chain[-1].__cause__ for c in chain):
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first non-blank line of `text`, terminal escape codes dropped, spaces collapsed, at most `limit` characters."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    line = next((" ".join(l.split()) for l in text.splitlines() if l.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def summary_line(e: BaseException, limit: int = 300) -> str:
+    """`module.Type: first line of the message` (builtins unqualified), on one line of at most `limit` characters."""
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    message = one_line(str(e), limit)
+    return one_line(f"{kind}: {message}" if message else kind, limit)
+
+
 def read_json(path, error: type[VlmedgeError], max_bytes: int = 64 << 20):
     """Parse a JSON file; a file that is not JSON, too large or nested too deeply raises `error` naming it."""
     import json

@@ -14,7 +14,7 @@ from typing import Callable
 
 
 from vlmedge import __version__
-from vlmedge.errors import ExportError, InputError, first_line
+from vlmedge.errors import ExportError, InputError, VlmedgeError, cause_chain, one_line, summary_line
 from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.outdir import OutputDir
@@ -66,19 +66,114 @@ def _rename_axes(path: Path, decl: GraphDecl) -> None:
     onnx.save(model, str(path))
 
 
+# torch.onnx.export wraps each failure in a banner of next steps; its first words say which step failed
+_TORCH_ONNX_STEPS = {
+    "Failed to export the model with torch.export": "torch.export failed",
+    "Failed to decompose the FX graph": "decomposition for ONNX failed",
+    "Failed to convert the exported program": "ONNX conversion failed",
+}
+
+
+def _raised_at(e: BaseException) -> str:
+    """` (at file.py:LINE in function)`: the innermost frame of the traceback outside torch and this file,
+    usually the model's own code; empty when every frame is torch's."""
+    import traceback
+
+    import torch
+
+    skip = (str(Path(torch.__file__).parent), __file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(skip)]
+    return f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
+def _root_cause(e: BaseException) -> str:
+    """The exception at the bottom of e's chain on one line, with where it was raised. Where torch.onnx
+    kept only the text of its cause, the first entry of its "Exception summary" (the innermost) stands in."""
+    import re
+
+    root = cause_chain(e)[-1]
+    text = str(root)
+    if text.startswith(tuple(_TORCH_ONNX_STEPS)):
+        found = re.search(r"<class '([^']+)'>: *(.*)", text.partition("## Exception summary")[2])
+        if found:
+            return one_line(f"{found.group(1).removeprefix('builtins.')}: {found.group(2)}")
+    return summary_line(root) + _raised_at(root)
+
+
+class _ThreadOutput:
+    """Stands in for sys.stderr while one thread traces: that thread's writes are kept (torch.export prints the
+    partial graph of a failed trace there), other threads' (the progress bar) pass through."""
+
+    def __init__(self, stream):
+        import io
+        import threading
+
+        self._stream, self._thread, self.kept = stream, threading.get_ident(), io.StringIO()
+
+    def write(self, text: str) -> int:
+        import threading
+
+        return (self.kept if threading.get_ident() == self._thread else self._stream).write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _trace(module, args: tuple, decl: GraphDecl, dynamic_shapes, path: Path, opset: int) -> None:
     import torch
 
+    stderr = sys.stderr
+    sys.stderr = output = _ThreadOutput(stderr)
     try:
         prog = torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
             input_names=[t.name for t in decl.inputs], output_names=[t.name for t in decl.outputs],
             verbose=False,
         )
-        prog.save(str(path))
-    except Exception as e:  # the exporter raises many types; the first line says what failed
-        raise ExportError(f"graph {decl.name}: torch.onnx.export failed: {first_line(e)}") from e
+    except Exception as e:  # one line: the step that failed and its root cause, not torch's banner
+        wrapper = next((str(c) for c in cause_chain(e) if str(c).startswith(tuple(_TORCH_ONNX_STEPS))), "")
+        step = next((what for words, what in _TORCH_ONNX_STEPS.items() if wrapper.startswith(words)), "torch.onnx.export failed")
+        error = ExportError(f"graph {decl.name}: {step}: {_root_cause(e)}")
+        if output.kept.getvalue().strip():
+            error.add_note(f"torch.onnx.export printed:\n{output.kept.getvalue().rstrip()}")  # shown with the trace (--verbose)
+        raise error from e
+    finally:
+        sys.stderr = stderr
+    stderr.write(output.kept.getvalue())
+    prog.save(str(path))
     _rename_axes(path, decl)
+
+
+def _stage_errors(export: Callable[..., Manifest]) -> Callable[..., Manifest]:
+    """Any other failure inside `export` becomes an ExportError naming the stage it happened in (known
+    from the progress reports) and its root cause, so the CLI prints one line; the cause stays chained
+    for --verbose. VlmedgeError and OSError (which names its file) pass through as they are."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(export)
+
+    @functools.wraps(export)
+    def run(*args, **kwargs) -> Manifest:
+        bound = signature.bind(*args, **kwargs)
+        on_graph = bound.arguments.get("on_graph")
+        stage = "preparing example inputs"
+
+        def report(name: str, state: str) -> None:
+            nonlocal stage
+            stage = {"exporting": f"graph {name}", "done": "writing the bundle"}.get(state, name)
+            if on_graph:
+                on_graph(name, state)
+
+        bound.arguments["on_graph"] = report
+        try:
+            return export(*bound.args, **bound.kwargs)
+        except (VlmedgeError, OSError):
+            raise
+        except Exception as e:
+            raise ExportError(f"{stage}: {_root_cause(e)}") from e
+
+    return run
 
 
 def _spec(decl: GraphDecl, file: str, digest: str) -> GraphSpec:
@@ -86,6 +181,7 @@ def _spec(decl: GraphDecl, file: str, digest: str) -> GraphSpec:
     return GraphSpec(file=file, sha256=digest, inputs=tuple(map(t, decl.inputs)), outputs=tuple(map(t, decl.outputs)))
 
 
+@_stage_errors
 def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions = ExportOptions(),
                   on_graph: Callable[[str, str], None] | None = None) -> Manifest:
     """Export, validate and write the bundle; returns its manifest. `on_graph(name, state)` reports progress."""
