@@ -207,7 +207,10 @@ def _demo_variants(fp32: Path, out: Path, n_scenes: int) -> None:
     with _progress() as p:
         report = compare_bundles(paths, f"synthetic:{n_scenes}", "cpu", out / "compare", progress=p)
     print_comparison(report, console)
-    console.print(f"comparison written to {out / 'compare'}: report.json, report.md, plot.png", highlight=False)
+    from vlmedge.compare.compare import REPORT_FILES
+
+    written = ", ".join(f for f in REPORT_FILES if (out / "compare" / f).is_file())
+    console.print(f"comparison written to {out / 'compare'}: {written}", highlight=False)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from PIL import Image
 import vlmedge
 from vlmedge.compare import compare_bundles, compare_command
 from vlmedge.compare.evalset import load_eval
-from vlmedge.compare.plot import ticks
+from vlmedge.compare.plot import PANELS, comparison_figure
 from vlmedge.data.scenes import pick_questions, scenes
 from vlmedge.errors import BundleError, InputError
 from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
@@ -143,17 +145,45 @@ def test_report_files(same):
     md = (out / "report.md").read_text()
     assert "| bundle | precision | caption EM |" in md and "| shapes-vlm (2) | float32 |" in md
     assert "## VQA accuracy by question type" in md and "| decoder_step |" in md
-    assert (out / "plot.png").stat().st_size > 0
+    assert f"![{', '.join(PANELS)}](plot.png)" in md
+
+
+def test_the_plot_is_a_png_of_three_panels_in_each_bundles_colour(same):
+    report, out = same
     with Image.open(out / "plot.png") as img:
-        assert img.format == "PNG" and img.size == (960, 640)
+        assert img.format == "PNG" and img.size == (1600, 560)
         img.verify()
+    with Image.open(out / "plot.png") as img:
+        colours = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+    assert {(31, 119, 180), (255, 127, 14)} <= colours  # matplotlib's first two colours: one per bundle
+
+    fig = comparison_figure(report)
+    acc, stages, size = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == list(PANELS)
+    bundles = report["bundles"]
+    points = [tuple(c.get_offsets()[0]) for c in acc.collections]
+    assert points == [pytest.approx((b["latency_ms"]["whole"]["p50"], b["vqa"]["accuracy"])) for b in bundles]
+    assert [t.get_text().splitlines()[0] for t in acc.texts] == [b["label"] for b in bundles]  # each point labelled
+    bars = [p.get_height() for p in stages.patches]
+    assert bars == pytest.approx([b["latency_ms"][s]["p50"] for b in bundles
+                                  for s in ("preprocess", "encoder", "first_token", "per_token")])
+    assert [t.get_text() for t in stages.get_xticklabels()] == ["preprocess", "encoder", "first token", "per token"]
+    assert [p.get_height() for p in size.patches] == pytest.approx([b["size_bytes"] / 1e6 for b in bundles])
 
 
-def test_plot_axis_ticks_cover_the_data():
-    lo, hi, values, decimals = ticks(0.0, 9.04, (0.0, float("inf")))
-    assert lo == 0.0 and hi >= 9.04 and values[0] == 0.0 and values[-1] <= hi and len(values) >= 4
-    lo, hi, values, _ = ticks(0.97, 0.97, (0.0, 1.0))  # one value: a small range around it, within [0, 1]
-    assert lo < 0.97 < hi <= 1.0 and values
+def test_without_matplotlib_the_reports_are_written_and_one_line_says_why(shapes, tmp_path):
+    out = tmp_path / "cmp"
+    code = ("import sys; sys.modules['matplotlib'] = None; from vlmedge.cli import main; "  # import matplotlib fails
+            f"sys.exit(main(['compare', {str(shapes)!r}, '--eval', 'synthetic:2', '--runs', '1', '--out', {str(out)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    said = [line for line in r.stderr.splitlines() if "matplotlib" in line]
+    assert len(said) == 1 and "no plot: matplotlib is not installed" in said[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert "No plot: matplotlib is not installed" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["bundles"][0]["vqa"]["n"] > 0
+    assert r.stdout.rstrip().endswith(f"report written to {out}: report.json, report.md")
 
 
 def test_a_bundle_without_a_task_reports_it_absent(shapes, tmp_path, capsys):

@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "onnx", "onnxscript", "tensorrt", "safetensors", "vlmedge.export", "vlmedge.models.shapes_vlm")
+HEAVY = ("torch", "transformers", "onnx", "onnxscript", "tensorrt", "safetensors", "vlmedge.export", "vlmedge.models.shapes_vlm",
+         "matplotlib")
 
 
 def _heavy_after(code: str) -> list[str]:

@@ -32,4 +32,6 @@ def compare_command(
         report = compare_bundles(resolved, eval_spec, device, out, progress=p, runs=runs, warn=warn,
                                  shared_threads=True)  # as the other commands run
     print_comparison(report, console)
-    console.print(f"report written to {out}: report.json, report.md, plot.png", highlight=False)
+    from vlmedge.compare.compare import REPORT_FILES
+
+    console.print(f"report written to {out}: {', '.join(f for f in REPORT_FILES if (out / f).is_file())}", highlight=False)

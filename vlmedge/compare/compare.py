@@ -215,7 +215,7 @@ def compare_bundles(paths: Sequence[str | os.PathLike | Bundle], eval_spec: str,
                     for b, label, r in zip(bundles, labels, results)],
     }
     if out_dir is not None:
-        write_outputs(report, Path(out_dir))
+        write_outputs(report, Path(out_dir), warn)
     return report
 
 
@@ -253,20 +253,24 @@ def check_report_dir(out_dir: Path) -> None:
     check_out(out_dir, force=True)
 
 
-def write_outputs(report: dict, out_dir: Path) -> dict[str, Path]:
+def write_outputs(report: dict, out_dir: Path, warn: Callable[[str], None] | None = None) -> dict[str, Path]:
     """report.json, report.md and plot.png in `out_dir`, swapped in together: a kill never leaves a
-    new report beside an old plot."""
-    from vlmedge.compare.plot import accuracy_latency_plot
+    new report beside an old plot. Without matplotlib there is no plot, and `warn` says so."""
+    from vlmedge.compare.plot import PLOT, plot_unavailable, save_plot
     from vlmedge.compare.render import comparison_markdown
     from vlmedge.outdir import OutputDir
 
     check_report_dir(out_dir)
     text = json.dumps(_finite(report), indent=2) + "\n"
-    markdown = comparison_markdown(report)
-    image = accuracy_latency_plot(report)
+    no_plot = plot_unavailable()
+    markdown = comparison_markdown(report, no_plot)
     with OutputDir(out_dir, force=True) as w:
         (w.path / "report.json").write_text(text)
         (w.path / "report.md").write_text(markdown)
-        image.save(w.path / "plot.png", format="PNG")
+        if not no_plot:
+            save_plot(report, w.path / PLOT)
         w.commit()
-    return {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}
+    if no_plot and warn:
+        warn(no_plot)
+    files = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / PLOT}
+    return {k: v for k, v in files.items() if not (k == "plot" and no_plot)}

@@ -161,9 +161,13 @@ def _md_table(head: list[str], rows: list[list[str]], left: int = 1) -> list[str
     return lines + [""]
 
 
-def comparison_markdown(report: dict) -> str:
+def comparison_markdown(report: dict, no_plot: str | None = None) -> str:
+    """report.md: the tables, and the plot beside it (or `no_plot`, the line saying why there is none)."""
+    from vlmedge.compare.plot import PANELS, PLOT
+
     bundles = report["bundles"]
     lines = ["# Bundle comparison", "", _title(report) + ".", ""]
+    lines += [f"No plot: {no_plot.removeprefix('no plot: ')}." if no_plot else f"![{', '.join(PANELS)}]({PLOT})", ""]
     for cols, legend, left in ((ACCURACY, ACCURACY_LEGEND, 2), (SPEED, SPEED_LEGEND, 1)):
         lines += _md_table([h for h, _ in cols], [[cell(b) for _, cell in cols] for b in bundles], left)
         lines += [legend, ""]
