@@ -118,8 +118,8 @@ def check_options(opts: dict[str, Any]) -> None:
             if v:
                 _ids(name, v, True, LIMITS["list"])
         elif name == "bad_words_ids":
-            if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= LIMITS["list"]:
-                raise InputError(f"bad_words_ids: expected a list of 1 to {LIMITS['list']} lists of token ids, got {_show(v)}")
+            if not isinstance(v, (list, tuple)) or len(v) > LIMITS["list"]:  # []: none
+                raise InputError(f"bad_words_ids: expected a list of at most {LIMITS['list']} lists of token ids, got {_show(v)}")
             for i, word in enumerate(v):
                 if not isinstance(word, (list, tuple)):
                     raise InputError(f"bad_words_ids[{i}]: expected a list of token ids, got {_show(word)}")

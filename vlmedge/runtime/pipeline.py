@@ -25,7 +25,7 @@ import numpy as np
 from vlmedge.errors import BundleError, InputError, VlmedgeError, first_line
 from vlmedge.runtime.backends import open_backend
 from vlmedge.runtime.bundle import Bundle, load_bundle
-from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, encode, resolve, run
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, check_options, encode, resolve, run
 from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
 from vlmedge.runtime.preprocess import pixel_values
 
@@ -177,6 +177,8 @@ class Pipeline:
             config = GenerationConfig(**generation)
         except TypeError as e:
             raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
+        # None leaves an option to its default only where it always meant that (lengths, EOS); elsewhere it is refused
+        check_options({k: v for k, v in generation.items() if v is None and k not in ("max_new_tokens", "max_length", "eos_token_id")})
         if not isinstance(return_ids, bool):
             raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
         if batch_size is not None:
