@@ -368,8 +368,8 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
     return pipe
 
 
-def _answer_images(task: str, bundle: str, images: list[str], question: str | None, beams: int,
-                   max_new_tokens: Optional[int], device: str, batch_size: int, max_pixels: int, as_json: bool) -> None:
+def _answer_images(task: str, bundle: str, images: list[str], question: str | None, gen: dict,
+                   device: str, batch_size: int, max_pixels: int, as_json: bool) -> None:
     """Caption / answer every image; a bad image is reported on its own line and the others still run."""
     from vlmedge.runtime.images import expand_paths, load_image
 
@@ -379,7 +379,6 @@ def _answer_images(task: str, bundle: str, images: list[str], question: str | No
         raise InputError(f"IMAGE: {' '.join(images)} matches no image files")
     if question is not None:  # the question is checked once, before any image is read
         pipe.question_ids([question])
-    gen = dict(num_beams=beams, max_new_tokens=max_new_tokens)
     results: list[dict] = []
     good: list[tuple[int, object]] = []
     errors = 0
@@ -427,14 +426,33 @@ class _nullcontext:
 _DEVICE = typer.Option("cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution providers; falls back with a message)")
 _BATCH = typer.Option(8, "--batch-size", min=1, help="images per batch")
 _PIXELS = typer.Option(64_000_000, "--max-pixels", min=1, help="refuse images with more pixels than this")
+# generation options: unset ones take the model's own settings from the bundle (tasks.<task>.generation)
+_BEAMS = typer.Option(None, "--beams", help="beam search width (1: greedy); default: the model's")
+_MAX_NEW = typer.Option(None, "--max-new-tokens", help="default: the model's, else the bundle's")
+_MIN_NEW = typer.Option(None, "--min-new-tokens", help="generate at least this many tokens; default: the model's")
+_LENGTH_PENALTY = typer.Option(None, "--length-penalty", help="beam search length penalty; default: the model's")
+_REPETITION = typer.Option(None, "--repetition-penalty", help="1.0: none; default: the model's")
+_NGRAM = typer.Option(None, "--no-repeat-ngram-size", help="0: off; default: the model's")
+
+
+def _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size) -> dict:
+    """The generation options given on the command line (HF names); the pipeline checks them."""
+    given = dict(num_beams=beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                 length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+                 no_repeat_ngram_size=no_repeat_ngram_size)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @app.command()
 def caption(
     bundle: str = typer.Argument(..., help="bundle directory, or a built-in model name (exported once, cached)"),
     images: list[str] = typer.Argument(..., help="image files, directories or glob patterns"),
-    beams: int = typer.Option(1, "--beams", min=1, help="beam search width (1: greedy)"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the bundle's"),
+    beams: Optional[int] = _BEAMS,
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    min_new_tokens: Optional[int] = _MIN_NEW,
+    length_penalty: Optional[float] = _LENGTH_PENALTY,
+    repetition_penalty: Optional[float] = _REPETITION,
+    no_repeat_ngram_size: Optional[int] = _NGRAM,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     max_pixels: int = _PIXELS,
@@ -443,11 +461,11 @@ def caption(
     ray: bool = typer.Option(False, "--ray", help="with --out: run on Ray Data across a cluster's workers, one pipeline per actor"),
 ) -> None:
     """Caption images with a bundle (ONNX Runtime; no PyTorch needed)."""
+    gen = _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size)
     if out is not None or ray:
-        _caption_to_jsonl(bundle, images, out, ray, dict(num_beams=beams, max_new_tokens=max_new_tokens), device,
-                          batch_size, max_pixels)
+        _caption_to_jsonl(bundle, images, out, ray, gen, device, batch_size, max_pixels)
         return
-    _answer_images("caption", bundle, images, None, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+    _answer_images("caption", bundle, images, None, gen, device, batch_size, max_pixels, as_json)
 
 
 def _caption_to_jsonl(bundle: str, images: list[str], out: Optional[Path], ray: bool, generation: dict, device: str,
@@ -485,15 +503,20 @@ def vqa(
     bundle: str = typer.Argument(..., help="bundle directory, or a built-in model name (exported once, cached)"),
     image: str = typer.Argument(..., help="an image file, a directory or a glob pattern"),
     question: str = typer.Argument(..., help="the question, asked of every image"),
-    beams: int = typer.Option(1, "--beams", min=1, help="beam search width (1: greedy)"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the bundle's"),
+    beams: Optional[int] = _BEAMS,
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    min_new_tokens: Optional[int] = _MIN_NEW,
+    length_penalty: Optional[float] = _LENGTH_PENALTY,
+    repetition_penalty: Optional[float] = _REPETITION,
+    no_repeat_ngram_size: Optional[int] = _NGRAM,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     max_pixels: int = _PIXELS,
     as_json: bool = typer.Option(False, "--json", help="print JSON: per image its answer and token ids, or its error"),
 ) -> None:
     """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
-    _answer_images("vqa", bundle, [image], question, beams, max_new_tokens, device, batch_size, max_pixels, as_json)
+    gen = _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size)
+    _answer_images("vqa", bundle, [image], question, gen, device, batch_size, max_pixels, as_json)
 
 
 @app.command()

@@ -3,7 +3,9 @@
 1. Per graph and output: max abs error and mean relative error of ONNX Runtime (CPU) against
    PyTorch, on real scenes and questions.
 2. End to end: greedy tokens of the runtime's decoding loop over the ONNX graphs equal the family's
-   own PyTorch generation, for every image, at batch 1 and as one padded batch.
+   own PyTorch generation, for every image, at batch 1 and as one padded batch; beam-search tokens
+   (the model's own num_beams, else 3) equal it too. Both sides decode with the model's own
+   generation settings (the manifest's `tasks.<task>.generation`, HF's generation_config).
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
     vqa = task == "vqa"
     n = sample.pixel_values.shape[0]
 
-    def onnx_ids(sl):
+    generation = spec.get("generation") or {}
+    beams = generation.get("num_beams", 1) if generation.get("num_beams", 1) > 1 else 3
+
+    def onnx_ids(sl, k=1):
         px = sample.pixel_values[sl].numpy()
         if vqa:
             qm = sample.question_mask[sl].numpy()
@@ -83,23 +88,31 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
             states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
         else:
             states, mask = encode(backend, px)
-        return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(), max_new)
+        return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(num_beams=k, max_new_tokens=max_new),
+                        max_new, defaults=generation)
 
-    def torch_ids(sl):
+    def torch_ids(sl, k=1):
         if vqa:
             qm = sample.question_mask[sl]
             width = int(qm.sum(1).max())
             return adapter.reference_generate(task, sample.pixel_values[sl], sample.question_ids[sl][:, :width],
-                                              qm[:, :width], max_new_tokens=max_new)
-        return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new)
+                                              qm[:, :width], max_new_tokens=max_new, num_beams=k)
+        return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new, num_beams=k)
 
     batched_ref, batched = torch_ids(slice(0, n)), onnx_ids(slice(0, n))
     single_ref, single = [], []
     for i in range(n):
         single_ref += torch_ids(slice(i, i + 1))
         single += onnx_ids(slice(i, i + 1))
+    # beam search at the model's own width (3 where it decodes greedily), in batches the bundle allows
+    beam_ref, beam = [], []
+    step = max(1, m.axes["batch"].max // beams)
+    for s in range(0, n, step):
+        beam_ref += torch_ids(slice(s, s + step), beams)
+        beam += onnx_ids(slice(s, s + step), beams)
     mism = [i for i in range(n) if batched[i] != batched_ref[i]]
     mism1 = [i for i in range(n) if single[i] != single_ref[i]]
+    mism_beam = [i for i in range(n) if beam[i] != beam_ref[i]]
     return {
         "images": n, "batch": n,
         "agree_batched": n - len(mism), "agree_batch1": n - len(mism1),
@@ -108,6 +121,8 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
             "image": (mism or mism1)[0], "pytorch": (batched_ref if mism else single_ref)[(mism or mism1)[0]],
             "onnx": (batched if mism else single)[(mism or mism1)[0]],
         },
+        "beam": {"num_beams": beams, "agree": n - len(mism_beam), "first_mismatch": None if not mism_beam else {
+            "image": mism_beam[0], "pytorch": beam_ref[mism_beam[0]], "onnx": beam[mism_beam[0]]}},
     }
 
 
@@ -130,4 +145,7 @@ def validate_bundle(adapter: Adapter, bundle_dir: Path, tasks: list[str], option
         tokens[task] = r = _tokens(adapter, backend, bundle, task, sample)
         if r["first_mismatch"] is not None:
             failures.append(f"{task}: ONNX greedy tokens differ from PyTorch on image {r['first_mismatch']['image']}")
+        if r["beam"]["first_mismatch"] is not None:
+            failures.append(f"{task}: ONNX beam-search tokens (num_beams={r['beam']['num_beams']}) differ from PyTorch "
+                            f"on image {r['beam']['first_mismatch']['image']}")
     return {"passed": not failures, "failures": failures, "atol": options.atol, "graphs": graphs, "tokens": tokens}
