@@ -50,10 +50,11 @@ def worker(model_dir: Path, export_dir: Path, threads: int, max_new: int) -> Non
     so.intra_op_num_threads = threads
     model = ORTModelForVision2Seq.from_pretrained(str(export_dir), use_cache=True, session_options=so)
     start = model.config.decoder_start_token_id
-    import optimum.onnxruntime as oo
+    from importlib.metadata import version
+
     import transformers
 
-    print(json.dumps({"ready": True, "optimum_onnx": getattr(oo, "__version__", "?"), "transformers": transformers.__version__,
+    print(json.dumps({"ready": True, "optimum_onnx": version("optimum-onnx"), "optimum": version("optimum"), "transformers": transformers.__version__,
                       "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
