@@ -8,6 +8,11 @@ sessions alternate, batch 1, on one shared thread pool, and the medians are comp
 (target: INT8 <= 0.75x FP32). The timing runs in a fresh process: onnxruntime's shared thread pool
 must exist before any session, including the calibrator's.
 
+The ONNX Runtime target's forms alternate with them: FP32 and the same Q/DQ INT8 with ONNX Runtime's
+transformer fusions (vlmedge.export.ort_target.fuse_graph, what `--target onnxruntime` does), and,
+for reference, ONNX Runtime's dynamic INT8 quantization of the fused FP32 graph (DynamicQuantizeMatMul:
+activations quantized per call; an ONNX Runtime-only form that `vlmedge quantize` does not emit).
+
 Run:  .venv/bin/python benchmarks/int8_vision_encoder.py [--bundle DIR] [--repeats N]
 """
 
@@ -48,7 +53,19 @@ def quantize(bundle_dir: Path, n_calib: int) -> tuple[Path, Path, int, float]:
     return src, dst, len(nodes), seconds
 
 
-def time_side_by_side(src: Path, dst: Path, repeats: int, bundle_dir: Path) -> None:
+def ort_target_forms(src: Path, dst: Path, heads: int, hidden: int) -> list[Path]:
+    """The fused FP32 and fused Q/DQ INT8 encoders, and the dynamic INT8 of the fused FP32 one."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vlmedge.export.ort_target import fuse_graph
+
+    fp32, int8, dyn = (src.parent / f"{dst.stem.split('.')[0]}.{k}.onnx" for k in ("ort-fp32", "ort-int8", "ort-int8-dynamic"))
+    print("fused nodes, FP32:", fuse_graph(src, fp32, heads, hidden), " INT8 Q/DQ:", fuse_graph(dst, int8, heads, hidden))
+    quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8, per_channel=True)
+    return [fp32, int8, dyn]
+
+
+def time_side_by_side(src: Path, dst: Path, repeats: int, bundle_dir: Path, more: list[Path] = ()) -> None:
     import onnxruntime as ort
 
     from vlmedge.data.scenes import scenes
@@ -58,21 +75,28 @@ def time_side_by_side(src: Path, dst: Path, repeats: int, bundle_dir: Path) -> N
     ort.set_global_thread_pool_sizes(2, 1)  # one pool for both sessions: no idle workers spinning against the other
     opts = ort.SessionOptions()
     opts.use_per_session_threads = False
-    fp32 = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
-    int8 = ort.InferenceSession(str(dst), opts, providers=["CPUExecutionProvider"])
+    names = ["fp32", "int8"] + [p.name.split(".", 1)[1].removesuffix(".onnx") for p in more]
+    sessions = {n: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                for n, p in zip(names, [src, dst, *more])}
+    fp32, int8 = sessions["fp32"], sessions["int8"]
     x = pixel_values([next(scenes("test", 0, 1)).image], load_bundle(bundle_dir).manifest.preprocessing)
     ref, got = fp32.run(None, {"pixel_values": x})[0], int8.run(None, {"pixel_values": x})[0]
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     for _ in range(3):
-        fp32.run(None, {"pixel_values": x})
-        int8.run(None, {"pixel_values": x})
-    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for sess in sessions.values():
+            sess.run(None, {"pixel_values": x})
+    times: dict[str, list[float]] = {n: [] for n in sessions}
     for _ in range(repeats):
-        for name, sess in (("fp32", fp32), ("int8", int8)):
+        for name, sess in sessions.items():
             t = time.perf_counter()
             sess.run(None, {"pixel_values": x})
             times[name].append(time.perf_counter() - t)
     f, q = statistics.median(times["fp32"]), statistics.median(times["int8"])
+    for name, p in zip(names[2:], more):
+        out = sessions[name].run(None, {"pixel_values": x})[0]
+        c = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+        print(f"onnxruntime target {name}: {statistics.median(times[name]) * 1e3:.1f} ms = "
+              f"{statistics.median(times[name]) / f:.2f}x portable FP32; size {p.stat().st_size / 1e6:.0f} MB; cosine vs FP32 {c:.4f}")
     print(f"ViT-B/16 vision encoder, batch 1, one shared pool of 2 threads, onnxruntime {ort.__version__}, "
           f"{repeats} alternating repeats")
     print(f"FP32 {f * 1e3:.1f} ms   INT8 {q * 1e3:.1f} ms   INT8/FP32 = {q / f:.2f}x   (target <= 0.75x)")
@@ -88,14 +112,18 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, default=ROOT / "benchmarks" / ".work" / f"vit-gpt2-base-bundle-v{__version__}")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--calib", type=int, default=32, help="scene images for calibration")
-    ap.add_argument("--time", nargs=2, type=Path, metavar=("FP32", "INT8"), help=argparse.SUPPRESS)
+    ap.add_argument("--time", nargs="+", type=Path, metavar="ONNX", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.time:
-        time_side_by_side(*args.time, args.repeats, args.bundle)
+        time_side_by_side(args.time[0], args.time[1], args.repeats, args.bundle, args.time[2:])
         return 0
     src, dst, _, _ = quantize(args.bundle, args.calib)
-    return subprocess.call([sys.executable, __file__, "--time", str(src), str(dst), "--repeats", str(args.repeats),
-                            "--bundle", str(args.bundle)])
+    from vlmedge.runtime.bundle import load_bundle
+
+    dims = load_bundle(args.bundle).manifest.dims  # ViT-B/16 and GPT-2 124M share 12 heads of 64
+    more = ort_target_forms(src, dst, dims["decoder_heads"], dims["decoder_heads"] * dims["decoder_head_dim"])
+    return subprocess.call([sys.executable, __file__, "--time", str(src), str(dst), *map(str, more),
+                            "--repeats", str(args.repeats), "--bundle", str(args.bundle)])
 
 
 if __name__ == "__main__":

@@ -172,6 +172,17 @@ def vit_gpt2_model(work: Path, quick: bool) -> Model:
                  repeats={1: 2, 8: 1} if quick else {1: 5, 8: 3}, warmup=1, export_s=seconds)
 
 
+def onnxruntime_target(bundle: Path) -> Path:
+    """The onnxruntime target of a cached bundle, made beside it once."""
+    from vlmedge.export.ort_target import retarget
+
+    out = bundle.with_name(bundle.name + "-ort")
+    if not (out / "manifest.json").is_file():
+        log(f"making the onnxruntime target {out}")
+        retarget(bundle, out, log=log)
+    return out
+
+
 # -- the two contenders ---------------------------------------------------------------------------------
 
 
@@ -445,6 +456,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="cache of the random ViT-GPT2 model and the bundles (default: benchmarks/.work)")
     ap.add_argument("--threads", type=int, default=2, help="threads for ONNX Runtime and torch (default 2)")
     ap.add_argument("--json", type=Path, help="also write every number (raw repeats included) here")
+    ap.add_argument("--target", choices=("tensorrt-portable", "onnxruntime"), default="tensorrt-portable",
+                    help="which bundle the runtime runs: the portable one (default) or its onnxruntime target "
+                         "(ONNX Runtime's fused kernels; made beside it once)")
     return ap.parse_args(argv)
 
 
@@ -466,9 +480,11 @@ def main(argv=None) -> int:
         model = builders[key](args.work, args.quick)
         if args.repeats:
             model.repeats = {b: args.repeats for b in model.repeats}
+        if args.target == "onnxruntime":
+            model.bundle = onnxruntime_target(model.bundle)
         pipe = Pipeline(load_bundle(model.bundle), "cpu", threads=args.threads, shared_threads=True)
         side = TorchSide(model)
-        r = results[model.name] = {"bundle": str(model.bundle), "export_s": model.export_s}
+        r = results[model.name] = {"bundle": str(model.bundle), "export_s": model.export_s, "target": args.target}
         r["compare"] = [compare(model, pipe, side, b) for b in (1, 8)]
         r["per_token"] = per_token(model, pipe)
         if model.name == "vit-gpt2":

@@ -223,6 +223,8 @@ def export(
     max_length: Optional[int] = typer.Option(None, "--max-length",
                                              help="decoder positions declared, prompt + generated (default: 128 or the model's limit)"),
     prompt: Optional[str] = typer.Option(None, help='caption prompt for BLIP, e.g. "a picture of"'),
+    target: str = typer.Option("tensorrt-portable", "--target",
+                               help="tensorrt-portable (default) or onnxruntime: ONNX Runtime's fused ops, not for TensorRT"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Export a model's encoders and KV-cache decoder to ONNX, validate against PyTorch, write a bundle."""
@@ -230,6 +232,7 @@ def export(
     from vlmedge.outdir import check_out
 
     check_out(out, force)  # fail before loading anything heavy
+    _check_target(target)
     from vlmedge.models.registry import load_adapter
 
     _quiet_export_logs()
@@ -257,6 +260,7 @@ def export(
     from vlmedge.export.inspect import print_validation
 
     print_validation(manifest.validation, console)
+    _apply_target(out, target)
     console.print(f"bundle written to {out}")
 
 
@@ -271,6 +275,8 @@ def quantize(
     budget: Optional[float] = typer.Option(None, "--budget",
                                            help="accuracy loss allowed, in VQA accuracy points (default 1); BLEU-4 gets budget/50 (default 0.02)"),
     io_dtype: str = typer.Option("float32", "--io-dtype", help="FP16: graph inputs/outputs float32 (casts inside) or float16"),
+    target: str = typer.Option("tensorrt-portable", "--target",
+                               help="tensorrt-portable (default) or onnxruntime: ONNX Runtime's fused ops, not for TensorRT"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Make an FP16 or calibrated INT8 variant of a bundle, checked against FP32 on held-out data."""
@@ -278,6 +284,7 @@ def quantize(
     from vlmedge.outdir import check_out
 
     check_out(out, force)
+    _check_target(target)
     _quiet_export_logs()
     import logging
 
@@ -300,7 +307,26 @@ def quantize(
     excluded = sum(len(e) for e in p["excluded"].values())
     console.print(f"{excluded} nodes kept in float; calibration {p['calibration']['source']} "
                   f"({p['calibration']['calibration_images']} images, {p['calibration']['held_out_images']} held out)")
+    _apply_target(out, target)
     console.print(f"bundle written to {out}")
+
+
+def _check_target(target: str) -> None:
+    from vlmedge.runtime.bundle import TARGETS
+
+    if target not in TARGETS:
+        raise InputError(f"--target: expected {' or '.join(TARGETS)}, got {target!r}")
+
+
+def _apply_target(out: Path, target: str) -> None:
+    """Rewrite the bundle just written at `out` for its target (the portable bundle needs nothing)."""
+    if target == "onnxruntime":
+        from vlmedge.export.ort_target import retarget
+
+        entry = retarget(out, out, log=lambda s: err_console.print(f"onnxruntime target: {s}", highlight=False))
+        fused = sum(sum(c.values()) for c in entry["fused_nodes"].values())
+        console.print(f"onnxruntime target: {fused} fused nodes, greedy tokens equal to the portable bundle's "
+                      f"({', '.join(f'{t} {a}' for t, a in entry['token_agreement'].items())})")
 
 
 @app.command()

@@ -66,6 +66,7 @@ class Manifest:
     provenance: dict[str, Any]
     validation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    target: str = "tensorrt-portable"  # or "onnxruntime": ONNX Runtime's fused contrib ops (vlmedge.export.ort_target)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -88,6 +89,7 @@ VOCAB_MAX = 1 << 22
 MANIFEST_MAX_BYTES = 16 << 20
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "box", "lanczos", "hamming")  # runtime.preprocess
 CHANNEL_ORDERS = ("RGB",)  # what runtime.preprocess produces
+TARGETS = ("tensorrt-portable", "onnxruntime")  # what a bundle's graphs are made for; older bundles: portable
 SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 lowercase hex digits)")
 
 
@@ -135,7 +137,7 @@ MANIFEST_SCHEMA = Obj({
     "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
     "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
     "provenance": Free(dict),
-}, {"validation": Free(dict)})
+}, {"validation": Free(dict), "target": Str(choices=TARGETS)})
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -246,6 +248,7 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         family=m["family"], architecture=m["architecture"], tasks=m["tasks"], dims=m["dims"], graphs=graphs, axes=axes,
         preprocessing=m["preprocessing"], tokenizer=m["tokenizer"], precision=m["precision"],
         provenance=m["provenance"], validation=m.get("validation", {}), schema_version=m["schema_version"],
+        target=m.get("target", TARGETS[0]),
     )
 
 

@@ -138,6 +138,9 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
     o = options or BuildOptions()
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
+    if m.target != "tensorrt-portable":
+        raise BuildError(f"{bundle_dir}: an ONNX Runtime-target bundle (manifest target {m.target!r}, ONNX Runtime's "
+                         "fused ops) cannot be built for TensorRT; build the portable bundle it was made from")
     overrides = dla_overrides(m, o) if o.dla_core is not None else dict(o.profiles)
     trt = tensorrt_import.load()
     gpu_name, cc = gpu_facts()

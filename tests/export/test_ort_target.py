@@ -1,0 +1,78 @@
+"""The ONNX Runtime target of the shipped shapes-vlm bundle: fused kernels, the same tokens as the
+portable bundle, the target in the manifest, and `vlmedge build` refusing it."""
+
+import json
+
+import pytest
+
+from vlmedge.cli import main
+from vlmedge.data.scenes import pick_questions, scenes
+from vlmedge.errors import BundleError, InputError
+from vlmedge.export.ort_target import fused_counts, retarget
+from vlmedge.runtime.bundle import MANIFEST, load_bundle, parse_manifest
+from vlmedge.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def portable_and_ort(tmp_path_factory):
+    from vlmedge.export.exporter import export_bundle
+    from vlmedge.models.registry import load_adapter
+
+    root = tmp_path_factory.mktemp("ort-target")
+    export_bundle(load_adapter("shapes-vlm"), "all", root / "portable")
+    entry = retarget(root / "portable", root / "ort")
+    return root / "portable", root / "ort", entry
+
+
+def test_every_graph_has_fused_layer_norms_and_gelus(portable_and_ort):
+    portable, ort, entry = portable_and_ort
+    m = load_bundle(ort).manifest
+    assert set(m.graphs) == {"vision_encoder", "text_encoder", "decoder_init", "decoder_step"}
+    for name in m.graphs:
+        counts = fused_counts(ort / m.graphs[name].file)
+        assert counts.get("SkipLayerNormalization", 0) > 0 and counts.get("BiasGelu", 0) > 0, (name, counts)
+        assert counts == entry["fused_nodes"][name]
+        assert fused_counts(portable / m.graphs[name].file) == {}  # the portable graphs keep standard ops
+    assert m.validation["onnxruntime_target"]["token_agreement"] == {"caption": "4/4", "vqa": "4/4"}
+
+
+def test_same_tokens_as_the_portable_bundle(portable_and_ort):
+    portable, ort, _ = portable_and_ort
+    picked = list(scenes("test", 0, 6))
+    images = [s.image for s in picked]
+    questions = [pick_questions(s)[i % 5].text for i, s in enumerate(picked)]
+    a, b = Pipeline(load_bundle(portable), "cpu"), Pipeline(load_bundle(ort), "cpu")
+    for run in (lambda p: p.caption(images, return_ids=True), lambda p: p.vqa(images, questions, return_ids=True),
+                lambda p: p.caption(images[:2], return_ids=True, num_beams=3)):
+        want, got = [g.ids for g in run(a)], [g.ids for g in run(b)]
+        assert got == want and all(len(ids) > 0 for ids in got)
+
+
+def test_the_manifest_records_the_target_and_old_bundles_are_portable(portable_and_ort):
+    portable, ort, _ = portable_and_ort
+    assert load_bundle(ort).manifest.target == "onnxruntime"
+    raw = json.loads((portable / MANIFEST).read_text())
+    assert raw["target"] == "tensorrt-portable"
+    del raw["target"]  # a bundle written before targets existed
+    assert parse_manifest(raw).target == "tensorrt-portable"
+    raw["target"] = "tensorrt"
+    with pytest.raises(BundleError, match=r"target.*tensorrt-portable") as e:
+        parse_manifest(raw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="already an ONNX Runtime-target bundle"):
+        retarget(ort, ort.parent / "again")
+
+
+def test_build_refuses_an_onnxruntime_target_bundle_in_one_line(portable_and_ort, tmp_path, capsys):
+    _, ort, _ = portable_and_ort
+    assert main(["build", str(ort), "--out", str(tmp_path / "engines")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ONNX Runtime-target bundle" in err and "'onnxruntime'" in err, err
+    assert not (tmp_path / "engines").exists()
+
+
+def test_an_unknown_target_is_one_line(tmp_path, capsys):
+    assert main(["export", "shapes-vlm", "--out", str(tmp_path / "b"), "--target", "tensorrt"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target" in err and "onnxruntime" in err, err
+    assert not (tmp_path / "b").exists()

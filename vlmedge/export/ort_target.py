@@ -1,0 +1,128 @@
+"""The ONNX Runtime target (`--target onnxruntime`): a bundle whose graphs carry ONNX Runtime's fused
+transformer kernels, for users who run on ONNX Runtime and never build TensorRT engines.
+
+Each graph goes through `onnxruntime.transformers.optimizer` (model type "bert": the fusions that
+apply to every graph of the canonical interface, encoders and decoders alike). What fires on the
+dynamo-exported graphs, measured on `shapes-vlm` and the base ViT-GPT2 (onnxruntime 1.32):
+
+- SkipLayerNormalization (residual Add + LayerNormalization) and BiasGelu (MatMul bias + Gelu) in
+  every graph; FastGelu where the model uses the tanh approximation (GPT-2);
+- no Attention / MultiHeadAttention with any model type tried (bert, gpt2, vit): the optimizer's
+  attention patterns are those of the TorchScript exporter's graphs, and the dynamo exporter's
+  attention subgraphs (with the KV cache concatenated in the graph) do not match them.
+
+The fused graphs use com.microsoft contrib ops, which TensorRT does not parse: the manifest records
+`target: "onnxruntime"` and `vlmedge build` refuses such a bundle. The graph inputs and outputs stay
+those of the bundle contract (checked on load), and greedy tokens must equal the source bundle's on
+validation images and questions, else nothing is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from vlmedge.errors import ExportError, InputError, ValidationError
+from vlmedge.outdir import OutputDir
+from vlmedge.runtime.bundle import MANIFEST, TARGETS, load_bundle, sha256_file
+
+ORT_TARGET = TARGETS[1]
+
+FUSED_DOMAIN = "com.microsoft"
+VALIDATE_IMAGES = 4
+
+
+def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """Write `src` with ONNX Runtime's transformer fusions applied to `dst`; returns the fused
+    (contrib) node count per op type."""
+    import logging
+
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    options = FusionOptions("bert")
+    try:
+        # opt_level 0: only the Python fusions, so the file stays independent of this machine's CPU
+        # (ONNX Runtime applies its own graph optimizations again when it opens the graph)
+        model = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               opt_level=0, optimization_options=options)
+    except Exception as e:  # the optimizer raises many types; the first line says what failed
+        raise ExportError(f"{src}: ONNX Runtime's transformer optimizer failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    model.save_model_to_file(str(dst))
+    return dict(collections.Counter(n.op_type for n in model.model.graph.node if n.domain == FUSED_DOMAIN))
+
+
+def fused_counts(path: Path) -> dict[str, int]:
+    """Contrib (com.microsoft) nodes of a graph file, by op type."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in m.graph.node if n.domain == FUSED_DOMAIN))
+
+
+def _sample_requests(manifest, n: int) -> dict[str, tuple[list, list | None]]:
+    """Validation images (and questions, for VQA) from the scene world's validation split."""
+    from vlmedge.data.scenes import pick_questions, scenes
+
+    picked = list(scenes("val", 0, n))
+    images = [s.image for s in picked]
+    out = {}
+    if "caption" in manifest.tasks:
+        out["caption"] = (images, None)
+    if "vqa" in manifest.tasks:
+        out["vqa"] = (images, [pick_questions(s)[i % 3].text for i, s in enumerate(picked)])
+    return out
+
+
+def _tokens(bundle_dir: Path, requests: dict) -> dict[str, list]:
+    from vlmedge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(load_bundle(bundle_dir), "cpu")
+    got = {}
+    for task, (images, questions) in requests.items():
+        gens = pipe.caption(images, return_ids=True) if questions is None else pipe.vqa(images, questions, return_ids=True)
+        got[task] = [list(g.ids) for g in gens]
+    return got
+
+
+def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], None] = lambda s: None,
+             validate_images: int = VALIDATE_IMAGES) -> dict:
+    """Write the ONNX Runtime target of the bundle `src` to `out` (which may be `src` itself, replaced
+    only when validation passes); returns the manifest's `validation["onnxruntime_target"]` entry."""
+    bundle = load_bundle(src)
+    m = bundle.manifest
+    if m.target == ORT_TARGET:
+        raise InputError(f"{src}: already an ONNX Runtime-target bundle (manifest target {ORT_TARGET!r})")
+    heads, hidden = int(m.dims["decoder_heads"]), int(m.dims["decoder_heads"] * m.dims["decoder_head_dim"])
+    same_dir = Path(out).resolve() == Path(src).resolve()
+    with OutputDir(out, force or same_dir) as writer:
+        tmp = writer.path
+        fused: dict[str, dict[str, int]] = {}
+        graphs = {}
+        for name, spec in m.graphs.items():
+            log(f"{name}: fusing")
+            path = tmp / spec.file
+            fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden)
+            graphs[name] = replace(spec, sha256=sha256_file(path))
+            log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}")
+        shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
+        entry = {"source_sha256": {n: g.sha256 for n, g in m.graphs.items()}, "fused_nodes": fused}
+        draft = replace(m, graphs=graphs, target=ORT_TARGET)
+        (tmp / MANIFEST).write_text(draft.to_json())
+        log("validation: greedy tokens against the source bundle")
+        requests = _sample_requests(m, validate_images)
+        want, got = _tokens(bundle.path, requests), _tokens(tmp, requests)
+        entry["token_agreement"] = {t: f"{sum(a == b for a, b in zip(want[t], got[t]))}/{len(want[t])}" for t in want}
+        if want != got:
+            task = next(t for t in want if want[t] != got[t])
+            raise ValidationError(f"{src}: the ONNX Runtime target's greedy tokens differ from the source bundle's "
+                                  f"({task}: {entry['token_agreement'][task]} equal); nothing written")
+        validation = {**m.validation, "onnxruntime_target": entry}
+        (tmp / MANIFEST).write_text(replace(draft, validation=validation).to_json())
+        writer.commit()
+    return entry
+
