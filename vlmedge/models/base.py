@@ -60,6 +60,9 @@ class TaskSpec:
     eos_id: int
     pad_id: int
     max_new_tokens: int
+    text_prompt_ids: tuple[int, ...] = ()  # what text_encoder reads for this task; empty: the user's question
+    image_prefix: bool = False  # text_encoder's output is [image tokens; prompt]: the decoder's mask covers both
+    postprocess: str = "text"  # how the answer is read: text, or Florence-2's pure_text / description_with_bboxes / ocr
 
 
 @dataclass(frozen=True)
