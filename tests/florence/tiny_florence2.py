@@ -72,7 +72,7 @@ def florence2(out: Path, seed: int = 0) -> Path:
             p.add_(torch.randn(p.shape, generator=g) * (0.3 if "vision" in name or "projector" in name else 0.15))
     model.generation_config = GenerationConfig(
         decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1, forced_bos_token_id=0,
-        forced_eos_token_id=2, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, max_length=25,
+        forced_eos_token_id=2, num_beams=3, no_repeat_ngram_size=3, early_stopping=True, max_length=20,
     )
     model.save_pretrained(out)
     with torch.no_grad():

@@ -121,6 +121,17 @@ class Pipeline:
         with self._tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
+    def encode(self, task: str, px: np.ndarray, questions: tuple[np.ndarray, np.ndarray] | None = None,
+               backend=None) -> tuple[Any, np.ndarray]:
+        """The states a task's decoder attends to, and their mask: the image's, the question's (ids
+        and mask from `question_ids`), or those of the task's own prompt (Florence-2)."""
+        backend = backend or self.backend
+        spec = self.manifest.tasks[task]
+        if questions is None and spec.get("text_prompt_ids"):
+            ids = np.tile(np.asarray(spec["text_prompt_ids"], dtype=np.int64), (px.shape[0], 1))
+            return encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
+        return encode(backend, px) if questions is None else encode(backend, px, *questions)
+
     def task_text(self, task: str, ids: Sequence[int]) -> str:
         """A family task's answer text, read as its processor reads it (Florence-2: pure text)."""
         from vlmedge.runtime.florence2 import parse, tokens_text
@@ -224,13 +235,7 @@ class Pipeline:
             px = self.images(images[s : s + chunk])
             q = self.question_ids(questions[s : s + chunk]) if questions is not None else None
             t1 = time.perf_counter()
-            if q is None and spec.get("text_prompt_ids"):  # the task is a prompt (Florence-2)
-                ids = np.tile(np.asarray(spec["text_prompt_ids"], dtype=np.int64), (px.shape[0], 1))
-                states, mask = encode(self.backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
-            elif q is None:
-                states, mask = encode(self.backend, px)
-            else:
-                states, mask = encode(self.backend, px, *q)
+            states, mask = self.encode(task, px, q)
             t2 = time.perf_counter()
             if timings is not None:
                 timings.preprocess += t1 - t0
