@@ -18,8 +18,6 @@ from tiny_florence2 import florence2  # noqa: E402
 TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>", "<OD>", "<OCR_WITH_REGION>",
          "<DENSE_REGION_CAPTION>")
 REGION = {"<OD>": "bboxes", "<DENSE_REGION_CAPTION>": "bboxes", "<OCR_WITH_REGION>": "quad_boxes"}
-# generate() options that switch off the checkpoint's own settings (greedy and plain beam search)
-PLAIN = {"forced_bos_token_id": None, "forced_eos_token_id": None, "no_repeat_ngram_size": 0, "early_stopping": False}
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +70,18 @@ def test_export_validated_every_task(flo):
         assert ids[n:] == flo["manifest"].tasks[task]["text_prompt_ids"]
 
 
-@pytest.mark.parametrize("beams", [1, 3])
-def test_every_task_equals_hf_generate(flo, beams):
-    """A batch of three images of different sizes, each task: tokens equal HF generate's, and region
-    tasks' boxes equal Florence2Processor.post_process_generation on the same tokens."""
+@pytest.mark.parametrize("options", [{"num_beams": 1}, {}], ids=["greedy", "model-defaults"])
+def test_every_task_equals_hf_generate(flo, options):
+    """A batch of three images of different sizes, each task: tokens equal HF generate's, greedy and
+    with the checkpoint's own settings (3 beams, no repeated trigrams, forced BOS and EOS, early
+    stopping); region tasks' boxes equal Florence2Processor.post_process_generation on the same tokens."""
     pipe, proc = flo["pipe"], flo["proc"]
+    generation = flo["manifest"].tasks["<OD>"]["generation"]
+    assert generation["num_beams"] == 3 and generation["no_repeat_ngram_size"] == 3 and generation["forced_bos_token_id"] == 0
     outputs = set()
     for task in TASKS:
-        want = _hf(flo, task, flo["images"], num_beams=beams, **PLAIN)
-        got = pipe.run(flo["images"], task, num_beams=beams)
+        want = _hf(flo, task, flo["images"], **options)
+        got = pipe.run(flo["images"], task, **options)
         assert [list(r.ids) for r in got] == want, task
         outputs.update(tuple(r.ids) for r in got)
         for img, r in zip(flo["images"], got):

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError, read_json
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
     HfDecoderInit, HfDecoderStep, load_hf_model, preprocessing, strip_prompt, tokenizer_json, weight_files,
 )
@@ -33,9 +34,6 @@ TASK_PROMPTS = {
     "<DENSE_REGION_CAPTION>": ("Locate the objects in the image, with their descriptions.", "description_with_bboxes"),
 }
 _OCR_PATTERN = r"(.+?)" + r"<loc_(\d+)>" * 8
-# generate() options that switch off the checkpoint's own logits processors
-_PLAIN = {"forced_bos_token_id": None, "forced_eos_token_id": None, "no_repeat_ngram_size": 0,
-          "repetition_penalty": 1.0, "length_penalty": 1.0, "early_stopping": False, "min_length": 0}
 
 
 class _Vision(nn.Module):
@@ -146,8 +144,9 @@ class Florence2Adapter:
         # the 1024 new tokens Florence-2's model cards generate with
         set_here = gen.to_diff_dict()
         max_new = gen.max_new_tokens or (gen.max_length - 1 if "max_length" in set_here else 1024)
+        generation = generation_defaults(self.model, f"{source}/generation_config.json")
         tasks = {t: TaskSpec("text_encoder", (self.start_id,), self.eos_id, self.pad_id, min(max_new, max_pos - 1),
-                             text_prompt_ids=self.task_ids[t], image_prefix=True, postprocess=kind)
+                             generation, text_prompt_ids=self.task_ids[t], image_prefix=True, postprocess=kind)
                  for t, (_, kind) in TASK_PROMPTS.items()}
         self.info = FamilyInfo(family="florence2", architecture=self.architecture, dims=dims, preprocessing=prep,
                                tasks=tasks)
@@ -185,15 +184,14 @@ class Florence2Adapter:
 
     @torch.no_grad()
     def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20,
-                           num_beams=1, **generation):
-        """HF generate as Florence2Processor feeds it: [image tokens; task prompt] as input_ids."""
+                           num_beams=None, **generation):
+        """HF generate as Florence2Processor feeds it ([image tokens; task prompt] as input_ids), with the
+        checkpoint's generation settings except those passed."""
         B = pixel_values.shape[0]
         image_id = self.model.config.image_token_id
         ids = torch.tensor([[image_id] * self.image_tokens + list(self.task_ids[task])] * B)
-        eos = generation.pop("eos_token_id", self.eos_id)
-        generation = {**_PLAIN, **generation}  # only the settings asked for, not the checkpoint's
+        eos = generation.get("eos_token_id", self.eos_id)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                  decoder_start_token_id=self.start_id, eos_token_id=eos, pad_token_id=self.pad_id,
-                                  **generation)
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  **({} if num_beams is None else {"num_beams": num_beams}), **generation)
         return strip_prompt(out, 1, eos)
