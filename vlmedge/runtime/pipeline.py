@@ -187,6 +187,8 @@ class Pipeline:
 
         if not isinstance(task, str) or task not in self.manifest.tasks:
             raise InputError(f"task: {str(task)!r:.60} is not a task of this bundle (it has {', '.join(self.tasks)})")
+        if self.manifest.tasks[task]["encoder"] == "text_encoder" and not self.manifest.tasks[task].get("text_prompt_ids"):
+            raise InputError(f"task: {task} answers a question; use vqa(images, questions)")
         single = not _many(images)
         rgb = [load_image(img, self.max_pixels, where=f"image {i}") for i, img in enumerate([images] if single else images)]
         kind = self.manifest.tasks[task].get("postprocess", "text")
