@@ -494,6 +494,30 @@ def caption(
     _answer_images("caption", bundle, images, None, gen, device, batch_size, max_pixels, as_json)
 
 
+@app.command("run")
+def run_cmd(
+    bundle: str = typer.Argument(..., help="bundle directory"),
+    images: list[str] = typer.Argument(..., help="image files, directories or glob patterns"),
+    task: str = typer.Option(..., "--task", help='a task the bundle names, e.g. "<OD>" or "<CAPTION>" (Florence-2)'),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, help="beam search width (default: the bundle's)"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the bundle's"),
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    max_pixels: int = _PIXELS,
+) -> None:
+    """Run a named task on images and print JSON: per image its text, labels and boxes (original pixels)."""
+    from vlmedge.runtime.images import expand_paths
+
+    pipe = _open_pipeline(bundle, device, max_pixels, batch_size)
+    paths = expand_paths(images)
+    if not paths:
+        raise InputError(f"IMAGE: {' '.join(images)} matches no image files")
+    gen = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    out = pipe.run([str(p) for p in paths], task, **gen)
+    console.print_json(json.dumps({"bundle": str(pipe.bundle.path), "task": task,
+                                   "results": [{"image": str(p), **r.to_dict()} for p, r in zip(paths, out)]}))
+
+
 def _caption_to_jsonl(bundle: str, images: list[str], out: Optional[Path], ray: bool, generation: dict, device: str,
                       batch_size: int, max_pixels: int) -> None:
     """`vlmedge caption --out FILE.jsonl [--ray]`: resumable results in a file (vlmedge.serving.offline)."""

@@ -13,6 +13,7 @@ ALL = [*FAMILIES, "shapes-vlm"]
 
 def test_every_architecture_has_a_tiny_family():
     covered = {arch for arch, _, _ in FAMILIES.values()} | {"ShapesVLM"}
+    covered |= {"Florence2ForConditionalGeneration"}  # its tiny model and tests: tests/florence/
     assert covered == set(ARCHITECTURES)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlmedge.errors import InputError, VlmedgeError
-from vlmedge.runtime.decoding import GenerationConfig, encode, generate
+from vlmedge.runtime.decoding import GenerationConfig, generate
 from vlmedge.runtime.images import IMAGE_SUFFIXES, load_image
 from vlmedge.runtime.recording import RecordingBackend
 
@@ -141,17 +141,15 @@ def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: in
     m = pipe.manifest
     layers = pipe.layers
     for task, spec in m.tasks.items():
-        if task == "caption":
+        if task != "vqa":  # captions, and tasks that are their own prompt (Florence-2)
             items: list[Any] = [(i, None) for i in range(len(cs.images))]
         else:
             items = list(cs.questions)
         for s in range(0, len(items), batch_size):
             part = items[s : s + batch_size]
             px = pipe.images([cs.images[i] for i, _ in part])
-            if task == "vqa":
-                states, mask = encode(rec, px, *pipe.question_ids([q for _, q in part]))
-            else:
-                states, mask = encode(rec, px)
+            q = pipe.question_ids([q for _, q in part]) if task == "vqa" else None
+            states, mask = pipe.encode(task, px, q, backend=rec)
             generate(rec, layers, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(),
                      min(spec["max_new_tokens"], pipe.max_new_tokens(task)))
             if progress:

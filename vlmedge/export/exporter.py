@@ -38,8 +38,8 @@ def select_tasks(adapter: Adapter, task: str) -> list[str]:
     supported = list(adapter.info.tasks)
     if task == "all":
         return supported
-    if task not in TASKS:
-        raise InputError(f"--task: expected caption, vqa or all, not {task!r}")
+    if task not in TASKS and task not in supported:
+        raise InputError(f"--task: expected caption, vqa, all or a task of the model ({', '.join(supported)}), not {task!r}")
     if task not in supported:
         raise InputError(f"--task {task}: {adapter.info.architecture} supports only {', '.join(supported)}")
     return [task]
@@ -202,7 +202,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         tmp = writer.path
         info = adapter.info
         d = info.dims
-        with_text = "vqa" in tasks
+        with_text = any(info.tasks[t].encoder == "text_encoder" for t in tasks)
         sample = sample_inputs(adapter, n=2, tasks=tasks)
         with torch.no_grad():
             image_states = adapter.vision_encoder()(sample.pixel_values)
@@ -223,6 +223,8 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
             with torch.no_grad():
                 q_states = adapter.text_encoder()(sample.question_ids, sample.question_mask, image_states)
             enc_states, enc_mask = q_states, sample.question_mask
+            if info.tasks[tasks[0]].image_prefix:  # the decoder attends to [image tokens; prompt]
+                enc_mask = torch.cat([torch.ones(image_states.shape[:2], dtype=torch.long), enc_mask], 1)
         prompt = list(info.tasks[tasks[0]].prompt_ids)
         prompt_ids = torch.tensor([prompt + [prompt[-1]]] * 2 if len(prompt) < 2 else [prompt] * 2)
         with torch.no_grad():

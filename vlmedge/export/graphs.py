@@ -80,15 +80,22 @@ def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX
     prompt = max(len(info.tasks[t].prompt_ids) for t in tasks)
     max_new = max(info.tasks[t].max_new_tokens for t in tasks)
     q = d.max_question_len
-    enc_lens = [d.image_tokens if info.tasks[t].encoder == "vision_encoder" else q for t in tasks]
+    specs = [info.tasks[t] for t in tasks]
+    # what the decoder attends to: image tokens, the question, or (image_prefix) the image tokens and the prompt
+    enc_min = [d.image_tokens if s.encoder == "vision_encoder" else d.image_tokens + 1 if s.image_prefix else 1 for s in specs]
+    enc_max = [d.image_tokens if s.encoder == "vision_encoder" else q + d.image_tokens * s.image_prefix for s in specs]
     total_max = min(d.max_target_len, max_length or max(prompt + max_new, DEFAULT_MAX_LENGTH))
     ranges = {
         "batch": (1, 1, max_batch),
         "prompt_len": (1, prompt, max(prompt, 1)),
-        "encoder_len": (1 if "vqa" in tasks else d.image_tokens, max(enc_lens), max(enc_lens)),
+        "encoder_len": (min(enc_min), max(enc_max), max(enc_max)),
         "past_len": (1, min(16, total_max - 1), total_max - 1),
         "total_len": (2, min(17, total_max), total_max),
     }
-    if "vqa" in tasks:
-        ranges["question_len"] = (1, min(16, q), q)
+    if any(s.encoder == "text_encoder" for s in specs):
+        prompts = [len(s.text_prompt_ids) for s in specs if s.text_prompt_ids]
+        opt = max(prompts) if prompts else min(16, q)
+        ranges["question_len"] = (1, opt, q)
+        if prompts:  # the decoder attends to [image tokens; prompt]: that is its usual length
+            ranges["encoder_len"] = (min(enc_min), min(max(enc_max), d.image_tokens + opt), max(enc_max))
     return ranges

@@ -36,6 +36,9 @@ def sample_inputs(adapter: Adapter, n: int, tasks: list[str], start: int = 0) ->
 
     scs = list(scenes("test", start, n))
     px = torch.from_numpy(pixel_values([s.image for s in scs], adapter.info.preprocessing.__dict__))
+    prompts = [adapter.info.tasks[t].text_prompt_ids for t in tasks if adapter.info.tasks[t].text_prompt_ids]
+    if prompts:  # a family whose tasks are prompts (Florence-2): rotate through them, lengths differ
+        return _padded(px, [list(prompts[i % len(prompts)]) for i in range(n)], adapter.info.tasks[tasks[0]].pad_id, ())
     if "vqa" not in tasks:
         return Sample(px)
     tok = tokenizer_of(adapter)
@@ -44,11 +47,17 @@ def sample_inputs(adapter: Adapter, n: int, tasks: list[str], start: int = 0) ->
     for i, s in enumerate(scs):
         qs = pick_questions(s)
         texts.append(qs[i % len(qs)].text)  # rotate through types: lengths differ
-    ids = [tok.encode(t).ids for t in texts]
+    return _padded(px, [tok.encode(t).ids for t in texts], pad, tuple(texts))
+
+
+def _padded(px, ids: list[list[int]], pad: int, texts: tuple[str, ...]) -> Sample:
+    import torch
+
+    n = len(ids)
     width = max(map(len, ids))
     qi = np.full((n, width), pad, dtype=np.int64)
     qm = np.zeros((n, width), dtype=np.int64)
     for i, row in enumerate(ids):
         qi[i, : len(row)] = row
         qm[i, : len(row)] = 1
-    return Sample(px, torch.from_numpy(qi), torch.from_numpy(qm), tuple(texts))
+    return Sample(px, torch.from_numpy(qi), torch.from_numpy(qm), texts)

@@ -49,13 +49,15 @@ def _graph_errors(adapter: Adapter, backend: OrtBackend, bundle, tasks, sample) 
     px = sample.pixel_values
     (img,) = check("vision_encoder", adapter.vision_encoder(), (px,), {"pixel_values": px.numpy()})
     enc, mask = img, torch.ones(img.shape[:2], dtype=torch.long)
-    if "vqa" in tasks:
+    texts = [t for t in tasks if m.tasks[t]["encoder"] == "text_encoder"]
+    if texts:
         (enc,) = check("text_encoder", adapter.text_encoder(), (sample.question_ids, sample.question_mask, img),
                        {"question_ids": sample.question_ids.numpy(), "question_mask": sample.question_mask.numpy(),
                         "image_states": img.numpy()})
         mask = sample.question_mask
-    task = "vqa" if "vqa" in tasks else "caption"
-    spec = m.tasks[task]
+        if m.tasks[texts[0]].get("image_prefix"):
+            mask = torch.cat([torch.ones(img.shape[:2], dtype=torch.long), mask], 1)
+    spec = m.tasks[texts[0] if texts else tasks[0]]
     ids = torch.tensor([list(spec["prompt_ids"])] * px.shape[0])
     init = check("decoder_init", adapter.decoder_init(), (ids, enc, mask),
                  {"input_ids": ids.numpy(), "encoder_states": enc.numpy(), "encoder_mask": mask.numpy()})
@@ -76,13 +78,17 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
     max_new = spec["max_new_tokens"]
     vqa = task == "vqa"
     n = sample.pixel_values.shape[0]
+    prompt = spec.get("text_prompt_ids")
 
     generation = spec.get("generation") or {}
     beams = generation.get("num_beams", 1) if generation.get("num_beams", 1) > 1 else 3
 
     def onnx_ids(sl, k=1):
         px = sample.pixel_values[sl].numpy()
-        if vqa:
+        if prompt:  # the task's own prompt for every image
+            ids = np.tile(np.asarray(prompt, dtype=np.int64), (px.shape[0], 1))
+            states, mask = encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
+        elif vqa:
             qm = sample.question_mask[sl].numpy()
             width = int(qm.sum(1).max())  # a batch of one carries no padding
             states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
@@ -92,7 +98,7 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
                         max_new, defaults=generation)
 
     def torch_ids(sl, k=1):
-        if vqa:
+        if vqa and not prompt:
             qm = sample.question_mask[sl]
             width = int(qm.sum(1).max())
             return adapter.reference_generate(task, sample.pixel_values[sl], sample.question_ids[sl][:, :width],

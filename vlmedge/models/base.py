@@ -62,6 +62,9 @@ class TaskSpec:
     max_new_tokens: int
     # the model's own generation settings under HF's names (vlmedge.models.generation): the runtime's defaults
     generation: dict[str, Any] = field(default_factory=dict)
+    text_prompt_ids: tuple[int, ...] = ()  # what text_encoder reads for this task; empty: the user's question
+    image_prefix: bool = False  # text_encoder's output is [image tokens; prompt]: the decoder's mask covers both
+    postprocess: str = "text"  # how the answer is read: text, or Florence-2's pure_text / description_with_bboxes / ocr
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,19 @@ def _ved(src: str, prompt: str | None = None) -> Adapter:
     return VisionEncoderDecoderAdapter(src, prompt)
 
 
+def _florence2(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.florence2 import Florence2Adapter
+
+    return Florence2Adapter(src, prompt)
+
+
 # architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
 ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "ShapesVLM": _shapes,
     "BlipForConditionalGeneration": _blip_caption,
     "BlipForQuestionAnswering": _blip_vqa,
     "VisionEncoderDecoderModel": _ved,
+    "Florence2ForConditionalGeneration": _florence2,
 }
 
 

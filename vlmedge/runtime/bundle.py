@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from vlmedge.errors import BundleError, first_line, read_json
-from vlmedge.runtime.schema import Either, Free, Int, Invalid, List, Map, Num, Obj, Str, check_generation, show
+from vlmedge.runtime.schema import Bool, Either, Free, Int, Invalid, List, Map, Num, Obj, Str, check_generation, show
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -112,16 +112,24 @@ _TENSOR = Obj({
 })
 _GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)})
 _IDS = Int(0, VOCAB_MAX - 1)
+# caption and vqa, or a task a family names by its own token (Florence-2: "<OD>", "<OCR>", ...)
+TASK_NAME = Str(pattern=r"caption|vqa|<[A-Z][A-Z_]{0,62}>", what="caption, vqa or a task token such as <OD>")
+POSTPROCESS = ("text", "pure_text", "description_with_bboxes", "ocr")  # vlmedge.runtime.florence2 reads the last three
 _TASK = Obj({
     "encoder": Str(choices=("vision_encoder", "text_encoder")),
     "prompt_ids": List(_IDS, min_len=1, max_len=1024),
     "eos_id": _IDS, "pad_id": _IDS,
     "max_new_tokens": Int(1, AXIS_MAX),
-}, {"generation": Free(dict)})  # checked by check_generation
+}, {  # absent in bundles of families without task prompts: (), False, "text"
+    "text_prompt_ids": List(_IDS, min_len=0, max_len=4096),
+    "image_prefix": Bool(),
+    "postprocess": Str(choices=POSTPROCESS),
+    "generation": Free(dict),  # checked by check_generation
+})
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "family": Str(max_len=128), "architecture": Str(max_len=256),
-    "tasks": Map(Str(choices=("caption", "vqa")), _TASK, min_len=1),
+    "tasks": Map(TASK_NAME, _TASK, min_len=1, max_len=64),
     "dims": Obj({
         "decoder_layers": Int(1, 1024), "decoder_heads": Int(1, 1024), "decoder_head_dim": Int(1, 4096),
         "vocab_size": Int(1, VOCAB_MAX), "encoder_hidden": Int(1, DIM_MAX), "image_tokens": Int(1, AXIS_MAX),
@@ -207,9 +215,15 @@ def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dic
         for n in needed:
             if n not in graphs:
                 raise Invalid(w, f"needs graph {n!r}, which graphs does not list")
-        for i, token in enumerate(t["prompt_ids"]):
-            if token >= vocab:
-                raise Invalid(f"{w}.prompt_ids[{i}]", f"token id {token} is outside the vocabulary (dims.vocab_size {vocab})")
+        for key in ("prompt_ids", "text_prompt_ids"):
+            for i, token in enumerate(t.get(key, ())):
+                if token >= vocab:
+                    raise Invalid(f"{w}.{key}[{i}]", f"token id {token} is outside the vocabulary (dims.vocab_size {vocab})")
+        if (t.get("text_prompt_ids") or t.get("image_prefix")) and t["encoder"] != "text_encoder":
+            raise Invalid(f"{w}.encoder", "a task with text_prompt_ids or image_prefix runs through the text_encoder graph")
+        if t.get("text_prompt_ids") and len(t["text_prompt_ids"]) > dims.get("max_question_len", 0):
+            raise Invalid(f"{w}.text_prompt_ids", f"{len(t['text_prompt_ids'])} tokens, over dims.max_question_len "
+                          f"{dims.get('max_question_len', 0)}")
         for key in ("eos_id", "pad_id"):
             if t[key] >= vocab:
                 raise Invalid(f"{w}.{key}", f"token id {t[key]} is outside the vocabulary (dims.vocab_size {vocab})")

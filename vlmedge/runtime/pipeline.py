@@ -30,6 +30,9 @@ from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
 from vlmedge.runtime.preprocess import pixel_values
 
 
+CAPTION_TASKS = ("caption", "<CAPTION>")  # what `caption` runs, in order of preference
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -118,6 +121,25 @@ class Pipeline:
         with self._tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
+    def encode(self, task: str, px: np.ndarray, questions: tuple[np.ndarray, np.ndarray] | None = None,
+               backend=None) -> tuple[Any, np.ndarray]:
+        """The states a task's decoder attends to, and their mask: the image's, the question's (ids
+        and mask from `question_ids`), or those of the task's own prompt (Florence-2)."""
+        backend = backend or self.backend
+        spec = self.manifest.tasks[task]
+        if questions is None and spec.get("text_prompt_ids"):
+            ids = np.tile(np.asarray(spec["text_prompt_ids"], dtype=np.int64), (px.shape[0], 1))
+            return encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
+        return encode(backend, px) if questions is None else encode(backend, px, *questions)
+
+    def task_text(self, task: str, ids: Sequence[int]) -> str:
+        """A family task's answer text, read as its processor reads it (Florence-2: pure text)."""
+        from vlmedge.runtime.florence2 import parse, tokens_text
+
+        with self._tok_lock:
+            text = tokens_text(self.tokenizer, ids)
+        return parse(task, self.manifest.tasks[task]["postprocess"], text, (1, 1)).text
+
     def max_new_tokens(self, task: str) -> int:
         """The longest generation the bundle allows: within the model's positions and the declared
         total_len range (the last step attends to prompt + max_new_tokens - 1 positions)."""
@@ -144,12 +166,40 @@ class Pipeline:
         return s
 
     # -- tasks -------------------------------------------------------------------------------
+    @property
+    def caption_task(self) -> str:
+        """The task `caption` runs: caption, or the family's own caption task (Florence-2: <CAPTION>)."""
+        return next((t for t in CAPTION_TASKS if t in self.manifest.tasks), "caption")
+
     def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
                 timings: Timings | None = None, **generation):
         """Caption one image (-> str) or a list of images (-> list of str)."""
         single = not _many(images)
         items = [images] if single else list(images)
-        out = self._run("caption", items, None, generation, return_ids, batch_size, timings)
+        out = self._run(self.caption_task, items, None, generation, return_ids, batch_size, timings)
+        return out[0] if single else out
+
+    def run(self, images, task: str, *, batch_size: int | None = None, timings: Timings | None = None,
+            **generation):
+        """Run a task the bundle names (Florence-2: "<OD>", "<OCR_WITH_REGION>", ...) on one image
+        (-> TaskResult) or a list (-> list of TaskResult): text, and boxes in the original image's pixels."""
+        from vlmedge.runtime.florence2 import TaskResult, parse, tokens_text
+
+        if not isinstance(task, str) or task not in self.manifest.tasks:
+            raise InputError(f"task: {str(task)!r:.60} is not a task of this bundle (it has {', '.join(self.tasks)})")
+        if self.manifest.tasks[task]["encoder"] == "text_encoder" and not self.manifest.tasks[task].get("text_prompt_ids"):
+            raise InputError(f"task: {task} answers a question; use vqa(images, questions)")
+        single = not _many(images)
+        rgb = [load_image(img, self.max_pixels, where=f"image {i}") for i, img in enumerate([images] if single else images)]
+        kind = self.manifest.tasks[task].get("postprocess", "text")
+        out = []
+        for img, gen in zip(rgb, self._run(task, rgb, None, generation, True, batch_size, timings)):
+            if kind == "text":
+                out.append(TaskResult(task, gen.text, ids=gen.ids))
+                continue
+            with self._tok_lock:
+                text = tokens_text(self.tokenizer, gen.ids)
+            out.append(parse(task, kind, text, img.size, gen.ids))
         return out[0] if single else out
 
     def vqa(self, images, questions, *, return_ids: bool = False, batch_size: int | None = None,
@@ -198,17 +248,15 @@ class Pipeline:
             px = self.images(images[s : s + chunk])
             q = self.question_ids(questions[s : s + chunk]) if questions is not None else None
             t1 = time.perf_counter()
-            if q is None:
-                states, mask = encode(self.backend, px)
-            else:
-                states, mask = encode(self.backend, px, *q)
+            states, mask = self.encode(task, px, q)
             t2 = time.perf_counter()
             if timings is not None:
                 timings.preprocess += t1 - t0
                 timings.encoder += t2 - t1
             rows = run(self.backend, self.layers, states, mask, spec["prompt_ids"], settings, timings)
             for ids in rows:
-                results.append(Generation(self.decode(ids), tuple(ids)) if return_ids else self.decode(ids))
+                text = self.decode(ids) if spec.get("postprocess", "text") == "text" else self.task_text(task, ids)
+                results.append(Generation(text, tuple(ids)) if return_ids else text)
         return results
 
 
