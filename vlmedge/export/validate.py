@@ -83,15 +83,16 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
             states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
         else:
             states, mask = encode(backend, px)
-        return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(), max_new)
+        return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(num_beams=1),
+                        max_new, defaults=spec.get("generation"))
 
     def torch_ids(sl):
         if vqa:
             qm = sample.question_mask[sl]
             width = int(qm.sum(1).max())
             return adapter.reference_generate(task, sample.pixel_values[sl], sample.question_ids[sl][:, :width],
-                                              qm[:, :width], max_new_tokens=max_new)
-        return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new)
+                                              qm[:, :width], max_new_tokens=max_new, num_beams=1)
+        return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new, num_beams=1)
 
     batched_ref, batched = torch_ids(slice(0, n)), onnx_ids(slice(0, n))
     single_ref, single = [], []

@@ -60,6 +60,8 @@ class TaskSpec:
     eos_id: int
     pad_id: int
     max_new_tokens: int
+    # the model's own generation settings under HF's names (vlmedge.models.generation): the runtime's defaults
+    generation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
     HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
     tokenizer_json, vision_dims, weight_files,
@@ -74,7 +75,8 @@ class _BlipBase:
         encoder = "vision_encoder" if self.task == "caption" else "text_encoder"
         self.info = FamilyInfo(
             family="blip", architecture=self.architecture, dims=dims, preprocessing=prep,
-            tasks={self.task: TaskSpec(encoder, self.prompt_ids, self.eos_id, self.pad_id, max_new)},
+            tasks={self.task: TaskSpec(encoder, self.prompt_ids, self.eos_id, self.pad_id, max_new, generation_defaults(
+                self.model.text_decoder, f"{source}/generation_config.json", eos_token_id=self.eos_id, pad_token_id=self.pad_id))},
         )
 
     def _check(self) -> None:

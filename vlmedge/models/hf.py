@@ -165,9 +165,11 @@ def preprocessing(path: str, size: tuple[int, int], default_mean, default_std, d
     return Preprocessing(height=h, width=w, resample=resample, mean=mean, std=std, rescale=rescale)
 
 
-def strip_prompt(ids: torch.Tensor, prompt_len: int, eos_id: int) -> list[list[int]]:
-    """HF generate's output rows -> generated ids up to and including EOS."""
+def strip_prompt(ids: torch.Tensor, prompt_len: int, eos_id: int | list[int]) -> list[list[int]]:
+    """HF generate's output rows -> generated ids up to and including the first EOS (one id or several)."""
+    eos = set(eos_id) if isinstance(eos_id, (list, tuple)) else {eos_id}
     rows = []
     for r in ids[:, prompt_len:].tolist():
-        rows.append(r[: r.index(eos_id) + 1] if eos_id in r else r)
+        end = next((i for i, t in enumerate(r) if t in eos), None)
+        rows.append(r if end is None else r[: end + 1])
     return rows

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec, flat_kv, pair_kv
 from vlmedge.models.checkpoint import TOKENIZER, load_pretrained, resolve_model_dir
+from vlmedge.models.generation import generation_defaults
 from vlmedge.models.shapes_vlm import ShapesVLM
 
 
@@ -67,11 +68,12 @@ class ShapesAdapter:
             max_target_len=c.max_target_len, max_question_len=c.max_question_len,
         )
         prep = Preprocessing(height=c.image_size, width=c.image_size, resample="bicubic", mean=c.image_mean, std=c.image_std)
+        generation = generation_defaults(self.model)
         self.info = FamilyInfo(
             family="shapes-vlm", architecture="ShapesVLM", dims=dims, preprocessing=prep,
             tasks={
-                "caption": TaskSpec("vision_encoder", (c.caption_start_id,), c.eos_id, c.pad_id, max_new_tokens=40),
-                "vqa": TaskSpec("text_encoder", (c.answer_start_id,), c.eos_id, c.pad_id, max_new_tokens=4),
+                "caption": TaskSpec("vision_encoder", (c.caption_start_id,), c.eos_id, c.pad_id, 40, generation),
+                "vqa": TaskSpec("text_encoder", (c.answer_start_id,), c.eos_id, c.pad_id, 4, generation),
             },
         )
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
     HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
     tokenizer_json, vision_dims, weight_files,
@@ -68,7 +69,8 @@ class VisionEncoderDecoderAdapter:
         self.info = FamilyInfo(
             family="vision-encoder-decoder", architecture=f"{self.architecture}({ec.model_type}, {dc.model_type})",
             dims=dims, preprocessing=prep,
-            tasks={"caption": TaskSpec("vision_encoder", (self.start_id,), self.eos_id, self.pad_id, min(30, max_pos - 1))},
+            tasks={"caption": TaskSpec("vision_encoder", (self.start_id,), self.eos_id, self.pad_id, min(30, max_pos - 1),
+                                       generation_defaults(self.model, f"{source}/generation_config.json"))},
         )
 
     def vision_encoder(self) -> nn.Module:
@@ -92,8 +94,6 @@ class VisionEncoderDecoderAdapter:
     @torch.no_grad()
     def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20, num_beams=1,
                            **generation):
-        eos = generation.pop("eos_token_id", self.eos_id)
         out = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                  do_sample=False, decoder_start_token_id=self.start_id, eos_token_id=eos,
-                                  pad_token_id=self.pad_id, **generation)
-        return strip_prompt(out, 1, eos)
+                                  do_sample=False, decoder_start_token_id=self.start_id, **generation)
+        return strip_prompt(out, 1, generation.get("eos_token_id", self.info.tasks["caption"].generation.get("eos_token_id", self.eos_id)))

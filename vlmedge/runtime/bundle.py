@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from vlmedge.errors import BundleError, first_line, read_json
-from vlmedge.runtime.schema import Either, Free, Int, Invalid, List, Map, Num, Obj, Str, show
+from vlmedge.runtime.schema import Either, Free, Int, Invalid, List, Map, Num, Obj, Str, check_generation, show
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -115,7 +115,7 @@ _TASK = Obj({
     "prompt_ids": List(_IDS, min_len=1, max_len=1024),
     "eos_id": _IDS, "pad_id": _IDS,
     "max_new_tokens": Int(1, AXIS_MAX),
-})
+}, {"generation": Free(dict)})  # checked by check_generation
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "family": Str(max_len=128), "architecture": Str(max_len=256),
@@ -211,6 +211,8 @@ def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dic
         for key in ("eos_id", "pad_id"):
             if t[key] >= vocab:
                 raise Invalid(f"{w}.{key}", f"token id {t[key]} is outside the vocabulary (dims.vocab_size {vocab})")
+        if "generation" in t:
+            t["generation"] = check_generation(t["generation"], vocab, f"{w}.generation")
         room = dims["max_target_len"] - len(t["prompt_ids"])
         if t["max_new_tokens"] > room:
             raise Invalid(f"{w}.max_new_tokens", f"{t['max_new_tokens']} does not fit after a {len(t['prompt_ids'])}-token "

@@ -30,31 +30,107 @@ NEG = np.float32(-1.0e9)  # HF's "never choose this" score
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Generation options, named and defaulted as in Hugging Face `generate`."""
+    """Generation options, named and defaulted as in Hugging Face `generate`. None: the task's
+    default from the manifest (`tasks.<task>.generation`, the model's own generation settings), else
+    HF's global default."""
 
-    max_new_tokens: int | None = None  # None: the task's default from the manifest
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False  # True, False or "never"
-    eos_token_id: int | None = None  # None: the task's EOS
+    max_new_tokens: int | None = None  # wins over max_length, as in HF
+    max_length: int | None = None  # prompt + generated tokens
+    min_new_tokens: int | None = None
+    min_length: int | None = None  # prompt + generated tokens
+    num_beams: int | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None  # True, False or "never"
+    eos_token_id: int | list[int] | None = None  # one id or several
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    bad_words_ids: list[list[int]] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    exponential_decay_length_penalty: tuple[int, float] | list | None = None  # (start, factor)
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    remove_invalid_values: bool | None = None
+    renormalize_logits: bool | None = None
 
     def check(self) -> None:
         """Refuse options of the wrong type or range with one line naming the option: a bool is not
         a count, a float must be finite, a string is not a number."""
-        if self.max_new_tokens is not None:
-            _count("max_new_tokens", self.max_new_tokens, 1)
-        _count("min_new_tokens", self.min_new_tokens, 0)
-        _count("num_beams", self.num_beams, 1)
-        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, numbers.Real) \
-                or not math.isfinite(self.length_penalty) or abs(self.length_penalty) > 10:
-            # bounded: generated_length ** length_penalty must stay a float
-            raise InputError(f"length_penalty: expected a finite number in [-10, 10], got {_show(self.length_penalty)}")
-        if not (self.early_stopping is True or self.early_stopping is False
-                or (isinstance(self.early_stopping, str) and self.early_stopping == "never")):
-            raise InputError(f"early_stopping: expected True, False or 'never', got {_show(self.early_stopping)}")
-        if self.eos_token_id is not None:
-            _count("eos_token_id", self.eos_token_id, 0)
+        check_options({k: v for k, v in self.__dict__.items() if v is not None})
+
+    def set(self) -> dict[str, Any]:
+        """The options given (not None)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+# HF's global defaults (GenerationConfig._get_default_generation_params) for what the loop reads
+HF_DEFAULTS = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "min_length": 0, "min_new_tokens": 0}
+LIMITS = {"ids": 1 << 22, "count": 1 << 20, "list": 4096, "word": 64, "beams": 1024, "penalty": 1.0e4, "factor": 100.0}
+
+
+def _ids(name: str, value: Any, many: bool, most: int) -> list[int]:
+    """A token id, or (many) a list of 1..most ids; returned as a list."""
+    if many and isinstance(value, (list, tuple)):
+        if not 1 <= len(value) <= most:
+            raise InputError(f"{name}: expected 1 to {most} token ids, got {len(value)}")
+        for i, v in enumerate(value):
+            _count(f"{name}[{i}]", v, 0, LIMITS["ids"] - 1)
+        return [int(v) for v in value]
+    _count(name, value, 0, LIMITS["ids"] - 1)
+    return [int(value)]
+
+
+def _real(name: str, value: Any, lo: float, hi: float, positive: bool = False) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not lo <= value <= hi or (positive and value <= 0):
+        span = f"({lo}, {hi}]" if positive else f"[{lo}, {hi}]"
+        raise InputError(f"{name}: expected a finite number in {span}, got {_show(value)}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not (value is True or value is False):
+        raise InputError(f"{name}: expected True or False, got {_show(value)}")
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """Type and range checks of generation settings (HF names), one line naming the first bad one."""
+    for name, v in opts.items():
+        if name in ("max_new_tokens", "max_length"):  # the bundle's own limit is checked where it is known
+            _count(name, v, 1)
+        elif name == "num_beams":
+            _count(name, v, 1, LIMITS["beams"])
+        elif name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
+            _count(name, v, 0, LIMITS["count"])
+        elif name == "length_penalty":  # bounded: generated_length ** length_penalty must stay a float
+            _real(name, v, -10, 10)
+        elif name == "repetition_penalty":
+            _real(name, v, 0, LIMITS["penalty"], positive=True)
+        elif name == "early_stopping":
+            if not (v is True or v is False or (isinstance(v, str) and v == "never")):
+                raise InputError(f"early_stopping: expected True, False or 'never', got {_show(v)}")
+        elif name in ("eos_token_id", "forced_eos_token_id"):
+            _ids(name, v, True, LIMITS["word"])
+        elif name in ("forced_bos_token_id", "decoder_start_token_id", "bos_token_id", "pad_token_id"):
+            _ids(name, v, False, 1)
+        elif name in ("suppress_tokens", "begin_suppress_tokens"):
+            if not isinstance(v, (list, tuple)) or len(v) > LIMITS["list"]:
+                raise InputError(f"{name}: expected a list of at most {LIMITS['list']} token ids, got {_show(v)}")
+            if v:
+                _ids(name, v, True, LIMITS["list"])
+        elif name == "bad_words_ids":
+            if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= LIMITS["list"]:
+                raise InputError(f"bad_words_ids: expected a list of 1 to {LIMITS['list']} lists of token ids, got {_show(v)}")
+            for i, word in enumerate(v):
+                if not isinstance(word, (list, tuple)):
+                    raise InputError(f"bad_words_ids[{i}]: expected a list of token ids, got {_show(word)}")
+                _ids(f"bad_words_ids[{i}]", word, True, LIMITS["word"])
+        elif name == "exponential_decay_length_penalty":
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise InputError(f"{name}: expected [start, factor], got {_show(v)}")
+            _count(f"{name}[0]", v[0], 0, LIMITS["count"])
+            _real(f"{name}[1]", v[1], 0, LIMITS["factor"], positive=True)
+        elif name in ("remove_invalid_values", "renormalize_logits"):
+            _flag(name, v)
 
 
 def _show(value: Any) -> str:
@@ -62,12 +138,186 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _count(name: str, value: Any, least: int) -> None:
-    """An integer option (Python or numpy int, never a bool or a float) of at least `least`."""
+def _count(name: str, value: Any, least: int, most: int | None = None) -> None:
+    """An integer option (Python or numpy int, never a bool or a float) in [least, most]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise InputError(f"{name}: expected an integer >= {least}, got {_show(value)}")
     if value < least:
         raise InputError(f"{name}: expected >= {least}, got {value}")
+    if most is not None and value > most:
+        raise InputError(f"{name}: expected <= {most}, got {value}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings resolved for one task: the user's options over the task's defaults over
+    HF's global defaults."""
+
+    max_new: int
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    eos: tuple[int, ...]
+    options: dict[str, Any]  # every processor setting in effect (HF names)
+    prompt_len: int
+    user_length: bool  # max_new_tokens / max_length came from the user, not from defaults
+
+    @property
+    def max_length(self) -> int:
+        return self.prompt_len + self.max_new
+
+
+def resolve(config: GenerationConfig, defaults: dict[str, Any] | None, prompt_len: int, task_max_new: int,
+            vocab: int | None = None) -> Settings:
+    """The settings one call decodes with. Lengths as in HF: max_new_tokens wins over max_length
+    (both the user's over the task's defaults); with neither, the task's max_new_tokens."""
+    config.check()
+    user = config.set()
+    base = {k: v for k, v in (defaults or {}).items() if v is not None}
+    opts = {**HF_DEFAULTS, **base, **user}
+    if vocab is not None:
+        for name in ("eos_token_id", "forced_eos_token_id", "forced_bos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+            if name in user:
+                for t in (user[name] if isinstance(user[name], (list, tuple)) else [user[name]]):
+                    if t >= vocab:
+                        raise InputError(f"{name}: token id {t} is outside the vocabulary (0..{vocab - 1})")
+        for i, word in enumerate(user.get("bad_words_ids") or []):
+            for t in word:
+                if t >= vocab:
+                    raise InputError(f"bad_words_ids[{i}]: token id {t} is outside the vocabulary (0..{vocab - 1})")
+    user_length = "max_new_tokens" in user or "max_length" in user
+    max_new = task_max_new
+    for src in (user, base):
+        if "max_new_tokens" in src:
+            max_new = src["max_new_tokens"]
+            break
+        if "max_length" in src:
+            max_new = src["max_length"] - prompt_len
+            if max_new < 1:
+                if src is user:
+                    raise InputError(f"max_length: {src['max_length']} leaves no room after the {prompt_len}-token prompt")
+                max_new = task_max_new
+            break
+    eos = opts.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return Settings(int(max_new), int(opts["num_beams"]), float(opts["length_penalty"]), opts["early_stopping"],
+                    tuple(int(e) for e in eos if e is not None), opts, prompt_len, user_length)
+
+
+class Processors:
+    """Hugging Face's logits processors for greedy and beam search, in `_get_logits_processor`'s
+    order and with its semantics, in numpy over all batch x beam rows at once:
+
+    repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length, min_new_tokens,
+    forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
+    suppress_tokens, begin_suppress_tokens, then renormalize_logits.
+
+    `seqs` is every row's decoder sequence so far, prompt included ([rows, cur_len]); greedy passes
+    raw logits, beam search log-probabilities, as HF does. Unset settings cost nothing per token."""
+
+    def __init__(self, settings: Settings):
+        o, eos = settings.options, np.asarray(settings.eos, dtype=np.int64)
+        P = settings.prompt_len
+        self.eos = eos
+        self.rep = float(o.get("repetition_penalty", 1.0))
+        self.ngram = int(o.get("no_repeat_ngram_size", 0))
+        self.min_length = int(o.get("min_length", 0)) if len(eos) else 0
+        self.min_new = int(o.get("min_new_tokens", 0)) if len(eos) else 0
+        self.prompt_len = P
+        self.forced_bos = o.get("forced_bos_token_id")
+        forced_eos = o.get("forced_eos_token_id")
+        self.forced_eos = None if forced_eos is None else np.asarray(
+            forced_eos if isinstance(forced_eos, (list, tuple)) else [forced_eos], dtype=np.int64)
+        self.max_length = settings.max_length
+        self.inf_nan = bool(o.get("remove_invalid_values", False))
+        decay = o.get("exponential_decay_length_penalty")
+        self.decay = None if decay is None else (int(decay[0]) + P, float(decay[1]))
+        self.suppress = np.asarray(o.get("suppress_tokens") or [], dtype=np.int64)
+        self.begin_suppress = np.asarray(o.get("begin_suppress_tokens") or [], dtype=np.int64)
+        self.begin_index = P if (P > 1 or self.forced_bos is None) else P + 1
+        self.renormalize = bool(o.get("renormalize_logits", False))
+        # bad words: single tokens always banned; longer words grouped by prefix length
+        eos_words = {(int(e),) for e in eos}
+        words = [tuple(w) for w in (o.get("bad_words_ids") or []) if tuple(w) not in eos_words]
+        self.bad_single = np.asarray(sorted({w[0] for w in words if len(w) == 1}), dtype=np.int64)
+        groups: dict[int, list[tuple[int, ...]]] = {}
+        for w in dict.fromkeys(words):
+            if len(w) > 1:
+                groups.setdefault(len(w) - 1, []).append(w)
+        self.bad_groups = [(m, np.asarray([w[:-1] for w in ws], dtype=np.int64), np.asarray([w[-1] for w in ws], dtype=np.int64))
+                           for m, ws in groups.items()]
+        self.active = bool(self.rep != 1.0 or self.ngram > 0 or len(self.bad_single) or self.bad_groups or self.min_length
+                           or self.min_new or self.forced_bos is not None or self.forced_eos is not None or self.inf_nan
+                           or self.decay is not None or len(self.suppress) or len(self.begin_suppress) or self.renormalize)
+
+    def __call__(self, seqs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Processed scores (a new array where anything changes; `scores` itself is not written)."""
+        if not self.active:
+            return scores
+        scores = scores.copy()
+        L = seqs.shape[1]
+        V = scores.shape[1]
+        if self.rep != 1.0:
+            repetition_penalty(seqs, scores, self.rep)
+        if self.ngram > 0:
+            no_repeat_ngram(seqs, scores, self.ngram)
+        if len(self.bad_single):
+            scores[:, self.bad_single[self.bad_single < V]] = -np.inf
+        for m, prefixes, last in self.bad_groups:
+            if m <= L:
+                hit = (seqs[:, None, L - m:] == prefixes[None]).all(-1)
+                rows, which = np.nonzero(hit)
+                scores[rows, last[which]] = -np.inf
+        if L < self.min_length or L - self.prompt_len < self.min_new:
+            scores[:, self.eos] = -np.inf
+        if self.forced_bos is not None and L == 1:
+            scores[:] = -np.inf
+            scores[:, self.forced_bos] = 0
+        if self.forced_eos is not None and L == self.max_length - 1:
+            scores[:] = -np.inf
+            scores[:, self.forced_eos] = 0
+        if self.inf_nan:
+            scores[np.isnan(scores)] = 0.0
+            info = np.finfo(scores.dtype)
+            scores[scores == np.inf] = info.max
+            scores[scores == -np.inf] = info.min
+        if self.decay is not None and L > self.decay[0] and len(self.eos):
+            with np.errstate(over="ignore"):
+                factor = float(np.float64(self.decay[1]) ** (L - self.decay[0])) - 1
+            cur = scores[:, self.eos]
+            penalty = np.abs(cur) * np.float32(factor)
+            penalty[~np.isfinite(cur)] = 0.0
+            scores[:, self.eos] = cur + penalty
+        if len(self.suppress):
+            scores[:, self.suppress] = -np.inf
+        if len(self.begin_suppress) and L == self.begin_index:
+            scores[:, self.begin_suppress] = -np.inf
+        if self.renormalize:
+            scores = _log_softmax(scores)
+        return scores
+
+
+def repetition_penalty(seqs: np.ndarray, scores: np.ndarray, penalty: float) -> None:
+    """HF's RepetitionPenaltyLogitsProcessor, in place: every token already in a row's sequence has
+    its score divided by `penalty` where positive, multiplied where negative."""
+    rows = np.arange(scores.shape[0])[:, None]
+    seen = scores[rows, seqs]
+    scores[rows, seqs] = np.where(seen < 0, seen * np.float32(penalty), seen / np.float32(penalty))
+
+
+def no_repeat_ngram(seqs: np.ndarray, scores: np.ndarray, n: int) -> None:
+    """HF's NoRepeatNGramLogitsProcessor, in place: a token that would complete an n-gram already
+    in the row's sequence is banned."""
+    L = seqs.shape[1]
+    if L < n:
+        return
+    windows = np.lib.stride_tricks.sliding_window_view(seqs, n, axis=1)  # [rows, L - n + 1, n]
+    if n == 1:
+        hit = np.ones(windows.shape[:2], dtype=bool)
+    else:
+        hit = (windows[:, :, :-1] == seqs[:, None, L - n + 1:]).all(-1)
+    rows, at = np.nonzero(hit)
+    scores[rows, windows[rows, at, -1]] = -np.inf
 
 
 @dataclass
@@ -159,19 +409,27 @@ class _Decoder:
 
 
 def generate(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], eos_id: int,
-             config: GenerationConfig, max_new_tokens: int, timings: Timings | None = None) -> list[list[int]]:
-    """Generated ids per row, EOS included where it was produced, prompt excluded."""
-    config.check()
-    eos = config.eos_token_id if config.eos_token_id is not None else eos_id
-    max_new = config.max_new_tokens or max_new_tokens
+             config: GenerationConfig, max_new_tokens: int, timings: Timings | None = None,
+             defaults: dict[str, Any] | None = None) -> list[list[int]]:
+    """Generated ids per row, EOS included where it was produced, prompt excluded. `defaults` are
+    the task's generation settings (manifest `tasks.<task>.generation`); `config` overrides them;
+    `eos_id` and `max_new_tokens` are the task's EOS and length where neither says otherwise."""
+    settings = resolve(config, {"eos_token_id": eos_id, **(defaults or {})}, len(prompt_ids), max_new_tokens)
+    return run(backend, layers, states, mask, prompt_ids, settings, timings)
+
+
+def run(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], settings: Settings,
+        timings: Timings | None = None) -> list[list[int]]:
+    """The decoding loop with resolved settings (see `resolve`)."""
     dec = _Decoder(backend, layers)
     B = mask.shape[0]
     prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (B, 1))
     t0 = time.perf_counter()
     logits = dec.init(prompt, states, mask)
-    if config.num_beams == 1:
-        return _greedy(dec, logits, B, eos, config.min_new_tokens, max_new, timings, t0)
-    return _beam(dec, logits, B, eos, config, max_new, timings, t0)
+    procs = Processors(settings)
+    if settings.num_beams == 1:
+        return _greedy(dec, logits, prompt, settings, procs, timings, t0)
+    return _beam(dec, logits, prompt, settings, procs, timings, t0)
 
 
 def _mark(timings: Timings | None, t0: float, first: bool) -> float:
@@ -184,52 +442,57 @@ def _mark(timings: Timings | None, t0: float, first: bool) -> float:
     return now
 
 
-def _greedy(dec: _Decoder, logits, B, eos, min_new, max_new, timings, t0) -> list[list[int]]:
-    rows: list[list[int]] = [[] for _ in range(B)]
+def _greedy(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:
+    B, P = prompt.shape
+    max_new = s.max_new
+    seqs = np.zeros((B, P + max_new), dtype=np.int64)
+    seqs[:, :P] = prompt
+    eos = np.asarray(s.eos, dtype=np.int64)
+    lengths = np.full(B, max_new)
     done = np.zeros(B, dtype=bool)
     for step in range(max_new):
-        if step < min_new:
-            logits = logits.copy()
-            logits[:, eos] = -np.inf
-        nxt = logits.argmax(-1)
-        for b in np.flatnonzero(~done):
-            rows[b].append(int(nxt[b]))
-        done |= nxt == eos
+        nxt = procs(seqs[:, : P + step], logits).argmax(-1)
+        seqs[:, P + step] = nxt
+        ended = ~done & np.isin(nxt, eos)
+        lengths[ended] = step + 1
+        done |= ended
         t0 = _mark(timings, t0, step == 0)
         if done.all() or step == max_new - 1:
             break
         logits = dec.step(nxt)
-    return rows
+    return [seqs[b, P : P + lengths[b]].tolist() if done[b] else seqs[b, P : P + step + 1].tolist() for b in range(B)]
 
 
-def _beam(dec: _Decoder, logits, B, eos, cfg: GenerationConfig, max_new, timings, t0) -> list[list[int]]:
-    k, lp, es = cfg.num_beams, cfg.length_penalty, cfg.early_stopping
+def _beam(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:
+    k, lp, es, max_new = s.num_beams, s.length_penalty, s.early_stopping, s.max_new
+    B, P = prompt.shape
     K = 2 * k  # candidates kept per item: enough to continue k beams even if k of them end in EOS
     V = logits.shape[-1]
+    eos = np.asarray(s.eos, dtype=np.int64)
     dec.expand(np.repeat(np.arange(B), k))  # decoder_init ran once per item; its beams start identical
     logits = np.repeat(logits, k, axis=0)
     top_k_slot = np.arange(K) < k
-    run_seq = np.full((B, k, max_new), -1, dtype=np.int64)
+    run_seq = np.zeros((B, k, P + max_new), dtype=np.int64)
+    run_seq[:, :, :P] = prompt[:, None, :]
     run_score = np.zeros((B, k), dtype=np.float32)
     run_score[:, 1:] = NEG
-    fin_seq = np.full((B, k, max_new), -1, dtype=np.int64)
+    fin_seq = np.zeros((B, k, P + max_new), dtype=np.int64)
     fin_len = np.zeros((B, k), dtype=np.int64)
     fin_score = np.full((B, k), NEG, dtype=np.float32)
     fin_done = np.zeros((B, k), dtype=bool)
     can_improve = np.ones((B, 1), dtype=bool)
     offset = (np.arange(B) * k)[:, None]
     for step in range(max_new):
-        logp = _log_softmax(logits)
-        if step < cfg.min_new_tokens:
-            logp[:, eos] = -np.inf
+        cur = P + step
+        logp = procs(run_seq[:, :, :cur].reshape(B * k, cur), _log_softmax(logits))
         acc = (logp.reshape(B, k, V) + run_score[:, :, None]).reshape(B, k * V)
         idx = _topk(acc, K)
         cand_score = np.take_along_axis(acc, idx, -1)
         beam, token = idx // V, idx % V
         cand_seq = np.take_along_axis(run_seq, beam[:, :, None], 1)
-        cand_seq[:, :, step] = token
+        cand_seq[:, :, cur] = token
         cand_src = beam + offset
-        hits = (token == eos) | (step + 1 >= max_new)
+        hits = np.isin(token, eos) | (step + 1 >= max_new)
 
         # the best k unfinished candidates continue
         cont_score = cand_score + hits.astype(np.float32) * NEG
@@ -260,5 +523,5 @@ def _beam(dec: _Decoder, logits, B, eos, cfg: GenerationConfig, max_new, timings
         if not can_improve.any() or (fin_done.all() and es is True) or hits.all() or step == max_new - 1:
             break
         dec.reorder(src.reshape(-1))
-        logits = dec.step(run_seq[:, :, step].reshape(-1))
-    return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]
+        logits = dec.step(run_seq[:, :, cur].reshape(-1))
+    return [fin_seq[b, 0, P : P + fin_len[b, 0]].tolist() for b in range(B)]

@@ -16,7 +16,7 @@ import hashlib
 import numbers
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,7 @@ import numpy as np
 from vlmedge.errors import BundleError, InputError, VlmedgeError, first_line
 from vlmedge.runtime.backends import open_backend
 from vlmedge.runtime.bundle import Bundle, load_bundle
-from vlmedge.runtime.decoding import GenerationConfig, Timings, encode, generate
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, encode, resolve, run
 from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
 from vlmedge.runtime.preprocess import pixel_values
 
@@ -127,6 +127,22 @@ class Pipeline:
             limit = min(limit, self.manifest.axes["total_len"].max - prompt + 1)
         return limit
 
+    def settings(self, task: str, config: GenerationConfig | None = None) -> Settings:
+        """The generation settings a call of `task` decodes with: the options passed over the model's
+        own settings from the manifest (`tasks.<task>.generation`) over HF's defaults. A length the
+        model's settings ask for is kept within the bundle's limit; one passed beyond it is refused."""
+        spec = self.manifest.tasks[task]
+        defaults = {"eos_token_id": spec["eos_id"], **spec.get("generation", {})}
+        s = resolve(config or GenerationConfig(), defaults, len(spec["prompt_ids"]), spec["max_new_tokens"],
+                    self.manifest.dims["vocab_size"])
+        limit = self.max_new_tokens(task)
+        if s.max_new > limit:
+            if s.user_length:
+                raise InputError(f"max_new_tokens: {s.max_new} is over this bundle's limit of {limit} "
+                                 "(axes.total_len and dims.max_target_len; export with a larger --max-length)")
+            s = replace(s, max_new=limit)
+        return s
+
     # -- tasks -------------------------------------------------------------------------------
     def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
                 timings: Timings | None = None, **generation):
@@ -161,26 +177,19 @@ class Pipeline:
             config = GenerationConfig(**generation)
         except TypeError as e:
             raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
-        config.check()
         if not isinstance(return_ids, bool):
             raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
         if batch_size is not None:
             _count("batch_size", batch_size, 1)
-        if config.num_beams > self.max_batch:
-            raise InputError(f"num_beams: {config.num_beams} beams are over this bundle's batch maximum of "
-                             f"{self.max_batch} (axes.batch.max); use at most {self.max_batch}")
-        vocab = self.manifest.dims["vocab_size"]
-        if config.eos_token_id is not None and config.eos_token_id >= vocab:
-            raise InputError(f"eos_token_id: {config.eos_token_id} is outside the vocabulary (0..{vocab - 1})")
         spec = self.manifest.tasks[task]
-        max_new = config.max_new_tokens or spec["max_new_tokens"]
-        if max_new > self.max_new_tokens(task):
-            raise InputError(f"max_new_tokens: {max_new} is over this bundle's limit of {self.max_new_tokens(task)} "
-                             "(axes.total_len and dims.max_target_len; export with a larger --max-length)")
+        settings = self.settings(task, config)
+        if settings.num_beams > self.max_batch:
+            raise InputError(f"num_beams: {settings.num_beams} beams are over this bundle's batch maximum of "
+                             f"{self.max_batch} (axes.batch.max); use at most {self.max_batch}")
         if not images:
             return []
         # a decoder batch is (images x beams) rows and stays within the bundle's batch range
-        chunk = min(batch_size or self.batch_size, self.max_batch // config.num_beams)
+        chunk = min(batch_size or self.batch_size, self.max_batch // settings.num_beams)
         results: list = []
         for s in range(0, len(images), chunk):
             t0 = time.perf_counter()
@@ -195,8 +204,7 @@ class Pipeline:
             if timings is not None:
                 timings.preprocess += t1 - t0
                 timings.encoder += t2 - t1
-            rows = generate(self.backend, self.layers, states, mask, spec["prompt_ids"], spec["eos_id"],
-                            config, max_new, timings)
+            rows = run(self.backend, self.layers, states, mask, spec["prompt_ids"], settings, timings)
             for ids in rows:
                 results.append(Generation(self.decode(ids), tuple(ids)) if return_ids else self.decode(ids))
         return results

@@ -237,3 +237,46 @@ class Free(Node):
             elif isinstance(v, str):
                 _clean(v, path)
         return value
+
+
+# -- a task's generation settings (manifest.json tasks.<task>.generation) ------------------------
+
+_TOKEN = Int(0, (1 << 22) - 1)
+_COUNT = Int(0, 1 << 20)
+_TOKENS = Either((int, _TOKEN), (list, List(_TOKEN, 1, 64)), what="a token id or a list of token ids")
+GENERATION = Obj({}, {
+    "decoder_start_token_id": _TOKEN, "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
+    "eos_token_id": _TOKENS, "forced_eos_token_id": _TOKENS, "forced_bos_token_id": _TOKEN,
+    "max_length": Int(1, 1 << 20), "max_new_tokens": Int(1, 1 << 20), "min_length": _COUNT, "min_new_tokens": _COUNT,
+    "num_beams": Int(1, 1024), "length_penalty": Num(-10, 10),
+    "early_stopping": Either((bool, Bool()), (str, Str(choices=("never",))), what="true, false or \"never\""),
+    "repetition_penalty": Num(0, 1.0e4, positive=True), "no_repeat_ngram_size": _COUNT,
+    "bad_words_ids": List(List(_TOKEN, 1, 64), 1, 4096),
+    "exponential_decay_length_penalty": List(Num(0, 1 << 20), 2, 2),
+    "suppress_tokens": List(_TOKEN, 0, 4096), "begin_suppress_tokens": List(_TOKEN, 0, 4096),
+    "remove_invalid_values": Bool(), "renormalize_logits": Bool(),
+})
+
+
+def check_generation(gen: Any, vocab: int, path: str) -> dict:
+    """A task's generation settings: the schema above, then every token id within the vocabulary
+    and the decay penalty's start an integer and its factor in (0, 100]."""
+    gen = GENERATION.check(gen, path)
+    for key in ("decoder_start_token_id", "bos_token_id", "pad_token_id", "eos_token_id", "forced_eos_token_id",
+                "forced_bos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"):
+        if key not in gen:
+            continue
+        stack = [(gen[key], join(path, key))]
+        while stack:
+            v, where = stack.pop()
+            if isinstance(v, list):
+                stack.extend((x, join(where, i)) for i, x in enumerate(v))
+            elif v >= vocab:
+                raise Invalid(where, f"token id {v} is outside the vocabulary (dims.vocab_size {vocab})")
+    decay = gen.get("exponential_decay_length_penalty")
+    if decay is not None:
+        if type(decay[0]) is not int:
+            raise Invalid(join(path, "exponential_decay_length_penalty") + "[0]", f"expected an integer start, got {show(decay[0])}")
+        if not 0 < decay[1] <= 100:
+            raise Invalid(join(path, "exponential_decay_length_penalty") + "[1]", f"expected a factor in (0, 100], got {show(decay[1])}")
+    return gen
