@@ -134,3 +134,192 @@ FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "vit-gpt2": ("VisionEncoderDecoderModel", vit_gpt2, "caption"),
     "vit-bert": ("VisionEncoderDecoderModel", vit_bert, "caption"),
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny models built to the architecture and config choices of published checkpoints: the same classes,
+# flags and layer-count relations, at odd small sizes (3 heads, width 48, images not multiples of 32).
+
+
+def _roberta_tokenizer(out: Path):
+    """A tokenizer with the RoBERTa / XLM-R special ids that TrOCR, Donut and Nougat use:
+    <s>=0, <pad>=1, </s>=2, <unk>=3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for w in vocabulary():
+        vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.save_pretrained(out)
+    return tok, vocab
+
+
+def _processor(out: Path, cls_name: str, height: int, width: int, **kw):
+    import transformers
+
+    getattr(transformers, cls_name)(size={"height": height, "width": width}, **kw).save_pretrained(out)
+
+
+def _save_ved(out: Path, enc, dec, start: int, pad: int, eos: int, generation: dict, seed: int, std: float,
+              perturb_seed: int = 0) -> Path:
+    """Init with `seed`, then perturb by `std` (seeds and std chosen so that captions differ between
+    test scenes for greedy and beam search)."""
+    from transformers import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = start, pad, eos
+    torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(cfg)
+    for k, v in generation.items():
+        setattr(model.generation_config, k, v)
+    _perturb(model, std=std, seed=perturb_seed).save_pretrained(out)
+    return out
+
+
+def ckpt_vit_gpt2(out: Path) -> Path:
+    """nlpconnect/vit-gpt2-image-captioning: ViT + GPT-2 with cross-attention, equal widths (no
+    projection); start, pad and EOS are all <|endoftext|>."""
+    from transformers import GPT2Config, ViTConfig
+
+    _, vocab = _gpt2_tokenizer(out)
+    enc = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=40,
+                    patch_size=8)
+    dec = GPT2Config(vocab_size=len(vocab), n_embd=48, n_layer=3, n_head=3, n_positions=64, add_cross_attention=True,
+                     bos_token_id=0, eos_token_id=0)
+    _save_ved(out, enc, dec, 0, 0, 0, {}, seed=1, std=0.3, perturb_seed=1)
+    _processor(out, "ViTImageProcessor", 40, 40)
+    return out
+
+
+def _blip_ckpt(out: Path, architecture: str, vision_hidden: int, vision_layers: int, vision_heads: int) -> Path:
+    import transformers
+    from transformers import BlipConfig
+
+    _, ids = _bert_tokenizer(out)
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(ids) + 2, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=3, max_position_embeddings=64, bos_token_id=ids["[DEC]"],
+                         sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"], eos_token_id=ids["[SEP]"]),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
+                           num_attention_heads=vision_heads, image_size=40, patch_size=8),
+    )
+    torch.manual_seed(2)
+    _perturb(getattr(transformers, architecture)(cfg), seed=2).save_pretrained(out)
+    _processor(out, "BlipImageProcessor", 40, 40)
+    return out
+
+
+def ckpt_blip_caption_base(out: Path) -> Path:
+    """Salesforce/blip-image-captioning-base: ViT-B vision (768) and BERT text (768): equal widths."""
+    return _blip_ckpt(out, "BlipForConditionalGeneration", 48, 2, 3)
+
+
+def ckpt_blip_caption_large(out: Path) -> Path:
+    """Salesforce/blip-image-captioning-large: ViT-L vision (1024 wide, twice the layers) and a 768-wide
+    text decoder whose cross-attention reads 1024-wide image states."""
+    return _blip_ckpt(out, "BlipForConditionalGeneration", 60, 4, 3)
+
+
+def ckpt_blip_vqa_base(out: Path) -> Path:
+    """Salesforce/blip-vqa-base: question encoder and answer decoder, all 768 wide."""
+    return _blip_ckpt(out, "BlipForQuestionAnswering", 48, 2, 3)
+
+
+def _trocr_decoder(vocab: dict, d_model: int, cross: int, learned: bool, scale: bool):
+    from transformers import TrOCRConfig
+
+    return TrOCRConfig(vocab_size=len(vocab), d_model=d_model, decoder_layers=3, decoder_attention_heads=3,
+                       decoder_ffn_dim=2 * d_model, max_position_embeddings=64, activation_function="relu",
+                       use_learned_position_embeddings=learned, scale_embedding=scale, layernorm_embedding=True,
+                       cross_attention_hidden_size=cross, is_decoder=True, add_cross_attention=True,
+                       decoder_start_token_id=2, bos_token_id=0, pad_token_id=1, eos_token_id=2)
+
+
+def ckpt_trocr_small(out: Path) -> Path:
+    """microsoft/trocr-small-printed: DeiT encoder (class + distillation token, 384 wide) and a narrower
+    TrOCR decoder (256) whose cross-attention reads the encoder width (cross_attention_hidden_size, no
+    projection); scaled embeddings, embedding LayerNorm; decoding starts at </s>."""
+    from transformers import DeiTConfig
+
+    _, vocab = _roberta_tokenizer(out)
+    enc = DeiTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=40,
+                     patch_size=8)
+    dec = _trocr_decoder(vocab, 36, 48, learned=False, scale=True)
+    _save_ved(out, enc, dec, 2, 1, 2, {}, seed=3, std=0.5)
+    _processor(out, "ViTImageProcessor", 40, 40, resample=2)
+    return out
+
+
+def ckpt_trocr_base(out: Path) -> Path:
+    """microsoft/trocr-base-printed: a BEiT-initialised ViT encoder (768, no qkv bias) and a wider
+    TrOCR decoder (1024) with learned positions, cross-attending to the 768-wide states."""
+    from transformers import ViTConfig
+
+    _, vocab = _roberta_tokenizer(out)
+    enc = ViTConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=72, image_size=40,
+                    patch_size=8, qkv_bias=False)
+    dec = _trocr_decoder(vocab, 48, 36, learned=True, scale=False)
+    _save_ved(out, enc, dec, 2, 1, 2, {}, seed=4, std=0.3)
+    _processor(out, "ViTImageProcessor", 40, 40, resample=2)
+    return out
+
+
+def _donut_like(out: Path, image: tuple[int, int], window: int, generation: dict, seed: int) -> Path:
+    from transformers import DonutSwinConfig, MBartConfig
+
+    _, vocab = _roberta_tokenizer(out)
+    enc = DonutSwinConfig(image_size=list(image), patch_size=4, embed_dim=24, depths=[1, 2], num_heads=[3, 3],
+                          window_size=window, drop_path_rate=0.0)
+    # MBartForCausalLM as the decoder: encoder_layers (what num_hidden_layers means for MBart) differs
+    # from decoder_layers, as in the checkpoints (12 and 4)
+    dec = MBartConfig(vocab_size=len(vocab), d_model=48, encoder_layers=4, decoder_layers=2, encoder_attention_heads=3,
+                      decoder_attention_heads=3, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+                      scale_embedding=True, is_decoder=True, add_cross_attention=True, bos_token_id=0, pad_token_id=1,
+                      eos_token_id=2, forced_eos_token_id=2)
+    _save_ved(out, enc, dec, 0, 1, 2, generation, seed=seed, std=0.3, perturb_seed=1)
+    _processor(out, "DonutImageProcessor", *image, do_align_long_axis=False)
+    return out
+
+
+def ckpt_donut_base(out: Path) -> Path:
+    """naver-clova-ix/donut-base: DonutSwin (non-square [2560, 1920], hierarchical: fewer tokens than
+    patches) and MBartForCausalLM (4 decoder layers against 12 encoder layers in its config); forced EOS."""
+    return _donut_like(out, (44, 36), 3, {"forced_eos_token_id": 2}, seed=5)
+
+
+def ckpt_nougat_small(out: Path) -> Path:
+    """facebook/nougat-small: DonutSwin ([896, 672]) and MBartForCausalLM; forced EOS and no-repeat n-grams."""
+    return _donut_like(out, (52, 36), 3, {"forced_eos_token_id": 2, "no_repeat_ngram_size": 3}, seed=6)
+
+
+# name -> (published checkpoint mirrored, builder, task)
+CHECKPOINTS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "vit-gpt2-image-captioning": ("nlpconnect/vit-gpt2-image-captioning", ckpt_vit_gpt2, "caption"),
+    "blip-image-captioning-base": ("Salesforce/blip-image-captioning-base", ckpt_blip_caption_base, "caption"),
+    "blip-image-captioning-large": ("Salesforce/blip-image-captioning-large", ckpt_blip_caption_large, "caption"),
+    "blip-vqa-base": ("Salesforce/blip-vqa-base", ckpt_blip_vqa_base, "vqa"),
+    "trocr-small-printed": ("microsoft/trocr-small-printed", ckpt_trocr_small, "caption"),
+    "trocr-base-printed": ("microsoft/trocr-base-printed", ckpt_trocr_base, "caption"),
+    "donut-base": ("naver-clova-ix/donut-base", ckpt_donut_base, "caption"),
+    "nougat-small": ("facebook/nougat-small", ckpt_nougat_small, "caption"),
+}
+
+
+def convnext_gpt2(out: Path) -> Path:
+    """A ConvNeXt encoder (its output is a [B, C, H, W] feature map) with a GPT-2 decoder: refused.
+    transformers itself cannot build this pair without `hidden_size` on the encoder config (ConvNeXt
+    has `hidden_sizes`), and its forward hands the 4-D map to the decoder unflattened."""
+    from transformers import ConvNextConfig, GPT2Config
+
+    _, vocab = _gpt2_tokenizer(out)
+    enc = ConvNextConfig(hidden_sizes=[24, 48], depths=[1, 1], num_stages=2, image_size=40, hidden_size=48)
+    dec = GPT2Config(vocab_size=len(vocab), n_embd=48, n_layer=1, n_head=3, n_positions=64, add_cross_attention=True,
+                     bos_token_id=0, eos_token_id=0)
+    _save_ved(out, enc, dec, 0, 0, 0, {}, seed=7, std=0.1)
+    _processor(out, "ConvNextImageProcessor", 40, 40)
+    return out

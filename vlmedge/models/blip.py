@@ -16,7 +16,8 @@ from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, load_hf_model, preprocessing, strip_prompt, tokenizer_json, weight_files,
+    HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
+    tokenizer_json, vision_dims, weight_files,
 )
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,15 +58,19 @@ class _BlipBase:
         if None in (self.eos_id, self.pad_id, self.bos_id):
             raise ModelLoadError(f"{source}/config.json: text_config needs bos_token_id, sep_token_id and pad_token_id")
         self.prompt_ids = self._prompt_ids(prompt)
-        heads = tc.num_attention_heads
-        encoder_hidden = vc.hidden_size if self.task == "caption" else tc.hidden_size
+        self._check()
+        prep = preprocessing(source, image_size(vc.image_size), _CLIP_MEAN, _CLIP_STD, "bicubic")
+        tokens, width = vision_dims(source, self.vision_encoder(), prep)
+        states = torch.zeros(1, tokens, width)
+        if self.task == "vqa":  # the answer decoder reads the question encoder's states
+            with torch.no_grad():
+                q = torch.tensor([[self.bos_id]])
+                states = self.text_encoder()(q, torch.ones_like(q), states)
         dims = ModelDims(
-            decoder_layers=tc.num_hidden_layers, decoder_heads=heads, decoder_head_dim=tc.hidden_size // heads,
-            vocab_size=tc.vocab_size, encoder_hidden=encoder_hidden,
-            image_tokens=(vc.image_size // vc.patch_size) ** 2 + 1, max_target_len=tc.max_position_embeddings,
+            **decoder_dims(self.decoder_init(), self.bos_id, states), encoder_hidden=int(states.shape[-1]),
+            image_tokens=tokens, max_target_len=tc.max_position_embeddings,
             max_question_len=tc.max_position_embeddings if self.task == "vqa" else 0,
         )
-        prep = preprocessing(source, vc.image_size, _CLIP_MEAN, _CLIP_STD, "bicubic")
         max_new = min(30 if self.task == "caption" else 10, dims.max_target_len - len(self.prompt_ids))
         encoder = "vision_encoder" if self.task == "caption" else "text_encoder"
         self.info = FamilyInfo(
@@ -73,6 +78,9 @@ class _BlipBase:
             tasks={self.task: TaskSpec(encoder, self.prompt_ids, self.eos_id, self.pad_id, max_new, generation_defaults(
                 self.model.text_decoder, f"{source}/generation_config.json", eos_token_id=self.eos_id, pad_token_id=self.pad_id))},
         )
+
+    def _check(self) -> None:
+        """Refuse configs the family's own generate() cannot run (one line)."""
 
     def _prompt_ids(self, prompt: str | None) -> tuple[int, ...]:
         if not prompt:
@@ -137,10 +145,12 @@ class BlipVqaAdapter(_BlipBase):
         if prompt:
             raise ModelLoadError(f"{source}: a text prompt applies to captioning, not to BlipForQuestionAnswering")
         super().__init__(source, BlipForQuestionAnswering)
+
+    def _check(self) -> None:
         tc, vc = self.model.config.text_config, self.model.config.vision_config
         if tc.hidden_size != vc.hidden_size:
             # the answer decoder's cross-attention is sized for image states but reads question states
-            raise ModelLoadError(f"{source}/config.json: BLIP VQA needs text and vision hidden sizes equal "
+            raise ModelLoadError(f"{self.source}/config.json: BLIP VQA needs text and vision hidden sizes equal "
                                  f"({tc.hidden_size} != {vc.hidden_size})")
 
     def text_encoder(self) -> nn.Module:

@@ -67,16 +67,54 @@ class HfDecoderStep(nn.Module):
 
 
 def load_hf_model(cls, path: str):
-    """from_pretrained with local files only; any failure is one line naming the directory."""
+    """from_pretrained with local files only; any failure is one line naming the directory.
+
+    Eager attention everywhere: torch.export fails on the SDPA attention of BEiT and Swin vision
+    encoders, some decoders (TrOCR) have no SDPA version, and eager gives HF's tokens all the same."""
     p = Path(path)
     weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
     if not weights:
         raise ModelLoadError(f"{p}: no weights (*.safetensors or *.bin) next to config.json")
     try:
-        model = cls.from_pretrained(str(p), local_files_only=True)
+        model = cls.from_pretrained(str(p), local_files_only=True, attn_implementation="eager")
     except Exception as e:
         raise ModelLoadError(f"{p}: weights fail to load as {cls.__name__} ({first_line(e)[:300]})") from None
-    return model.float().eval()
+    return restore_sinusoidal_tables(model).float().eval()
+
+
+def restore_sinusoidal_tables(model: nn.Module) -> nn.Module:
+    """Recompute position tables that `from_pretrained` leaves on the meta device.
+
+    TrOCR's sinusoidal positions (`use_learned_position_embeddings=False`) keep their table in a plain
+    attribute, neither parameter nor buffer; transformers 5.x builds models on the meta device and never
+    materialises it, so the model as loaded fails with "Cannot copy out of meta tensor"."""
+    for m in model.modules():
+        table = getattr(m, "weights", None)
+        if isinstance(table, torch.Tensor) and table.is_meta and hasattr(m, "get_embedding"):
+            m.weights = m.get_embedding(table.shape[0], m.embedding_dim, m.padding_idx)
+    return model
+
+
+@torch.no_grad()
+def vision_dims(source: str, vision: nn.Module, prep: Preprocessing) -> tuple[int, int]:
+    """(tokens, width) of the vision graph's output, measured on an image at the native size."""
+    out = vision(torch.zeros(1, 3, prep.height, prep.width))
+    if out.dim() != 3:
+        raise ModelLoadError(f"{source}: the vision encoder gives a {out.dim()}-D output {list(out.shape)}; "
+                             "vlmedge needs [batch, tokens, width] (ViT, DeiT, BEiT, Swin, DonutSwin)")
+    return int(out.shape[1]), int(out.shape[2])
+
+
+@torch.no_grad()
+def decoder_dims(decoder_init: nn.Module, start_id: int, encoder_states: torch.Tensor) -> dict:
+    """Decoder layers, heads, head size and vocabulary, measured from the decoder's own cache and logits
+    after one token (config names differ by family and some mean the encoder's: MBart's num_hidden_layers)."""
+    mask = torch.ones(encoder_states.shape[:2], dtype=torch.long)
+    logits, *kv = decoder_init(torch.tensor([[start_id]]), encoder_states, mask)
+    layers = len(kv) // 4  # self K, V and cross K, V per layer
+    _, heads, _, head_dim = kv[0].shape
+    return dict(decoder_layers=layers, decoder_heads=int(heads), decoder_head_dim=int(head_dim),
+                vocab_size=int(logits.shape[-1]))
 
 
 def tokenizer_json(path: str) -> str:
@@ -97,19 +135,29 @@ def weight_files(path: str) -> list[Path]:
     return sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
 
 
-def preprocessing(path: str, image_size: int, default_mean, default_std, default_resample: str) -> Preprocessing:
-    """From preprocessor_config.json where present, else the family's processor defaults."""
+def image_size(size) -> tuple[int, int]:
+    """A config's `image_size` (an int, or [height, width] as DonutSwin has it) as (height, width)."""
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def preprocessing(path: str, size: tuple[int, int], default_mean, default_std, default_resample: str) -> Preprocessing:
+    """From preprocessor_config.json where present, else the family's processor defaults.
+    `size` is the model's (height, width)."""
     cfg_path = Path(path) / "preprocessor_config.json"
     cfg = {}
     if cfg_path.is_file():
         cfg = read_json(cfg_path, ModelLoadError)
-    size = cfg.get("size", image_size)
-    if isinstance(size, dict):
-        h, w = size.get("height", image_size), size.get("width", image_size)
+    given = cfg.get("size", list(size))
+    if isinstance(given, dict):
+        h, w = given.get("height", size[0]), given.get("width", size[1])
+    elif str(cfg.get("image_processor_type", "")).startswith("Donut") and isinstance(given, list):
+        w, h = image_size(given)  # Donut's processor reads a size list as [width, height]
     else:
-        h = w = int(size)
-    if (h, w) != (image_size, image_size):
-        raise ModelLoadError(f"{cfg_path}: image size {h}x{w} differs from the model's {image_size}")
+        h, w = image_size(given)
+    if (h, w) != tuple(size):
+        raise ModelLoadError(f"{cfg_path}: image size {h}x{w} differs from the model's {size[0]}x{size[1]}")
     resample = _PIL_RESAMPLE.get(cfg.get("resample"), default_resample)
     mean = tuple(float(x) for x in cfg.get("image_mean", default_mean))
     std = tuple(float(x) for x in cfg.get("image_std", default_std))

@@ -1,9 +1,12 @@
-"""Adapter of Hugging Face `VisionEncoderDecoderModel`: a ViT-family encoder with a GPT-2 or
-BERT-style decoder (ViT-GPT2 captioners, TrOCR-style models). Captioning only.
+"""Adapter of Hugging Face `VisionEncoderDecoderModel`: any transformers vision encoder with a
+[batch, tokens, width] output (ViT, DeiT, BEiT, Swin, DonutSwin) and a causal decoder with
+cross-attention (GPT-2, BERT/RoBERTa, TrOCR, BART/MBart `ForCausalLM`): ViT-GPT2 captioners, TrOCR,
+Donut, Nougat. Captioning only.
 
-The vision graph includes `enc_to_dec_proj` when the model has one (encoder and decoder widths
-differ), exactly where the model's own forward applies it, so the decoder graphs see the states
-its cross-attention was trained on.
+The vision graph includes `enc_to_dec_proj` when the model's own forward applies it (widths differ
+and the decoder has no `cross_attention_hidden_size`), so the decoder graphs see the states its
+cross-attention was trained on. Encoder length and width, decoder layers, heads and head size are
+measured by running the modules, never derived from config fields.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, load_hf_model, preprocessing, strip_prompt, tokenizer_json, weight_files,
+    HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
+    tokenizer_json, vision_dims, weight_files,
 )
 
 
@@ -23,7 +27,9 @@ class _Vision(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.encoder = model.encoder
-        self.proj = getattr(model, "enc_to_dec_proj", None)
+        projects = (model.encoder.config.hidden_size != model.decoder.config.hidden_size
+                    and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None)
+        self.proj = model.enc_to_dec_proj if projects else None
 
     def forward(self, pixel_values):
         h = self.encoder(pixel_values=pixel_values).last_hidden_state
@@ -50,17 +56,16 @@ class VisionEncoderDecoderAdapter:
         missing = [n for n, v in (("decoder_start_token_id", start), ("eos_token_id", eos), ("pad_token_id", pad)) if v is None]
         if missing:
             raise ModelLoadError(f"{source}/config.json: needs {', '.join(missing)} to generate")
-        if not hasattr(ec, "patch_size") or not hasattr(ec, "image_size"):
-            raise ModelLoadError(f"{source}/config.json: encoder {ec.model_type} is not a ViT-family encoder")
+        if getattr(ec, "image_size", None) is None:
+            raise ModelLoadError(f"{source}/config.json: encoder {ec.model_type} has no image_size")
         self.start_id, self.eos_id, self.pad_id = int(start), int(eos), int(pad)
-        layers, heads, hidden = dc.num_hidden_layers, dc.num_attention_heads, dc.hidden_size
         max_pos = getattr(dc, "max_position_embeddings", None) or getattr(dc, "n_positions", 1024)
+        prep = preprocessing(source, image_size(ec.image_size), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+        tokens, width = vision_dims(source, self.vision_encoder(), prep)
         dims = ModelDims(
-            decoder_layers=layers, decoder_heads=heads, decoder_head_dim=hidden // heads, vocab_size=dc.vocab_size,
-            encoder_hidden=hidden if getattr(self.model, "enc_to_dec_proj", None) is not None else ec.hidden_size,
-            image_tokens=(ec.image_size // ec.patch_size) ** 2 + 1, max_target_len=max_pos,
+            **decoder_dims(self.decoder_init(), self.start_id, torch.zeros(1, tokens, width)),
+            encoder_hidden=width, image_tokens=tokens, max_target_len=max_pos,
         )
-        prep = preprocessing(source, ec.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
         self.info = FamilyInfo(
             family="vision-encoder-decoder", architecture=f"{self.architecture}({ec.model_type}, {dc.model_type})",
             dims=dims, preprocessing=prep,
