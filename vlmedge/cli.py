@@ -277,6 +277,10 @@ def quantize(
     io_dtype: str = typer.Option("float32", "--io-dtype", help="FP16: graph inputs/outputs float32 (casts inside) or float16"),
     target: str = typer.Option("tensorrt-portable", "--target",
                                help="tensorrt-portable (default) or onnxruntime: ONNX Runtime's fused ops, not for TensorRT"),
+    held_out: int = typer.Option(200, "--held-out",
+                                 help="images kept aside for the accuracy check (synthetic:N adds them; a folder gives at most half)"),
+    max_fallbacks: Optional[int] = typer.Option(None, "--max-fallbacks",
+                                                help="nodes returned to float at most (default: as many as the budget needs)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
     """Make an FP16 or calibrated INT8 variant of a bundle, checked against FP32 on held-out data."""
@@ -291,7 +295,8 @@ def quantize(
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs through the root logger
     points = 1.0 if budget is None else budget
     options = QuantizeOptions(precision=precision, calib=calib, questions=questions, method=method,
-                              budget_vqa=points / 100, budget_bleu=points / 50, io_dtype=io_dtype, force=force)
+                              budget_vqa=points / 100, budget_bleu=points / 50, io_dtype=io_dtype, force=force,
+                              held_out=held_out, max_fallbacks=max_fallbacks)
     with _progress() as p:
         manifest = quantize_bundle(bundle, out, options, log=lambda s: p.console.print(s, highlight=False), progress=p)
     p = manifest.precision
@@ -304,6 +309,9 @@ def quantize(
             t.add_row(k, f"{acc['fp32'][k]:.4f}", f"{acc[precision][k]:.4f}",
                       f"-{acc['budget'][budget_key]:.3g}" if budget_key else "")
     console.print(t)
+    from vlmedge.calibration.confidence import describe
+
+    console.print(f"variant - FP32 on the held-out set: {describe(acc['confidence'])}", highlight=False)
     excluded = sum(len(e) for e in p["excluded"].values())
     console.print(f"{excluded} nodes kept in float; calibration {p['calibration']['source']} "
                   f"({p['calibration']['calibration_images']} images, {p['calibration']['held_out_images']} held out)")

@@ -2,7 +2,9 @@
 
 A calibration set comes from a folder of images, with an optional JSONL of questions, or from the
 built-in scene world (`synthetic:N`, drawn from the validation split, so the test split stays
-unseen). A part of it is kept aside to check the accuracy of the quantized bundle.
+unseen). A held-out part, disjoint from the calibration images, checks the accuracy of the quantized
+bundle: `synthetic:N` draws N calibration scenes plus the held-out ones; a folder gives at most half
+its images to the check.
 
 Inputs for every graph are recorded from real FP32 generation over the calibration images: the
 decoder graphs see real prompts, real KV caches and real cross-attention K/V, step by step, not
@@ -29,7 +31,7 @@ from vlmedge.runtime.images import IMAGE_SUFFIXES, load_image
 from vlmedge.runtime.recording import RecordingBackend
 
 MIN_SAMPLES = 8
-HELD_OUT = 0.25  # fraction of the images kept aside for the accuracy check
+HELD_OUT = 200  # images kept aside for the accuracy check, by default
 
 
 @dataclass
@@ -53,10 +55,10 @@ class CalibrationSet:
         return {"source": self.source, "images": len(self.images), "questions": len(self.questions),
                 "skipped": self.skipped, "sha256": self.digest()}
 
-    def split(self, held_out: float = HELD_OUT) -> tuple["CalibrationSet", "CalibrationSet"]:
-        """(calibration, held-out): the last `held_out` of the images and their questions."""
+    def split(self, held_out: int) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """(calibration, held-out): the last `held_out` images and their questions are held out."""
         n = len(self.images)
-        cut = n - max(1, int(round(n * held_out)))
+        cut = n - held_out
         return self._subset(range(0, cut)), self._subset(range(cut, n))
 
     def _subset(self, idx: range) -> "CalibrationSet":
@@ -113,8 +115,13 @@ def from_folder(folder: Path, questions_file: Path | None = None, max_pixels: in
     return CalibrationSet(str(folder), images, qs, [None] * len(images), ans, skipped)
 
 
-def load_calibration(spec: str, questions_file: Path | None = None, need_questions: bool = False) -> CalibrationSet:
-    """`synthetic:N` or a folder; refuses sets too small to calibrate and check."""
+def load_calibration(spec: str, questions_file: Path | None = None, need_questions: bool = False,
+                     held_out: int = HELD_OUT) -> tuple[CalibrationSet, CalibrationSet, CalibrationSet]:
+    """(whole set, calibration part, held-out part) from `synthetic:N` (N calibration scenes, then
+    `held_out` more) or a folder (at most half of it held out); refuses sets too small to calibrate
+    and check."""
+    if held_out < 1:
+        raise InputError(f"--held-out: {held_out} images; at least 1 is needed to check accuracy")
     if spec.startswith("synthetic:"):
         try:
             n = int(spec.split(":", 1)[1])
@@ -122,7 +129,9 @@ def load_calibration(spec: str, questions_file: Path | None = None, need_questio
             raise InputError(f"--calib {spec}: expected synthetic:N with N a number") from None
         if questions_file:
             raise InputError("--questions: applies to a calibration folder, not to synthetic:N")
-        cs = synthetic(n)
+        if n < 1:
+            raise InputError(f"--calib {spec}: expected synthetic:N with N at least 1")
+        cs = synthetic(n + held_out)
     else:
         cs = from_folder(Path(spec), questions_file)
     if len(cs.images) < MIN_SAMPLES:
@@ -130,7 +139,8 @@ def load_calibration(spec: str, questions_file: Path | None = None, need_questio
                          f"(some are kept aside to check accuracy)")
     if need_questions and not cs.questions:
         raise InputError(f"--calib {spec}: the bundle answers questions; pass --questions FILE.jsonl for its VQA graphs")
-    return cs
+    held = held_out if spec.startswith("synthetic:") else min(held_out, len(cs.images) // 2)
+    return (cs, *cs.split(held))
 
 
 def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: int = 1,

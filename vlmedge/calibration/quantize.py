@@ -1,15 +1,19 @@
 """`vlmedge quantize`: an FP16 or calibrated INT8 variant of an FP32 bundle, checked on held-out data.
 
-1. Calibration images (and questions) are split: three quarters calibrate, a quarter is kept aside.
+1. Calibration images (and questions) calibrate; a disjoint held-out part (`--held-out`, 200 images
+   and their questions by default) checks accuracy.
 2. Every graph's inputs are recorded from real FP32 generation over the calibration part.
 3. INT8: Q/DQ quantization of the weight MatMul/Gemm/Conv nodes (calibration.int8).
    FP16: every float tensor in float16 except nodes whose FP32 outputs overflow float16 on the
    calibration inputs and nodes ONNX Runtime's CPU provider has no float16 kernel for
    (calibration.fp16).
 4. The variant captions and answers the held-out part; its accuracy is compared with FP32's
-   (against the references where known, else against FP32's own outputs). Over budget, nodes go
-   back to float one at a time, most harmful first (ranked by the graph output error each causes
-   when it alone is quantized / converted), until the variant is within budget.
+   (against the references where known, else against FP32's own outputs), with a paired bootstrap
+   interval for each delta. Over budget, the nodes are ranked once, most harmful first (by the graph
+   output error each causes when it alone is quantized / converted), and a bisection over the ranked
+   prefixes finds the fewest worst nodes to return to float: about log2(nodes) held-out probes. A
+   variant that needs every node back in float (an FP32 copy) or more than `--max-fallbacks` is
+   refused with one line giving the best variant's figures.
 5. The bundle is written to a temp directory and renamed into place; its manifest records the
    precision, method, calibration set (count and sha256), excluded nodes with the reason, and the
    accuracy check.
@@ -24,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-from vlmedge.calibration.data import CalibrationSet, load_calibration, record_inputs
+from vlmedge.calibration.confidence import describe, paired_delta
+from vlmedge.calibration.data import HELD_OUT, CalibrationSet, load_calibration, record_inputs
 from vlmedge.errors import InputError, ValidationError
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
@@ -43,7 +48,8 @@ class QuantizeOptions:
     budget_vqa: float = 0.01  # VQA accuracy FP32 - variant, at most (1 point)
     budget_bleu: float = 0.02  # caption BLEU-4 FP32 - variant, at most
     io_dtype: str = "float32"  # FP16: graph inputs/outputs float32 (casts inside) or float16
-    max_fallbacks: int = 24  # nodes returned to float at most
+    max_fallbacks: int | None = None  # nodes returned to float at most (None: up to all of them)
+    held_out: int = HELD_OUT  # images kept aside for the accuracy check (a folder gives at most half)
     force: bool = False
 
 
@@ -58,11 +64,12 @@ def held_out_accuracy(pipe: Pipeline, held: CalibrationSet, ref: dict | None = N
         caps = pipe.caption(list(held.images))
         refs = [c if c is not None else (ref or {}).get("captions", caps)[i] for i, c in enumerate(held.captions)]
         s = caption_scores(caps, [[r] for r in refs])
-        out.update(captions=caps, bleu4=s["bleu4"], caption_exact_match=s["exact_match"])
+        out.update(captions=caps, caption_refs=refs, bleu4=s["bleu4"], caption_exact_match=s["exact_match"])
     if "vqa" in m.tasks and held.questions:
         ans = pipe.vqa([held.images[i] for i, _ in held.questions], [q for _, q in held.questions])
         refs = [a if a is not None else (ref or {}).get("answers", ans)[i] for i, a in enumerate(held.answers)]
-        out.update(answers=ans, vqa_accuracy=float(np.mean(vqa_accuracy(ans, [[r] for r in refs]))))
+        scores = vqa_accuracy(ans, [[r] for r in refs])
+        out.update(answers=ans, vqa_scores=scores, vqa_accuracy=float(np.mean(scores)))
     return out
 
 
@@ -165,9 +172,9 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
     have = src.manifest.precision.get("dtype", "float32")
     if have != "float32":
         raise InputError(f"{src_dir}: precision.dtype is {have}, not float32; quantize the FP32 bundle it came from")
-    cs = load_calibration(o.calib, o.questions, need_questions="vqa" in src.manifest.tasks and o.precision == "int8"
-                          and "text_encoder" in src.manifest.graphs)
-    calib, held = cs.split()
+    cs, calib, held = load_calibration(o.calib, o.questions, held_out=o.held_out,
+                                       need_questions="vqa" in src.manifest.tasks and o.precision == "int8"
+                                       and "text_encoder" in src.manifest.graphs)
     with OutputDir(out, o.force) as writer:
         tmp = writer.path
         fp32 = Pipeline(src)
@@ -180,25 +187,61 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
         v = _Variant(src, tmp, o, feeds)
         (tmp / ".calib").mkdir()
         done = {g: v.build(g) for g in src.manifest.graphs}
+        total = sum(len(n) for n in done.values())
         log(f"{o.precision}: " + ", ".join(f"{g} {len(n)} nodes" for g, n in done.items()))
 
         def check() -> dict:
             _write_manifest(src, tmp, {"dtype": _DTYPE[o.precision]})
             return held_out_accuracy(Pipeline(load_bundle(tmp)), held, base)
 
-        acc = check()
-        history = [{"excluded": 0, **_summary(acc)}]
-        if not _within(base, acc, o):
+        results = {0: check()}  # nodes back in float -> held-out accuracy of that variant
+        history = [{"in_float": 0, **_summary(results[0])}]
+        k: int | None = 0
+        all_float = False
+        if not _within(base, results[0], o):
             ranked = _rank(v, done, log)
-            for graph, node, err in ranked[: o.max_fallbacks]:
-                v.excluded[graph][node] = f"sensitivity: output error {err:.3g} when alone in {o.precision}; returned to float"
-                v.build(graph)
-                acc = check()
-                history.append({"excluded": len(history), "node": f"{graph}/{node}", **_summary(acc)})
-                log(f"  {graph}/{node} back to float: " + ", ".join(f"{k} {x:.4f}" for k, x in _summary(acc).items()))
-                if _within(base, acc, o):
-                    break
-        within = _within(base, acc, o)
+            built = [0]  # the prefix the variant's graphs hold now
+            kept = {g: dict(e) for g, e in v.excluded.items()}  # exclusions before any fallback
+            cap = len(ranked) if o.max_fallbacks is None else min(o.max_fallbacks, len(ranked))
+            all_float = cap == len(ranked) == total  # the longest prefix is the FP32 graph itself
+
+            def fall_back(n: int) -> None:
+                """Rebuild the variant with the `n` worst ranked nodes in float."""
+                built[0] = n
+                before = {g: set(e) for g, e in v.excluded.items()}
+                v.excluded = {g: dict(e) for g, e in kept.items()}
+                for graph, node, err in ranked[:n]:
+                    v.excluded[graph][node] = (f"sensitivity: output error {err:.3g} when alone in {o.precision}; "
+                                               "returned to float")
+                for g in src.manifest.graphs:
+                    if set(v.excluded[g]) != before[g]:
+                        v.build(g)
+
+            def probe(n: int) -> bool:
+                fall_back(n)
+                results[n] = check()
+                history.append({"in_float": n, **_summary(results[n])})
+                log(f"  {n} of {total} nodes in float: "
+                    + ", ".join(f"{key} {x:.4f}" for key, x in _summary(results[n]).items()))
+                return _within(base, results[n], o)
+
+            k = smallest_passing_prefix(cap, probe, top_passes=all_float)
+            log(f"fallback search: {len(history) - 1} held-out probes over {cap} ranked nodes")
+            if k in results and built[0] != k:  # the bisection's last probe was another prefix
+                fall_back(k)
+        if k is None or (all_float and k not in results):
+            best = max(results)  # the most nodes in float that were evaluated: the closest to FP32
+            why = "" if k is None else f"only all {total} nodes in float (an FP32 copy) would meet it; "
+            raise ValidationError(
+                f"{o.precision}: best variant ({best} of {total} nodes in float) misses the budget: {why}"
+                + describe(paired_delta(base, results[best]), {"vqa_accuracy": o.budget_vqa, "bleu4": o.budget_bleu}))
+        acc = results[k]
+        conf = paired_delta(base, acc)
+        small = [f"{n} {what}" for what, n in (("captions", len(base.get("captions") or [])),
+                                                ("questions", len(base.get("vqa_scores") or []))) if 0 < n < HELD_OUT]
+        if small:
+            log(f"warning: the held-out set has {' and '.join(small)} (fewer than {HELD_OUT}); the check sees "
+                + describe(conf))
         if o.precision == "int8":
             _check_tensorrt_rules(tmp, src)
         precision = {
@@ -209,16 +252,34 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
                             "held_out_questions": len(held.questions)},
             "nodes": {g: len(n) for g, n in done.items()},
             "excluded": {g: e for g, e in v.excluded.items() if e},
-            "accuracy": {"fp32": _summary(base), o.precision: _summary(acc), "within_budget": within,
-                         "budget": {"vqa_accuracy": o.budget_vqa, "bleu4": o.budget_bleu}, "search": history},
+            "accuracy": {"fp32": _summary(base), o.precision: _summary(acc), "within_budget": True,
+                         "budget": {"vqa_accuracy": o.budget_vqa, "bleu4": o.budget_bleu},
+                         "held_out": {"images": len(held.images), "questions": len(held.questions)},
+                         "confidence": {"method": "paired bootstrap, 1000 resamples, 95% interval of variant - FP32",
+                                        **conf},
+                         "in_float": k, "search": history},
         }
         _write_manifest(src, tmp, precision)
         shutil.rmtree(tmp / ".calib")
-        if not within:
-            raise ValidationError(f"{o.precision} stays over budget after {len(history) - 1} nodes back in float: "
-                                  + ", ".join(f"{k} {base[k]:.4f} -> {acc[k]:.4f}" for k in _summary(base)))
         writer.commit()
     return load_bundle(out).manifest
+
+
+def smallest_passing_prefix(top: int, passes: Callable[[int], bool], top_passes: bool = False) -> int | None:
+    """The smallest n in 1..top with passes(n), by bisection, where prefix 0 fails and passing is
+    taken to be monotone in n (more nodes in float, closer to FP32). `top_passes`: n = top is known
+    to pass without a probe (everything in float). At most ceil(log2(top)) + 1 probes; None when
+    even `top` fails."""
+    if top < 1 or (not top_passes and not passes(top)):
+        return None
+    lo, hi = 0, top  # lo fails, hi passes
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:
