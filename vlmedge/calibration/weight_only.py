@@ -259,7 +259,16 @@ def quantize_graph(src: Path, dst: Path, bits: int, block: int, method: str, fmt
     return nodes
 
 
-def layer_error(w: np.ndarray, q: np.ndarray, s: np.ndarray, block: int, x: np.ndarray) -> float:
-    """Relative output error ||X W - X W_q|| / ||X W|| of one layer on inputs X [rows, K]."""
-    ref = x @ w
-    return float(np.linalg.norm(ref - x @ dequantize(q, s, block)) / max(np.linalg.norm(ref), 1e-12))
+def layer_error(w: np.ndarray, q: np.ndarray, s: np.ndarray, block: int, h: np.ndarray) -> float:
+    """Relative output error ||X W - X W_q|| / ||X W|| of one layer on the inputs X whose
+    H = X^T X / rows is `h` (the Hessian GPTQ minimizes against)."""
+    d = (w - dequantize(q, s, block)).astype(np.float64)
+    w = w.astype(np.float64)
+    return float(np.sqrt(np.einsum("kn,kj,jn->", d, h, d) / max(np.einsum("kn,kj,jn->", w, h, w), 1e-30)))
+
+
+def token_agreement(ref: Sequence[Sequence[int]], got: Sequence[Sequence[int]]) -> float:
+    """Fraction of the reference's generated tokens that the variant produced at the same position."""
+    total = sum(len(r) for r in ref)
+    same = sum(sum(a == b for a, b in zip(r, g)) for r, g in zip(ref, got))
+    return same / max(1, total)
