@@ -96,8 +96,8 @@ def test_gptq_layer_error_below_round_to_nearest(shapes, step_feeds):
     hs = wo.hessians(model, step_feeds, set(inputs.values()))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     wins = 0
-    for node, weight in targets.items():
-        w, h = inits[weight], hs[inputs[node]]
+    for node, (weight, transposed) in targets.items():
+        w, h = inits[weight].T if transposed else inits[weight], hs[inputs[node]]
         e_rtn = wo.layer_error(w, *wo.rtn(w, 4, 32), 32, h)
         e_gptq = wo.layer_error(w, *wo.gptq(w, h, 4, 32), 32, h)
         wins += e_gptq < e_rtn

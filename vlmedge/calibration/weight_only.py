@@ -57,19 +57,33 @@ def check_options(precision: str, method: str, block_size: int, fmt: str, graphs
             raise InputError(f"--graphs: the bundle has no graph {g!r} (it has {', '.join(have)})")
 
 
-def weight_matmuls(model, lm_head: bool) -> dict[str, str]:
-    """MatMul node name -> its 2-D float initializer weight (input B), the LM head only if asked."""
-    from onnx import TensorProto
+def weight_matmuls(model, lm_head: bool) -> dict[str, tuple[str, bool]]:
+    """Node name -> (2-D float initializer, transposed) of the weight of every MatMul / Gemm that
+    multiplies by one: MatMul(x, W), MatMul(x, Transpose(W)) (a tied LM head), Gemm(x, W[, bias]) with
+    alpha = beta = 1 and transA = 0 (transB: W transposed). The LM head only if asked."""
+    from onnx import TensorProto, helper
 
     from vlmedge.calibration.int8 import lm_head as find_lm_head
 
     inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
     head = set(find_lm_head(model))
     out = {}
     for n in model.graph.node:
-        w = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2 and (lm_head or n.name not in head):
-            out[n.name] = n.input[1]
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or (n.name in head and not lm_head):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        transposed = bool(attrs.get("transB", 0))
+        if n.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        name, t = n.input[1], producer.get(n.input[1])
+        if name not in inits and n.op_type == "MatMul" and t is not None and t.op_type == "Transpose":
+            perm = [a.ints for a in t.attribute if a.name == "perm"]
+            if perm and list(perm[0]) == [1, 0]:
+                name, transposed = t.input[0], True
+        w = inits.get(name)
+        if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2:
+            out[n.name] = (name, transposed)
     return out
 
 
@@ -159,7 +173,7 @@ def hessians(model, feeds: Sequence[dict[str, np.ndarray]], tensors: Iterable[st
     return {t: (acc[t] / max(1, rows[t])).astype(np.float32) for t in tensors}
 
 
-def _matmulnbits(node, x: str, q: np.ndarray, s: np.ndarray, bits: int, block: int):
+def _matmulnbits(node, out: str, q: np.ndarray, s: np.ndarray, bits: int, block: int):
     """The com.microsoft MatMulNBits node and initializers for levels `q` [K, N] and scales `s`:
     B [N, blocks, block*bits/8] uint8 (levels + 2^(bits-1), two 4-bit levels a byte, low nibble first),
     scales [N * blocks], zero-point implied (2^(bits-1))."""
@@ -172,9 +186,9 @@ def _matmulnbits(node, x: str, q: np.ndarray, s: np.ndarray, bits: int, block: i
     u = u.T.reshape(n, nb, block)
     if bits == 4:
         u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
-    b = numpy_helper.from_array(np.ascontiguousarray(u), f"{node.input[1]}_q{bits}")
-    sc = numpy_helper.from_array(np.ascontiguousarray(s.T).reshape(-1), f"{node.input[1]}_scale")
-    new = helper.make_node("MatMulNBits", [x, b.name, sc.name], list(node.output), name=node.name, domain="com.microsoft",
+    b = numpy_helper.from_array(np.ascontiguousarray(u), f"{node.name}_w_q{bits}")
+    sc = numpy_helper.from_array(np.ascontiguousarray(s.T).reshape(-1), f"{node.name}_w_scale")
+    new = helper.make_node("MatMulNBits", [node.input[0], b.name, sc.name], [out], name=node.name, domain="com.microsoft",
                            K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
     return new, [b, sc]
 
@@ -183,7 +197,7 @@ def _qdq(node, q: np.ndarray, s: np.ndarray, bits: int, block: int):
     """DequantizeLinear(w_q, scale, axis=0, block_size) -> the MatMul's weight input."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = node.input[1]
+    w = f"{node.name}_w"
     qt = helper.make_tensor(f"{w}_q{bits}", TensorProto.INT4 if bits == 4 else TensorProto.INT8, q.shape,
                             q.reshape(-1).tolist() if bits == 4 else q.tobytes(), raw=bits == 8)
     sc = numpy_helper.from_array(s, f"{w}_scale")
@@ -209,34 +223,33 @@ def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head:
     inits = {i.name: i for i in model.graph.initializer}
     if method == "gptq" and "hessians" not in cache and nodes:
         cache["hessians"] = hessians(model, list(feeds or []), {by_name[n].input[0] for n in targets})
-    new_nodes, new_inits, used = {}, [], set()
+    new_nodes, new_inits = {}, []
     for name in nodes:
         node = by_name[name]
+        weight, transposed = targets[name]
         key = (name, bits, block, method)
         if key not in cache:
-            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            w = numpy_helper.to_array(inits[weight]).astype(np.float32)
+            w = np.ascontiguousarray(w.T) if transposed else w
             cache[key] = gptq(w, cache["hessians"][node.input[0]], bits, block) if method == "gptq" else rtn(w, bits, block)
         q, s = cache[key]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        out = f"{node.output[0]}_nobias" if bias else node.output[0]
         if fmt == "matmulnbits":
-            new, extra = _matmulnbits(node, node.input[0], q, s, bits, block)
-            new_nodes[name] = [new]
+            mm, extra = _matmulnbits(node, out, q, s, bits, block)
+            new_nodes[name] = [mm]
         else:
             dq, extra = _qdq(node, q, s, bits, block)
-            mm = onnx.NodeProto()
-            mm.CopyFrom(node)
-            mm.input[1] = dq.output[0]
+            mm = onnx.helper.make_node("MatMul", [node.input[0], dq.output[0]], [out], name=node.name)
             new_nodes[name] = [dq, mm]
+        if bias:
+            new_nodes[name].append(onnx.helper.make_node("Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"))
         new_inits += extra
-        used.add(node.input[1])
     if not nodes:
         return model, []
     rebuilt = [x for n in model.graph.node for x in new_nodes.get(n.name, [n])]
-    del model.graph.node[:]
-    model.graph.node.extend(rebuilt)
-    still = {x for n in model.graph.node for x in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in used or i.name in still]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
+    _drop_unused(model, rebuilt)
+    model.graph.initializer.extend(new_inits)
     if fmt == "matmulnbits":
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
@@ -246,6 +259,35 @@ def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head:
                 o.version = 21  # DequantizeLinear's block_size and int4 (opset 19-21 only widen the types of the ops used)
         model.ir_version = max(model.ir_version, 10)
     return model, nodes
+
+
+def _drop_unused(model, nodes: list) -> None:
+    """Set the graph's nodes, without those whose outputs nobody uses any more (the Transpose of a
+    tied weight), and drop the initializers no node reads."""
+    from onnx import AttributeProto
+
+    def reads(ns) -> set[str]:  # inputs of the nodes, and of the nodes of their subgraphs (If, Loop)
+        names = set()
+        for n in ns:
+            names.update(n.input)
+            for a in n.attribute:
+                for g in ([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)):
+                    names |= reads(g.node)
+        return names
+
+    graph_outputs = {o.name for o in model.graph.output}
+    while True:
+        used = reads(nodes) | graph_outputs
+        keep = [n for n in nodes if any(o in used for o in n.output)]
+        if len(keep) == len(nodes):
+            break
+        nodes = keep
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = reads(nodes)
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def quantize_graph(src: Path, dst: Path, bits: int, block: int, method: str, fmt: str, lm_head: bool,
