@@ -198,8 +198,12 @@ def _qdq(node, q: np.ndarray, s: np.ndarray, bits: int, block: int):
     from onnx import TensorProto, helper, numpy_helper
 
     w = f"{node.name}_w"
-    qt = helper.make_tensor(f"{w}_q{bits}", TensorProto.INT4 if bits == 4 else TensorProto.INT8, q.shape,
-                            q.reshape(-1).tolist() if bits == 4 else q.tobytes(), raw=bits == 8)
+    raw = q.tobytes()
+    if bits == 4:  # two levels a byte, the first in the low nibble
+        nib = (q.reshape(-1) & 0x0F).astype(np.uint8)
+        nib = np.append(nib, np.uint8(0)) if nib.size % 2 else nib
+        raw = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    qt = helper.make_tensor(f"{w}_q{bits}", TensorProto.INT4 if bits == 4 else TensorProto.INT8, q.shape, raw, raw=True)
     sc = numpy_helper.from_array(s, f"{w}_scale")
     dq = helper.make_node("DequantizeLinear", [qt.name, sc.name], [f"{w}_dq"], name=f"{node.name}_weight_dq",
                           axis=0, block_size=block)
