@@ -268,10 +268,11 @@ def export(
 def quantize(
     bundle: Path = typer.Argument(..., help="an FP32 bundle directory"),
     out: Path = typer.Option(..., "--out", help="bundle directory to write"),
-    precision: str = typer.Option(..., "--precision", help="fp16 or int8"),
+    precision: str = typer.Option(..., "--precision", help="fp16, int8, or weight-only int8-wo / int4-wo (decoder MatMuls)"),
     calib: str = typer.Option("synthetic:128", "--calib", help="folder of images, or synthetic:N (scene world, val split)"),
     questions: Optional[Path] = typer.Option(None, "--questions", help="JSONL of questions about the calibration images (VQA)"),
-    method: str = typer.Option("entropy", "--method", help="INT8 activation ranges: entropy, minmax or percentile"),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="INT8 activation ranges: entropy (default), minmax or percentile; weight-only: gptq (default) or rtn"),
     budget: Optional[float] = typer.Option(None, "--budget",
                                            help="accuracy loss allowed, in VQA accuracy points (default 1); BLEU-4 gets budget/50 (default 0.02)"),
     io_dtype: str = typer.Option("float32", "--io-dtype", help="FP16: graph inputs/outputs float32 (casts inside) or float16"),
@@ -281,9 +282,13 @@ def quantize(
                                  help="images kept aside for the accuracy check (synthetic:N adds them; a folder gives at most half)"),
     max_fallbacks: Optional[int] = typer.Option(None, "--max-fallbacks",
                                                 help="nodes returned to float at most (default: as many as the budget needs)"),
+    block_size: int = typer.Option(32, "--block-size", help="weight-only: weights sharing a scale along the input axis: 32, 64 or 128"),
+    graphs: Optional[str] = typer.Option(None, "--graphs", help="weight-only: comma-separated graphs (default decoder_init,decoder_step)"),
+    lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="weight-only: quantize the LM head too"),
+    fmt: str = typer.Option("qdq", "--format", help="weight-only: qdq (DequantizeLinear, TensorRT and ONNX Runtime) or matmulnbits (ONNX Runtime only)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:
-    """Make an FP16 or calibrated INT8 variant of a bundle, checked against FP32 on held-out data."""
+    """Make an FP16, calibrated INT8 or weight-only INT8/INT4 variant of a bundle, checked against FP32 on held-out data."""
     from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
     from vlmedge.outdir import check_out
 
@@ -296,7 +301,8 @@ def quantize(
     points = 1.0 if budget is None else budget
     options = QuantizeOptions(precision=precision, calib=calib, questions=questions, method=method,
                               budget_vqa=points / 100, budget_bleu=points / 50, io_dtype=io_dtype, force=force,
-                              held_out=held_out, max_fallbacks=max_fallbacks)
+                              held_out=held_out, max_fallbacks=max_fallbacks, block_size=block_size, graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()) if graphs else None,
+                              lm_head=lm_head, format=fmt)
     with _progress() as p:
         manifest = quantize_bundle(bundle, out, options, log=lambda s: p.console.print(s, highlight=False), progress=p)
     p = manifest.precision

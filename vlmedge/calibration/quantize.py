@@ -35,8 +35,9 @@ from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
 from vlmedge.runtime.pipeline import Pipeline
 
-PRECISIONS = ("fp16", "int8")
-_DTYPE = {"fp16": "float16", "int8": "int8"}
+PRECISIONS = ("fp16", "int8", "int8-wo", "int4-wo")
+_DTYPE = {"fp16": "float16", "int8": "int8", "int8-wo": "int8-wo", "int4-wo": "int4-wo"}
+_WEIGHT_ONLY = ("int8-wo", "int4-wo")
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,17 @@ class QuantizeOptions:
     precision: str
     calib: str = "synthetic:128"
     questions: Path | None = None
-    method: str = "entropy"  # INT8 calibration: entropy, minmax, percentile
+    method: str | None = None  # INT8 calibration: entropy (default), minmax, percentile; weight-only: gptq (default), rtn
     budget_vqa: float = 0.01  # VQA accuracy FP32 - variant, at most (1 point)
     budget_bleu: float = 0.02  # caption BLEU-4 FP32 - variant, at most
     io_dtype: str = "float32"  # FP16: graph inputs/outputs float32 (casts inside) or float16
     max_fallbacks: int | None = None  # nodes returned to float at most (None: up to all of them)
     held_out: int = HELD_OUT  # images kept aside for the accuracy check (a folder gives at most half)
     force: bool = False
+    block_size: int = 32  # weight-only: weights sharing a scale along K
+    graphs: tuple[str, ...] | None = None  # weight-only: graphs quantized (default decoder_init, decoder_step)
+    lm_head: bool = False  # weight-only: quantize the LM head too
+    format: str = "qdq"  # weight-only: qdq (DequantizeLinear with block_size) or matmulnbits (onnxruntime)
 
 
 def held_out_accuracy(pipe: Pipeline, held: CalibrationSet, ref: dict | None = None) -> dict:
@@ -94,12 +99,15 @@ class _Variant:
         self.excluded: dict[str, dict[str, str]] = {g: {} for g in src.manifest.graphs}
         self.overflow: dict[str, dict[str, float]] = {}
         self._reference: dict[str, list] = {}
+        self._wo_cache: dict[str, dict] = {}  # weight-only: per graph, levels and scales per node, Hessians
 
     def build(self, graph: str, only: list[str] | None = None, dst: Path | None = None) -> list[str]:
         """(Re)write one graph with the current exclusions; returns the nodes it quantized/converted."""
         src = self.src.graph_path(graph)
         dst = dst or self.work / src.name
         skip = set(self.excluded[graph])
+        if self.o.precision in _WEIGHT_ONLY:
+            return self._weight_only(graph, src, dst, skip, only)
         if self.o.precision == "int8":
             from vlmedge.calibration.int8 import quantize_graph
 
@@ -127,6 +135,17 @@ class _Variant:
                 self.excluded[graph].setdefault(node, why)
         onnx.save(converted, str(dst))
         return [n for n in names if n not in keep and n not in kept]
+
+    def _weight_only(self, graph: str, src: Path, dst: Path, skip: set, only) -> list[str]:
+        from vlmedge.calibration import weight_only as wo
+
+        if graph not in self.o.graphs:
+            shutil.copyfile(src, dst)
+            return []
+        o = self.o
+        cache = self._wo_cache.setdefault(graph, {})
+        return wo.quantize_graph(src, dst, wo.PRECISIONS[o.precision], o.block_size, o.method, o.format, o.lm_head,
+                                 self.feeds.get(graph, [])[:64], exclude=skip, only=only, cache=cache)
 
     def graph_error(self, graph: str, path: Path, samples: int = 4) -> float:
         """Max over outputs of max abs error / max(1, |FP32|) on a few recorded inputs."""
@@ -169,6 +188,7 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
     if o.io_dtype not in ("float32", "float16"):
         raise InputError(f"--io-dtype: {o.io_dtype!r} is not float32 or float16")
     src = load_bundle(src_dir)
+    o = _resolve(o, src)
     have = src.manifest.precision.get("dtype", "float32")
     if have != "float32":
         raise InputError(f"{src_dir}: precision.dtype is {have}, not float32; quantize the FP32 bundle it came from")
@@ -244,12 +264,16 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
                 + describe(conf))
         if o.precision == "int8":
             _check_tensorrt_rules(tmp, src)
+        if o.precision in _WEIGHT_ONLY:
+            _check_loads(tmp, src)
         precision = {
             "dtype": _DTYPE[o.precision],
-            "method": o.method if o.precision == "int8" else "cast",
+            "method": o.method if o.precision != "fp16" else "cast",
             "io_dtype": o.io_dtype if o.precision == "fp16" else "float32",
             "calibration": {**cs.describe(), "calibration_images": len(calib.images), "held_out_images": len(held.images),
                             "held_out_questions": len(held.questions)},
+            **({"bits": 8 if o.precision == "int8-wo" else 4, "block_size": o.block_size, "graphs": list(o.graphs),
+                "lm_head": o.lm_head, "format": o.format} if o.precision in _WEIGHT_ONLY else {}),
             "nodes": {g: len(n) for g, n in done.items()},
             "excluded": {g: e for g, e in v.excluded.items() if e},
             "accuracy": {"fp32": _summary(base), o.precision: _summary(acc), "within_budget": True,
@@ -280,6 +304,27 @@ def smallest_passing_prefix(top: int, passes: Callable[[int], bool], top_passes:
         else:
             lo = mid
     return hi
+def _resolve(o: QuantizeOptions, src: Bundle) -> QuantizeOptions:
+    """Defaults that depend on the precision, and the weight-only options checked against the bundle."""
+    if o.precision in _WEIGHT_ONLY:
+        from vlmedge.calibration import weight_only as wo
+
+        graphs = tuple(o.graphs) if o.graphs else tuple(g for g in wo.DEFAULT_GRAPHS if g in src.manifest.graphs)
+        o = replace(o, method=o.method or "gptq", graphs=graphs)
+        wo.check_options(o.precision, o.method, o.block_size, o.format, o.graphs, src.manifest.graphs)
+        return o
+    return replace(o, method=o.method or "entropy")
+
+
+def _check_loads(work: Path, src: Bundle) -> None:
+    """Every weight-only graph (opset 21, int4, or com.microsoft MatMulNBits) loads in ONNX Runtime."""
+    import onnxruntime as ort
+
+    for g in src.manifest.graphs.values():
+        try:
+            ort.InferenceSession(str(work / g.file), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; one line names the file
+            raise ValidationError(f"{g.file}: the weight-only graph does not load in ONNX Runtime: {str(e).splitlines()[0]}") from None
 
 
 def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:
