@@ -176,7 +176,9 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
                  for t in [*model.graph.input, *model.graph.output]}
         retype = lambda ts: tuple(TensorSpec(t.name, types.get(t.name, t.dtype), t.shape) for t in ts)  # noqa: E731
         graphs[name] = GraphSpec(g.file, sha256_file(work / g.file), retype(g.inputs), retype(g.outputs))
-    manifest = replace(m, graphs=graphs, precision=precision)
+    # MatMulNBits is an ONNX Runtime contrib op: such a bundle is ONNX Runtime's, and `build` refuses it
+    target = "onnxruntime" if precision.get("format") == "matmulnbits" else m.target
+    manifest = replace(m, graphs=graphs, precision=precision, target=target)
     (work / MANIFEST).write_text(manifest.to_json())
 
 

@@ -15,6 +15,7 @@ server stays up). Model calls run on worker threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -192,6 +193,9 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
     def _prepare(pipe: Pipeline, task: str, data: bytes, question: Optional[str], opts: dict) -> tuple[Job, bool]:
         """Checks and decoding (in a thread): options, question, then the image, as the CLI checks them."""
         config, return_ids = split_options(opts)
+        # the beam width this request decodes with (its own, else the model's): batches are sized by it
+        beams = pipe.settings(pipe.caption_task if task == "caption" else task, config).num_beams
+        config = dataclasses.replace(config, num_beams=beams)
         if config.num_beams > pipe.max_batch:
             raise VlmedgeError(f"num_beams: {config.num_beams} is over this bundle's batch range of {pipe.max_batch} "
                                "(axes.batch.max)")

@@ -39,10 +39,11 @@ if BaseModel is not object:
 
         model_config = ConfigDict(extra="forbid")
         max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the bundle's")
-        min_new_tokens: int = Field(0, ge=0)
-        num_beams: int = Field(1, ge=1, description="beam search width (1: greedy)")
-        length_penalty: float = 1.0
-        early_stopping: Union[bool, Literal["never"]] = False
+        # None: the model's own setting from the bundle (tasks.<task>.generation), as in the Python API
+        min_new_tokens: Optional[int] = Field(None, ge=0)
+        num_beams: Optional[int] = Field(None, ge=1, description="beam search width (1: greedy; default: the model's)")
+        length_penalty: Optional[float] = None
+        early_stopping: Optional[Union[bool, Literal["never"]]] = None
         eos_token_id: Optional[int] = None
         return_ids: bool = Field(False, description="also return the generated token ids")
 
