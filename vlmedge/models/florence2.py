@@ -134,7 +134,7 @@ class Florence2Adapter:
             image_tokens=self.image_tokens, max_target_len=int(max_pos),
             max_question_len=int(enc_max - self.image_tokens),
         )
-        prep = preprocessing(source, size[0], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+        prep = preprocessing(source, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
         post = _post_config(source)
         ocr = post.get("ocr") or {}
         if ocr.get("AREA_THRESHOLD", 0.0) or ocr.get("PATTERN") not in (None, _OCR_PATTERN):
