@@ -39,7 +39,7 @@ def test_quantize_killed_at_every_stage_leaves_old_or_new_whole(cli, bundles, tm
     out = tmp_path / "fp16"
 
     def quantize(n, kill_at=None):
-        return cli("quantize", src, "--out", out, "--precision", "fp16", "--calib", f"synthetic:{n}", "--force",
+        return cli("quantize", src, "--out", out, "--precision", "fp16", "--calib", f"synthetic:{n}", "--held-out", "4", "--force",
                    kill_at=kill_at)
 
     assert quantize(8).returncode == 0
@@ -52,11 +52,11 @@ def test_quantize_killed_at_every_stage_leaves_old_or_new_whole(cli, bundles, tm
     r = quantize(10, "swapped")  # after the swap, before the old one is removed: the new variant, whole
     assert r.returncode == KILLED, r.stderr
     load_bundle(out)
-    assert _calib_source(out) == "synthetic:10" and tree(out) != old
+    assert _calib_source(out) == "synthetic:14" and tree(out) != old
     assert len(leftovers(out)) == 1  # the old variant, swapped out and not yet removed
 
     r = quantize(12)
     assert r.returncode == 0, r.stderr
     assert leftovers(out) == []
     load_bundle(out)
-    assert _calib_source(out) == "synthetic:12"
+    assert _calib_source(out) == "synthetic:16"

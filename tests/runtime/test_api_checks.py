@@ -48,7 +48,7 @@ def _refused(fn, *words):
     ("early_stopping", 1, "early_stopping: expected True, False or 'never', got int 1"),
     ("early_stopping", "always", "early_stopping"),
     ("eos_token_id", 4.0, "eos_token_id: expected an integer >= 0"),
-    ("eos_token_id", 10_000, "eos_token_id: 10000 is outside the vocabulary (0..57)"),
+    ("eos_token_id", 10_000, "eos_token_id: token id 10000 is outside the vocabulary (0..57)"),
     ("batch_size", 0, "batch_size: expected >= 1, got 0"),
     ("batch_size", 2.0, "batch_size: expected an integer >= 1"),
     ("return_ids", "yes", "return_ids: expected True or False"),

@@ -304,4 +304,4 @@ def opts_of(config) -> dict:
     """A GenerationConfig as keyword options of Pipeline.caption / vqa."""
     from dataclasses import asdict
 
-    return asdict(config)
+    return {k: v for k, v in asdict(config).items() if v is not None}  # None: the model's own setting

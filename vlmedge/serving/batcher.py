@@ -268,7 +268,7 @@ class Batcher:
         return outcomes, timings
 
     def _call(self, jobs: list[Job], timings: Timings) -> list[Generation]:
-        task, config = jobs[0].task, asdict(jobs[0].config)
+        task, config = jobs[0].task, {k: v for k, v in asdict(jobs[0].config).items() if v is not None}  # None: the model's
         images = [j.image for j in jobs]
         if task == "caption":
             return self.pipe.caption(images, return_ids=True, batch_size=len(jobs), timings=timings, **config)

@@ -117,6 +117,6 @@ def parse_form_options(fields: dict[str, str]) -> dict:
 
 def split_options(opts: dict) -> tuple[GenerationConfig, bool]:
     """Validated options -> (GenerationConfig, return_ids)."""
-    opts = dict(opts)
+    opts = {k: v for k, v in opts.items() if v is not None}  # None: the model's own setting
     return_ids = bool(opts.pop("return_ids", False))
     return GenerationConfig(**opts), return_ids
