@@ -30,7 +30,7 @@ import numpy as np
 
 from vlmedge.calibration.confidence import describe, paired_delta
 from vlmedge.calibration.data import HELD_OUT, CalibrationSet, load_calibration, record_inputs
-from vlmedge.errors import InputError, ValidationError
+from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
 from vlmedge.runtime.pipeline import Pipeline
@@ -326,7 +326,7 @@ def _check_loads(work: Path, src: Bundle) -> None:
         try:
             ort.InferenceSession(str(work / g.file), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; one line names the file
-            raise ValidationError(f"{g.file}: the weight-only graph does not load in ONNX Runtime: {str(e).splitlines()[0]}") from None
+            raise ValidationError(f"{g.file}: the weight-only graph does not load in ONNX Runtime: {first_line(e)}") from None
 
 
 def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:

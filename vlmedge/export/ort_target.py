@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from vlmedge.errors import ExportError, InputError, ValidationError
+from vlmedge.errors import ExportError, InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, TARGETS, load_bundle, sha256_file
 
@@ -51,7 +51,7 @@ def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[s
         model = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                opt_level=0, optimization_options=options)
     except Exception as e:  # the optimizer raises many types; the first line says what failed
-        raise ExportError(f"{src}: ONNX Runtime's transformer optimizer failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise ExportError(f"{src}: ONNX Runtime's transformer optimizer failed ({first_line(e)})") from e
     model.save_model_to_file(str(dst))
     return dict(collections.Counter(n.op_type for n in model.model.graph.node if n.domain == FUSED_DOMAIN))
 
