@@ -456,7 +456,7 @@ def _greedy(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timin
     for step in range(max_new):
         nxt = procs(seqs[:, : P + step], logits).argmax(-1)
         seqs[:, P + step] = nxt
-        ended = ~done & np.isin(nxt, eos)
+        ended = ~done & (nxt[:, None] == eos).any(-1)  # np.isin costs more than a step of a small model
         lengths[ended] = step + 1
         done |= ended
         t0 = _mark(timings, t0, step == 0)
@@ -495,7 +495,7 @@ def _beam(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings
         cand_seq = np.take_along_axis(run_seq, beam[:, :, None], 1)
         cand_seq[:, :, cur] = token
         cand_src = beam + offset
-        hits = np.isin(token, eos) | (step + 1 >= max_new)
+        hits = (token[..., None] == eos).any(-1) | (step + 1 >= max_new)
 
         # the best k unfinished candidates continue
         cont_score = cand_score + hits.astype(np.float32) * NEG
