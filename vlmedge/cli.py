@@ -272,7 +272,7 @@ def quantize(
     calib: str = typer.Option("synthetic:128", "--calib", help="folder of images, or synthetic:N (scene world, val split)"),
     questions: Optional[Path] = typer.Option(None, "--questions", help="JSONL of questions about the calibration images (VQA)"),
     method: Optional[str] = typer.Option(None, "--method",
-                                         help="INT8 activation ranges: entropy (default), minmax or percentile; weight-only: gptq (default) or rtn"),
+                                         help="INT8 activation ranges: entropy (default), minmax or percentile, or dynamic (per call; --target onnxruntime); weight-only: gptq (default) or rtn"),
     budget: Optional[float] = typer.Option(None, "--budget",
                                            help="accuracy loss allowed, in VQA accuracy points (default 1); BLEU-4 gets budget/50 (default 0.02)"),
     io_dtype: str = typer.Option("float32", "--io-dtype", help="FP16: graph inputs/outputs float32 (casts inside) or float16"),
@@ -294,6 +294,9 @@ def quantize(
 
     check_out(out, force)
     _check_target(target)
+    if method == "dynamic" and target != "onnxruntime":
+        raise InputError("--method dynamic: ONNX Runtime's dynamic INT8 (MatMulInteger) does not run on TensorRT; "
+                         "add --target onnxruntime, or calibrate (--method entropy) for the portable bundle")
     _quiet_export_logs()
     import logging
 
@@ -339,7 +342,7 @@ def _apply_target(out: Path, target: str) -> None:
 
         entry = retarget(out, out, log=lambda s: err_console.print(f"onnxruntime target: {s}", highlight=False))
         fused = sum(sum(c.values()) for c in entry["fused_nodes"].values())
-        console.print(f"onnxruntime target: {fused} fused nodes, greedy tokens equal to the portable bundle's "
+        console.print(f"onnxruntime target: {fused} fused nodes, greedy tokens equal to the unfused bundle's "
                       f"({', '.join(f'{t} {a}' for t, a in entry['token_agreement'].items())})")
 
 

@@ -6,6 +6,13 @@
 - Activation ranges come from real inputs recorded from FP32 generation (calibration.data), with a
   selectable method: entropy, minmax or percentile. Ranges are computed once per graph and cached,
   so re-quantizing with other nodes left in float (the sensitivity search) does not recalibrate.
+
+`--method dynamic` is ONNX Runtime's other INT8 form, for the ONNX Runtime target only: weights in
+INT8 per output channel, activations quantized per call from their own range (DynamicQuantizeLinear
+feeding MatMulInteger, which ONNX Runtime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat).
+No activation ranges to calibrate, and on the CPU it is the faster form: ONNX Runtime runs a Q/DQ
+MatMul by dequantizing around a float MatMul, while MatMulInteger runs on INT8 kernels. TensorRT
+does not parse MatMulInteger, so such a bundle is ONNX Runtime's (manifest target "onnxruntime").
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 from vlmedge.errors import InputError
 
 METHODS = ("entropy", "minmax", "percentile")
+DYNAMIC = "dynamic"
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -98,6 +106,61 @@ def quantize_graph(src: Path, dst: Path, method: str, cache: Path, feeds: Sequen
                          per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
                          weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=methods[method],
                          calibration_cache_path=str(cache), extra_options=options)
+    return nodes
+
+
+def gemm_as_matmul(model) -> int:
+    """Rewrite, in place, each Gemm with a constant weight (no transpose of A, alpha = beta = 1) as
+    MatMul (+ Add of its bias), under the Gemm's name: ONNX Runtime's dynamic quantizer quantizes
+    MatMul, not Gemm (GPT-2's Conv1D layers export as Gemm). Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    attr = lambda n, k, d: next((helper.get_attribute_value(a) for a in n.attribute if a.name == k), d)  # noqa: E731
+    nodes, done = [], 0
+    for n in model.graph.node:
+        if (n.op_type != "Gemm" or n.input[1] not in inits or attr(n, "transA", 0)
+                or attr(n, "alpha", 1.0) != 1.0 or attr(n, "beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        weight = n.input[1]
+        if attr(n, "transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            weight = f"{n.input[1]}_transposed"
+            model.graph.initializer.append(numpy_helper.from_array(w, weight))
+        has_bias = len(n.input) > 2 and n.input[2]
+        product = f"{n.output[0]}_matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], weight], [product], name=n.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, n.input[2]], [n.output[0]], name=f"{n.name}_bias"))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return done
+
+
+def quantize_graph_dynamic(src: Path, dst: Path, exclude: Iterable[str] = (), only: Iterable[str] | None = None) -> list[str]:
+    """Write ONNX Runtime's dynamic INT8 model of `src` to `dst` (MatMulInteger, per-channel INT8
+    weights; the LM head and Conv stay in float); returns the quantized node names."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    excluded = set(exclude) | set(lm_head(model))
+    op = {n.name: n.op_type for n in model.graph.node}
+    nodes = [n for n in weight_nodes(model) if n not in excluded and (only is None or n in set(only)) and op[n] != "Conv"]
+    if not nodes:
+        shutil.copyfile(src, dst)
+        return []
+    gemm_as_matmul(model)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        plain = Path(tmp) / src.name
+        onnx.save(model, str(plain))
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes)
     return nodes
 
 

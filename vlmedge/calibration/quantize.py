@@ -3,7 +3,8 @@
 1. Calibration images (and questions) calibrate; a disjoint held-out part (`--held-out`, 200 images
    and their questions by default) checks accuracy.
 2. Every graph's inputs are recorded from real FP32 generation over the calibration part.
-3. INT8: Q/DQ quantization of the weight MatMul/Gemm/Conv nodes (calibration.int8).
+3. INT8: Q/DQ quantization of the weight MatMul/Gemm/Conv nodes (calibration.int8); for the ONNX
+   Runtime target, `--method dynamic` instead (MatMulInteger, activations quantized per call).
    FP16: every float tensor in float16 except nodes whose FP32 outputs overflow float16 on the
    calibration inputs and nodes ONNX Runtime's CPU provider has no float16 kernel for
    (calibration.fp16).
@@ -108,6 +109,10 @@ class _Variant:
         skip = set(self.excluded[graph])
         if self.o.precision in _WEIGHT_ONLY:
             return self._weight_only(graph, src, dst, skip, only)
+        if self.o.precision == "int8" and self.o.method == "dynamic":
+            from vlmedge.calibration.int8 import quantize_graph_dynamic
+
+            return quantize_graph_dynamic(src, dst, exclude=skip, only=only)
         if self.o.precision == "int8":
             from vlmedge.calibration.int8 import quantize_graph
 
@@ -176,8 +181,9 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
                  for t in [*model.graph.input, *model.graph.output]}
         retype = lambda ts: tuple(TensorSpec(t.name, types.get(t.name, t.dtype), t.shape) for t in ts)  # noqa: E731
         graphs[name] = GraphSpec(g.file, sha256_file(work / g.file), retype(g.inputs), retype(g.outputs))
-    # MatMulNBits is an ONNX Runtime contrib op: such a bundle is ONNX Runtime's, and `build` refuses it
-    target = "onnxruntime" if precision.get("format") == "matmulnbits" else m.target
+    # MatMulNBits (a contrib op) and MatMulInteger are ONNX Runtime's, not TensorRT's: `build` refuses them
+    ort_only = precision.get("format") == "matmulnbits" or precision.get("method") == "dynamic"
+    target = "onnxruntime" if ort_only else m.target
     manifest = replace(m, graphs=graphs, precision=precision, target=target)
     (work / MANIFEST).write_text(manifest.to_json())
 
@@ -195,7 +201,7 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
     if have != "float32":
         raise InputError(f"{src_dir}: precision.dtype is {have}, not float32; quantize the FP32 bundle it came from")
     cs, calib, held = load_calibration(o.calib, o.questions, held_out=o.held_out,
-                                       need_questions="vqa" in src.manifest.tasks and o.precision == "int8"
+                                       need_questions="vqa" in src.manifest.tasks and o.precision == "int8" and o.method != "dynamic"
                                        and "text_encoder" in src.manifest.graphs)
     with OutputDir(out, o.force) as writer:
         tmp = writer.path
@@ -213,7 +219,7 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
         log(f"{o.precision}: " + ", ".join(f"{g} {len(n)} nodes" for g, n in done.items()))
 
         def check() -> dict:
-            _write_manifest(src, tmp, {"dtype": _DTYPE[o.precision]})
+            _write_manifest(src, tmp, {"dtype": _DTYPE[o.precision], "method": o.method})
             return held_out_accuracy(Pipeline(load_bundle(tmp)), held, base)
 
         results = {0: check()}  # nodes back in float -> held-out accuracy of that variant
@@ -264,9 +270,9 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
         if small:
             log(f"warning: the held-out set has {' and '.join(small)} (fewer than {HELD_OUT}); the check sees "
                 + describe(conf))
-        if o.precision == "int8":
+        if o.precision == "int8" and o.method != "dynamic":
             _check_tensorrt_rules(tmp, src)
-        if o.precision in _WEIGHT_ONLY:
+        if o.precision in _WEIGHT_ONLY or o.method == "dynamic":
             _check_loads(tmp, src)
         precision = {
             "dtype": _DTYPE[o.precision],
@@ -315,18 +321,20 @@ def _resolve(o: QuantizeOptions, src: Bundle) -> QuantizeOptions:
         o = replace(o, method=o.method or "gptq", graphs=graphs)
         wo.check_options(o.precision, o.method, o.block_size, o.format, o.graphs, src.manifest.graphs)
         return o
+    if o.method == "dynamic" and o.precision != "int8":
+        raise InputError(f"--method dynamic: ONNX Runtime's dynamic quantization is INT8 (--precision int8), not {o.precision}")
     return replace(o, method=o.method or "entropy")
 
 
 def _check_loads(work: Path, src: Bundle) -> None:
-    """Every weight-only graph (opset 21, int4, or com.microsoft MatMulNBits) loads in ONNX Runtime."""
+    """Every weight-only (opset 21, int4, or com.microsoft MatMulNBits) or dynamic INT8 graph loads in ONNX Runtime."""
     import onnxruntime as ort
 
     for g in src.manifest.graphs.values():
         try:
             ort.InferenceSession(str(work / g.file), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; one line names the file
-            raise ValidationError(f"{g.file}: the weight-only graph does not load in ONNX Runtime: {first_line(e)}") from None
+            raise ValidationError(f"{g.file}: the quantized graph does not load in ONNX Runtime: {first_line(e)}") from None
 
 
 def _rank(v: _Variant, done: dict[str, list[str]], log) -> list[tuple[str, str, float]]:

@@ -95,8 +95,8 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
     only when validation passes); returns the manifest's `validation["onnxruntime_target"]` entry."""
     bundle = load_bundle(src)
     m = bundle.manifest
-    if m.target == ORT_TARGET:
-        raise InputError(f"{src}: already an ONNX Runtime-target bundle (manifest target {ORT_TARGET!r})")
+    if "onnxruntime_target" in m.validation:  # (a quantized form alone, MatMulNBits or dynamic INT8, is not fused)
+        raise InputError(f"{src}: already an ONNX Runtime-target bundle (manifest validation.onnxruntime_target)")
     heads, hidden = int(m.dims["decoder_heads"]), int(m.dims["decoder_heads"] * m.dims["decoder_head_dim"])
     same_dir = Path(out).resolve() == Path(src).resolve()
     with OutputDir(out, force or same_dir) as writer:
