@@ -11,6 +11,10 @@ dynamo-exported graphs, measured on `shapes-vlm` and the base ViT-GPT2 (onnxrunt
   attention patterns are those of the TorchScript exporter's graphs, and the dynamo exporter's
   attention subgraphs (with the KV cache concatenated in the graph) do not match them.
 
+`vlmedge quantize --target onnxruntime` fuses the variant it has just written: a dynamic INT8
+(MatMulInteger) or MatMulNBits variant is ONNX Runtime's already but not yet fused; a bundle whose
+manifest records `validation.onnxruntime_target` is refused.
+
 The fused graphs use com.microsoft contrib ops, which TensorRT does not parse: the manifest records
 `target: "onnxruntime"` and `vlmedge build` refuses such a bundle. The graph inputs and outputs stay
 those of the bundle contract (checked on load), and greedy tokens must equal the source bundle's on
