@@ -193,6 +193,22 @@ def run_vlmedge(pipe: Pipeline, images: list, **generation) -> tuple[float, Timi
     return time.perf_counter() - t0, t, [list(g.ids) for g in out]
 
 
+def pipelines_round(pipes: dict[str, Pipeline], image, gen: dict, record: bool, times: dict, steps: dict,
+                    encoders: dict | None = None) -> dict[str, list[list[int]]]:
+    """One round of pipelines taking turns on `image` (a pause after each); when `record`, each one's
+    caption seconds, median step (and encoder seconds) are appended under its name. The ids, by name."""
+    ids = {}
+    for name, pipe in pipes.items():
+        seconds, t, ids[name] = run_vlmedge(pipe, [image], **gen)
+        if record:
+            times[name].append(seconds)
+            steps[name].append(median(t.tokens))
+            if encoders is not None:
+                encoders[name].append(t.encoder)
+        time.sleep(PAUSE)
+    return ids
+
+
 class TorchSide:
     """vlmedge's preprocessing into a torch tensor, then the family's own PyTorch generation."""
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,13 +136,7 @@ def main(argv=None) -> int:
         image = model.images[r % len(model.images)]
         pixel_file = str(tmp / f"px{r}.npy")
         np.save(pixel_file, pixel_values([image], prep))
-        ids = {}
-        for name, pipe in pipes.items():
-            seconds, t, ids[name] = rl.run_vlmedge(pipe, [image], **gen)
-            if r:
-                times[name].append(seconds)
-                steps[name].append(rl.median(t.tokens))
-            time.sleep(rl.PAUSE)
+        ids = rl.pipelines_round(pipes, image, gen, bool(r), times, steps)
         seconds, _, ids["hf"] = hf.run([image])
         if r:
             times["hf"].append(seconds)

@@ -69,13 +69,7 @@ def base_speed(args) -> dict:
     busy_start = rl.busy_elsewhere()
     for r in range(args.rounds + 1):  # round 0 warms up
         image = model.images[r % len(model.images)]
-        ids = {}
-        for name, pipe in pipes.items():
-            seconds, t, ids[name] = rl.run_vlmedge(pipe, [image], **gen)
-            if r:
-                times[name].append(seconds)
-                steps[name].append(rl.median(t.tokens))
-            time.sleep(rl.PAUSE)
+        ids = rl.pipelines_round(pipes, image, gen, bool(r), times, steps)
         seconds, _, hf_ids = hf.run([image])
         if r:
             times["hf"].append(seconds)

@@ -24,13 +24,29 @@ def portable_and_ort(tmp_path_factory):
     return root / "portable", root / "ort", entry
 
 
-def test_every_graph_has_fused_layer_norms_and_gelus(portable_and_ort):
+def _softmaxes(path) -> int:
+    import onnx
+
+    return sum(n.op_type == "Softmax" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _inputs(path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def test_every_graph_has_fused_attention_layer_norms_and_gelus(portable_and_ort):
     portable, ort, entry = portable_and_ort
     m = load_bundle(ort).manifest
     assert set(m.graphs) == {"vision_encoder", "text_encoder", "decoder_init", "decoder_step"}
     for name in m.graphs:
         counts = fused_counts(ort / m.graphs[name].file)
         assert counts.get("SkipLayerNormalization", 0) > 0 and counts.get("BiasGelu", 0) > 0, (name, counts)
+        # every attention (one Softmax each) is one MultiHeadAttention node; none is left unfused
+        attentions = _softmaxes(portable / m.graphs[name].file)
+        assert attentions > 0 and counts.get("MultiHeadAttention") == attentions, (name, counts)
+        assert _softmaxes(ort / m.graphs[name].file) == 0
         assert counts == entry["fused_nodes"][name]
         assert fused_counts(portable / m.graphs[name].file) == {}  # the portable graphs keep standard ops
     assert m.validation["onnxruntime_target"]["token_agreement"] == {"caption": "4/4", "vqa": "4/4"}
@@ -76,3 +92,18 @@ def test_an_unknown_target_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--target" in err and "onnxruntime" in err, err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family", ["blip-vqa", "vit-gpt2"])
+def test_hugging_face_families_get_their_decoder_attention_fused(bundles, family, tmp_path):
+    """BLIP's decoder (whose graphs keep the encoder_mask input it ignores) and GPT-2's (Conv1D
+    layers flattened to rows around a Gemm, cross-attention): every decoder attention is fused, the
+    graph inputs stay the bundle contract's, and greedy tokens stay those of the portable bundle."""
+    _, _, portable = bundles[family]
+    entry = retarget(portable, tmp_path / "ort")
+    src, out = load_bundle(portable), load_bundle(tmp_path / "ort")
+    for name in ("decoder_init", "decoder_step"):
+        attentions = _softmaxes(portable / src.manifest.graphs[name].file)
+        assert attentions > 0 and entry["fused_nodes"][name].get("MultiHeadAttention") == attentions, (name, entry)
+        assert _inputs(out.path / out.manifest.graphs[name].file) == _inputs(portable / src.manifest.graphs[name].file)
+    assert set(entry["token_agreement"].values()) == {"4/4"}

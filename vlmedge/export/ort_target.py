@@ -7,9 +7,10 @@ dynamo-exported graphs, measured on `shapes-vlm` and the base ViT-GPT2 (onnxrunt
 
 - SkipLayerNormalization (residual Add + LayerNormalization) and BiasGelu (MatMul bias + Gelu) in
   every graph; FastGelu where the model uses the tanh approximation (GPT-2);
-- no Attention / MultiHeadAttention with any model type tried (bert, gpt2, vit): the optimizer's
-  attention patterns are those of the TorchScript exporter's graphs, and the dynamo exporter's
-  attention subgraphs (with the KV cache concatenated in the graph) do not match them.
+- no Attention / MultiHeadAttention with any model type (bert, gpt2, vit): the optimizer's
+  attention patterns are those of the TorchScript exporter's graphs. So attention is fused first by
+  the project's own pass (`vlmedge.export.attention_fusion`), into MultiHeadAttention, with the KV
+  cache left as the graph's own.
 
 `vlmedge quantize --target onnxruntime` fuses the variant it has just written: a dynamic INT8
 (MatMulInteger) or MatMulNBits variant is ONNX Runtime's already but not yet fused; a bundle whose
@@ -24,6 +25,7 @@ validation images and questions, else nothing is written.
 from __future__ import annotations
 
 import collections
+import copy
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -39,23 +41,36 @@ FUSED_DOMAIN = "com.microsoft"
 VALIDATE_IMAGES = 4
 
 
-def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Write `src` with ONNX Runtime's transformer fusions applied to `dst`; returns the fused
-    (contrib) node count per op type."""
+def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention: bool = True) -> dict[str, int]:
+    """Write `src` with ONNX Runtime's transformer fusions applied to `dst` (and attention fused into
+    MultiHeadAttention unless `attention` is False); returns the fused (contrib) node count per op
+    type."""
     import logging
 
+    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from vlmedge.export.attention_fusion import fuse_attention
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     options = FusionOptions("bert")
     try:
+        graph = onnx.load(str(src))
+        inputs = [copy.deepcopy(i) for i in graph.graph.input]
+        if attention:
+            fuse_attention(graph)
         # opt_level 0: only the Python fusions, so the file stays independent of this machine's CPU
         # (ONNX Runtime applies its own graph optimizations again when it opens the graph)
-        model = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+        model = optimize_model(graph, model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                opt_level=0, optimization_options=options)
     except Exception as e:  # the optimizer raises many types; the first line says what failed
         raise ExportError(f"{src}: ONNX Runtime's transformer optimizer failed ({first_line(e)})") from e
+    if [i.name for i in model.model.graph.input] != [i.name for i in inputs]:
+        # the optimizer drops inputs the graph does not read (BLIP's decoder ignores encoder_mask);
+        # the bundle contract names them, so they stay
+        del model.model.graph.input[:]
+        model.model.graph.input.extend(inputs)
     model.save_model_to_file(str(dst))
     return dict(collections.Counter(n.op_type for n in model.model.graph.node if n.domain == FUSED_DOMAIN))
 
@@ -94,9 +109,10 @@ def _tokens(bundle_dir: Path, requests: dict) -> dict[str, list]:
 
 
 def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], None] = lambda s: None,
-             validate_images: int = VALIDATE_IMAGES) -> dict:
+             validate_images: int = VALIDATE_IMAGES, attention: bool = True) -> dict:
     """Write the ONNX Runtime target of the bundle `src` to `out` (which may be `src` itself, replaced
-    only when validation passes); returns the manifest's `validation["onnxruntime_target"]` entry."""
+    only when validation passes); returns the manifest's `validation["onnxruntime_target"]` entry.
+    `attention=False` leaves attention unfused (to measure what its fusion brings)."""
     bundle = load_bundle(src)
     m = bundle.manifest
     if "onnxruntime_target" in m.validation:  # (a quantized form alone, MatMulNBits or dynamic INT8, is not fused)
@@ -110,7 +126,7 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
         for name, spec in m.graphs.items():
             log(f"{name}: fusing")
             path = tmp / spec.file
-            fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden)
+            fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden, attention)
             graphs[name] = replace(spec, sha256=sha256_file(path))
             log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}")
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
