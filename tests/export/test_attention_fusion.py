@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmedge.export.attention_fusion import fuse_attention
+from vlmedge.runtime.backends.onnxruntime import session_options
 
 HEADS, HEAD_DIM = 3, 8
 HIDDEN = HEADS * HEAD_DIM
@@ -60,7 +61,8 @@ def _attention_graph(dtype=TensorProto.FLOAT, cache: bool = True, flatten_2d: bo
 
 
 def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    opts = session_options(ort)  # (the process-wide thread pool, when an earlier pipeline made one)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feed)
 
 
 def _feed(cache: bool, batch=2, seq=4, past=3, dtype=np.float32) -> dict:

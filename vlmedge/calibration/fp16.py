@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmedge.errors import InputError, VlmedgeError, first_line
+from vlmedge.runtime.backends.onnxruntime import session_options
 
 FP16_MAX = 65504.0
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -143,8 +144,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Collection[str] = (), io_dtype: s
 def _session(model: onnx.ModelProto, optimize: bool = True):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = session_options(ort)
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

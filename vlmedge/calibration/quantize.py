@@ -33,6 +33,7 @@ from vlmedge.calibration.confidence import describe, paired_delta
 from vlmedge.calibration.data import HELD_OUT, CalibrationSet, load_calibration, record_inputs
 from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
+from vlmedge.runtime.backends.onnxruntime import session_options
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
 from vlmedge.runtime.pipeline import Pipeline
 
@@ -157,10 +158,11 @@ class _Variant:
         import onnxruntime as ort
 
         if graph not in self._reference:  # FP32 outputs, computed once per graph for all probes
-            ref = ort.InferenceSession(str(self.src.graph_path(graph)), providers=["CPUExecutionProvider"])
+            ref = ort.InferenceSession(str(self.src.graph_path(graph)), session_options(ort),
+                                       providers=["CPUExecutionProvider"])
             feeds = self.feeds.get(graph, [])[:samples]
             self._reference[graph] = [(f, ref.run(None, {i.name: f[i.name] for i in ref.get_inputs()})) for f in feeds]
-        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
         types = {i.name: (np.float16 if i.type == "tensor(float16)" else None) for i in got.get_inputs()}
         err = 0.0
         for f, a in self._reference[graph]:
@@ -332,7 +334,7 @@ def _check_loads(work: Path, src: Bundle) -> None:
 
     for g in src.manifest.graphs.values():
         try:
-            ort.InferenceSession(str(work / g.file), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(work / g.file), session_options(ort), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; one line names the file
             raise ValidationError(f"{g.file}: the quantized graph does not load in ONNX Runtime: {first_line(e)}") from None
 

@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vlmedge.errors import InputError
+from vlmedge.runtime.backends.onnxruntime import session_options
 
 PRECISIONS = {"int8-wo": 8, "int4-wo": 4}
 METHODS = ("rtn", "gptq")
@@ -157,7 +158,7 @@ def hessians(model, feeds: Sequence[dict[str, np.ndarray]], tensors: Iterable[st
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors if t not in have)
-    so = ort.SessionOptions()
+    so = session_options(ort)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors exactly as in the graph
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]

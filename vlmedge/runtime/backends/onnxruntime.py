@@ -131,6 +131,16 @@ def _use_shared_pool(ort, threads: int | None, wanted: bool) -> bool:
     return _shared_pool["size"] is not None
 
 
+def session_options(ort):
+    """SessionOptions for a session of this process: on the process-wide thread pool once one
+    exists (ONNX Runtime then refuses sessions with their own pools), else with their own."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if _shared_pool.get("size") is not None:
+        opts.use_per_session_threads = False
+    return opts
+
+
 class _Runner:
     """One graph with some inputs bound for good; calling it binds the rest and runs."""
 
