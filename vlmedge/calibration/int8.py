@@ -150,7 +150,8 @@ def quantize_graph_dynamic(src: Path, dst: Path, exclude: Iterable[str] = (), on
     model = onnx.load(str(src))
     excluded = set(exclude) | set(lm_head(model))
     op = {n.name: n.op_type for n in model.graph.node}
-    nodes = [n for n in weight_nodes(model) if n not in excluded and (only is None or n in set(only)) and op[n] != "Conv"]
+    wanted = None if only is None else set(only)
+    nodes = [n for n in weight_nodes(model) if n not in excluded and (wanted is None or n in wanted) and op[n] != "Conv"]
     if not nodes:
         shutil.copyfile(src, dst)
         return []

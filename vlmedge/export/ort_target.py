@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Callable
 
 from vlmedge.errors import ExportError, InputError, ValidationError, first_line
+from vlmedge.export.attention_fusion import FUSED_DOMAIN, fuse_attention
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, TARGETS, load_bundle, sha256_file
 
 ORT_TARGET = TARGETS[1]
 
-FUSED_DOMAIN = "com.microsoft"
 VALIDATE_IMAGES = 4
 
 
@@ -50,8 +50,6 @@ def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
-
-    from vlmedge.export.attention_fusion import fuse_attention
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     options = FusionOptions("bert")
