@@ -323,3 +323,124 @@ def convnext_gpt2(out: Path) -> Path:
     _save_ved(out, enc, dec, 0, 0, 0, {}, seed=7, std=0.1)
     _processor(out, "ConvNextImageProcessor", 40, 40)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoder-only families (the prefix contract): saved as transformers 5 saves them, processor included
+# (processor_config.json with the image processor nested inside, chat_template.jinja, tokenizer.json).
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+LLAVA_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's, with the tokenizer's BOS written by the tokenizer
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _chat_tokenizer(out: Path, bos: str, eos: str, special: list[str], add_bos: bool):
+    """A word-level tokenizer over the scene world with a chat model's special tokens; `add_bos`: its
+    post-processor writes BOS (Llama's), else the chat template does (SmolVLM's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<unk>", bos, eos, *special, "User", "Assistant", "USER", "ASSISTANT", "Describe", "the", "image", ".", ":",
+              *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token="<unk>", unk_token="<unk>",
+                                  extra_special_tokens=special)
+    tok.save_pretrained(out)
+    return tok, vocab
+
+
+def _save_processor(out: Path, processor_class: str, image_processor, chat_template: str, **fields):
+    """processor_config.json as transformers 5 writes it (image processor nested), and chat_template.jinja."""
+    import json
+
+    image = image_processor.to_dict()
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": processor_class, "image_processor": image,
+                                                           **fields}, indent=2))
+    (out / "chat_template.jinja").write_text(chat_template)
+
+
+def _idefics3_like(out: Path, architecture: str, processor_class: str, seed: int) -> Path:
+    """HuggingFaceTB/SmolVLM-256M-Instruct's shape: SigLIP tower over square tiles, pixel shuffle x2 (3x3 here,
+    as SmolVLM's 512 px / 16 px patches / scale 4), a Llama LM with grouped-query attention (3 query heads over 1
+    KV head), tied embeddings, <end_of_utterance> as EOS; the processor splits images into tiles + a global image."""
+    import transformers
+    from transformers import SmolVLMImageProcessorPil
+
+    special = ["<fake_token_around_image>", "<image>", "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    _, vocab = _chat_tokenizer(out, "<|im_start|>", "<end_of_utterance>", special, add_bos=False)
+    cfg_cls = getattr(transformers, architecture.replace("ForConditionalGeneration", "Config"))
+    cfg = cfg_cls(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=36,
+                           patch_size=6),
+        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5, bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<end_of_utterance>"],
+                         pad_token_id=vocab["<unk>"]),
+        image_token_id=vocab["<image>"], scale_factor=3, tie_word_embeddings=True, pad_token_id=vocab["<unk>"])
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(cfg)
+    model.generation_config.eos_token_id = [vocab["<end_of_utterance>"]]
+    model.generation_config.pad_token_id = vocab["<unk>"]
+    _perturb(model, std=0.2, seed=seed).save_pretrained(out)
+    ip = SmolVLMImageProcessorPil(size={"longest_edge": 72}, max_image_size={"longest_edge": 36})
+    _save_processor(out, processor_class, ip, SMOLVLM_TEMPLATE, image_seq_len=4)
+    return out
+
+
+def smolvlm(out: Path) -> Path:
+    return _idefics3_like(out, "SmolVLMForConditionalGeneration", "SmolVLMProcessor", seed=3)
+
+
+def idefics3(out: Path) -> Path:
+    return _idefics3_like(out, "Idefics3ForConditionalGeneration", "Idefics3Processor", seed=4)
+
+
+def llava(out: Path) -> Path:
+    """llava-hf/llava-1.5-7b-hf's shape: a CLIP tower read at its second-to-last layer, CLS dropped ("default"),
+    a two-layer GELU projector, a Llama LM (4 query heads over 2 KV heads here), the tokenizer's BOS, the
+    USER/ASSISTANT template; CLIP preprocessing (shortest edge, centre crop)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+    _, vocab = _chat_tokenizer(out, "<s>", "</s>", ["<image>"], add_bos=True)
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=40, intermediate_size=80, num_hidden_layers=3,
+                           num_attention_heads=4, image_size=30, patch_size=6, projection_dim=40),
+        text_config=dict(model_type="llama", vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<unk>"]),
+        image_token_id=vocab["<image>"], vision_feature_layer=-2, vision_feature_select_strategy="default",
+        pad_token_id=vocab["<unk>"])
+    torch.manual_seed(5)
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = vocab["<unk>"]
+    _perturb(model, std=0.2, seed=5).save_pretrained(out)
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    _save_processor(out, "LlavaProcessor", ip, LLAVA_TEMPLATE, patch_size=6, vision_feature_select_strategy="default",
+                    num_additional_image_tokens=1, image_token="<image>")
+    return out
+
+
+# name -> (architecture it covers, builder, task)
+PREFIX_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "smolvlm": ("SmolVLMForConditionalGeneration", smolvlm, "all"),
+    "idefics3": ("Idefics3ForConditionalGeneration", idefics3, "all"),
+    "llava": ("LlavaForConditionalGeneration", llava, "all"),
+}

@@ -198,6 +198,14 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
     if options.opset < MIN_OPSET:
         raise InputError(f"--opset {options.opset}: vlmedge needs opset {MIN_OPSET} or newer (LayerNormalization)")
     tasks = select_tasks(adapter, task)
+    if adapter.info.contract == "prefix":
+        from vlmedge.export.prefix import export_prefix
+
+        with OutputDir(out, options.force) as writer:
+            manifest = export_prefix(adapter, tasks, writer.path, options, on_graph, _trace, _spec, _provenance)
+            _refuse_failed(adapter, manifest)
+            writer.commit()
+        return manifest
     with OutputDir(out, options.force) as writer:
         tmp = writer.path
         info = adapter.info
@@ -273,12 +281,16 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         validation = validate_bundle(adapter, tmp, tasks, options)
         manifest = Manifest(**{**manifest.__dict__, "validation": validation})
         (tmp / MANIFEST).write_text(manifest.to_json())
-        if not validation["passed"]:
-            from vlmedge.errors import ValidationError
-
-            raise ValidationError(f"export of {adapter.source} failed validation: {validation['failures'][0]}")
+        _refuse_failed(adapter, manifest)
         writer.commit()
     return manifest
+
+
+def _refuse_failed(adapter: Adapter, manifest: Manifest) -> None:
+    if not manifest.validation["passed"]:
+        from vlmedge.errors import ValidationError
+
+        raise ValidationError(f"export of {adapter.source} failed validation: {manifest.validation['failures'][0]}")
 
 
 def _provenance(adapter: Adapter, opset: int, timings: dict[str, float]) -> dict:

@@ -49,6 +49,8 @@ class Preprocessing:
     std: tuple[float, float, float]
     rescale: float = 1.0 / 255.0
     channel_order: str = "RGB"
+    # decoder-only families: how an image of any size becomes frames and prompt tokens (runtime.processors)
+    processor: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class FamilyInfo:
     dims: ModelDims
     preprocessing: Preprocessing
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    contract: str = "cross-attention"  # or "prefix": image tokens in the language model's sequence (models.prefix)
+    prompt: dict[str, Any] = field(default_factory=dict)  # prefix contract: chat template and image token
 
 
 class Adapter(Protocol):

@@ -42,6 +42,24 @@ def _florence2(src: str, prompt: str | None = None) -> Adapter:
     return Florence2Adapter(src, prompt)
 
 
+def _llava(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.llava import LlavaAdapter
+
+    return LlavaAdapter(src, prompt)
+
+
+def _idefics3(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.idefics3 import Idefics3Adapter
+
+    return Idefics3Adapter(src, prompt)
+
+
+def _smolvlm(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.idefics3 import SmolVLMAdapter
+
+    return SmolVLMAdapter(src, prompt)
+
+
 # architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
 ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "ShapesVLM": _shapes,
@@ -49,6 +67,9 @@ ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "BlipForQuestionAnswering": _blip_vqa,
     "VisionEncoderDecoderModel": _ved,
     "Florence2ForConditionalGeneration": _florence2,
+    "LlavaForConditionalGeneration": _llava,
+    "Idefics3ForConditionalGeneration": _idefics3,
+    "SmolVLMForConditionalGeneration": _smolvlm,
 }
 
 

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from vlmedge.errors import BundleError, first_line, read_json
-from vlmedge.runtime.schema import Bool, Either, Free, Int, Invalid, List, Map, Num, Obj, Str, check_generation, show
+from vlmedge.runtime.schema import (
+    Bool, Either, Free, Int, Invalid, List, Map, Nullable, Num, Obj, Str, check_generation, show,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # cross-attention bundles
+PREFIX_SCHEMA_VERSION = 2  # the first version with the prefix contract (decoder-only VLMs)
 MANIFEST = "manifest.json"
-GRAPH_NAMES = ("vision_encoder", "text_encoder", "decoder_init", "decoder_step")
+CONTRACTS = ("cross-attention", "prefix")  # vlmedge.models.prefix describes the second
+GRAPH_NAMES = ("vision_encoder", "text_encoder", "decoder_init", "decoder_step", "embed", "decoder")
 DTYPES = ("float32", "float16", "int64", "int32", "bool", "int8", "uint8")
 
 
@@ -67,6 +71,8 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     target: str = "tensorrt-portable"  # or "onnxruntime": ONNX Runtime's fused contrib ops (vlmedge.export.ort_target)
+    contract: str = "cross-attention"  # or "prefix" (decoder-only VLMs: vision_encoder, embed, decoder)
+    prompt: dict[str, Any] = field(default_factory=dict)  # prefix: chat template, image token, caption instruction
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -126,6 +132,17 @@ _TASK = Obj({
     "postprocess": Str(choices=POSTPROCESS),
     "generation": Free(dict),  # checked by check_generation
 })
+_TOKEN_TEXT = Str(max_len=64, pattern=r"[^\s]{1,64}", what="a token's text")
+_PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3")), "image_tokens": Int(1, 1 << 16), "image_token": _TOKEN_TEXT}, {
+    "shortest_edge": Int(1, 16384),  # clip
+    "tile": Int(1, 16384), "longest_edge": Int(1, 16384), "split": Bool(),  # idefics3
+    "fake_image_token": _TOKEN_TEXT, "global_image_token": _TOKEN_TEXT,
+})
+_PREFIX_TASK = Obj({"eos_id": _IDS, "pad_id": _IDS, "max_new_tokens": Int(1, AXIS_MAX)}, {"generation": Free(dict)})
+_PROMPT = Obj({
+    "chat_template": Str(max_len=1 << 16, what="a jinja2 chat template", lines=True), "image_token": _TOKEN_TEXT,
+    "image_token_id": _IDS, "caption_instruction": Str(max_len=4096, what="a caption instruction", lines=True),
+}, {"special_tokens": Map(Str(choices=("bos_token", "eos_token", "pad_token", "unk_token")), Str(max_len=256), max_len=4)})
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "family": Str(max_len=128), "architecture": Str(max_len=256),
@@ -141,11 +158,14 @@ MANIFEST_SCHEMA = Obj({
     "preprocessing": Obj({
         "height": Int(1, 16384), "width": Int(1, 16384), "resample": Str(choices=RESAMPLE_FILTERS),
         "mean": List(Num(-1e6, 1e6), 3, 3), "std": List(Num(0, 1e6, positive=True), 3, 3),
-    }, {"rescale": Num(0, 1e6, positive=True), "channel_order": Str(choices=CHANNEL_ORDERS)}),
+    }, {"rescale": Num(0, 1e6, positive=True), "channel_order": Str(choices=CHANNEL_ORDERS), "processor": Nullable(_PROCESSOR)}),
     "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
     "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
     "provenance": Free(dict),
-}, {"validation": Free(dict), "target": Str(choices=TARGETS)})
+}, {"validation": Free(dict), "target": Str(choices=TARGETS), "contract": Str(choices=CONTRACTS), "prompt": _PROMPT})
+# the prefix contract: tasks without prompt ids (the prompt is built per call), a chat template
+PREFIX_MANIFEST_SCHEMA = Obj({**MANIFEST_SCHEMA.required, "tasks": Map(Str(choices=("caption", "vqa")), _PREFIX_TASK, 1, 2),
+                              "prompt": _PROMPT}, MANIFEST_SCHEMA.optional)
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -155,9 +175,20 @@ def kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
 
 
-def canonical_io(graph: str, layers: int) -> tuple[dict[str, int], dict[str, int]]:
+def canonical_io(graph: str, layers: int, contract: str = "cross-attention") -> tuple[dict[str, int], dict[str, int]]:
     """The inputs and outputs (name -> rank) the decoding loop feeds and reads for a graph."""
     kv = lambda prefix: {n: 4 for n in kv_names(prefix, layers)}  # noqa: E731  (batch, heads, length, head_dim)
+    if contract == "prefix":
+        prefix = {
+            "vision_encoder": ({"pixel_values": 4}, {"image_embeds": 3}),
+            "embed": ({"input_ids": 2}, {"inputs_embeds": 3}),
+            "decoder": ({"inputs_embeds": 3, "attention_mask": 2, "position_ids": 2, **kv("past")}, {"logits": 2, **kv("present")}),
+        }
+        if graph not in prefix:
+            raise Invalid(f"graphs.{graph}", "not a graph of the prefix contract (vision_encoder, embed, decoder)")
+        return prefix[graph]
+    if graph in ("embed", "decoder"):
+        raise Invalid(f"graphs.{graph}", "a graph of the prefix contract, in a cross-attention bundle")
     return {
         "vision_encoder": ({"pixel_values": 4}, {"image_states": 3}),
         "text_encoder": ({"question_ids": 2, "question_mask": 2, "image_states": 3}, {"encoder_states": 3}),
@@ -168,11 +199,11 @@ def canonical_io(graph: str, layers: int) -> tuple[dict[str, int], dict[str, int
 
 
 def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims: dict[str, int],
-                  prep: dict[str, Any]) -> None:
+                  prep: dict[str, Any], contract: str = "cross-attention") -> None:
     """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes."""
     for gname, g in graphs.items():
         w = f"graphs.{gname}"
-        want_in, want_out = canonical_io(gname, dims["decoder_layers"])
+        want_in, want_out = canonical_io(gname, dims["decoder_layers"], contract)
         for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -235,15 +266,39 @@ def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dic
                           f"prompt in dims.max_target_len {dims['max_target_len']}")
 
 
+def _check_prefix(m: dict, graphs: dict[str, GraphSpec]) -> None:
+    """The prefix contract's own rules: its three graphs, its prompt, tasks without prompt ids."""
+    for n in ("vision_encoder", "embed", "decoder"):
+        if n not in graphs:
+            raise Invalid("graphs", f"the prefix contract needs graph {n!r}")
+    if not isinstance(m["preprocessing"].get("processor"), dict):
+        raise Invalid("preprocessing.processor", "missing (how the prefix contract's images become frames and tokens)")
+    for axis in ("frames", "seq_len", "past_len", "total_len"):
+        if axis not in m["axes"]:
+            raise Invalid(f"axes.{axis}", "missing (an axis of the prefix contract's graphs)")
+    vocab = m["dims"]["vocab_size"]
+    if m["prompt"]["image_token_id"] >= vocab:
+        raise Invalid("prompt.image_token_id", f"token id {m['prompt']['image_token_id']} is outside the vocabulary ({vocab})")
+    for tname, t in m["tasks"].items():
+        for key in ("eos_id", "pad_id"):
+            if t[key] >= vocab:
+                raise Invalid(f"tasks.{tname}.{key}", f"token id {t[key]} is outside the vocabulary (dims.vocab_size {vocab})")
+        if "generation" in t:
+            t["generation"] = check_generation(t["generation"], vocab, f"tasks.{tname}.generation")
+
+
 def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     """Check a decoded manifest against the schema and its cross-field rules; every error is one
     line naming the field."""
     if isinstance(raw, dict) and "schema_version" in raw and type(raw["schema_version"]) is int \
-            and raw["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(f"{where}: schema_version {raw['schema_version']} is not supported "
-                          f"(this vlmedge reads {SCHEMA_VERSION}); re-export the bundle")
+            and raw["schema_version"] not in (SCHEMA_VERSION, PREFIX_SCHEMA_VERSION):
+        newer = raw["schema_version"] > PREFIX_SCHEMA_VERSION
+        raise BundleError(f"{where}: schema_version {raw['schema_version']} is not supported (this vlmedge reads "
+                          f"{SCHEMA_VERSION} and {PREFIX_SCHEMA_VERSION}); "
+                          + ("upgrade vlmedge" if newer else "re-export the bundle"))
+    prefix = isinstance(raw, dict) and raw.get("contract") == "prefix"
     try:
-        m = MANIFEST_SCHEMA.check(raw)
+        m = (PREFIX_MANIFEST_SCHEMA if prefix else MANIFEST_SCHEMA).check(raw)
         graphs = {n: GraphSpec(g["file"], g["sha256"], *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
                                                                for t in g[k]) for k in ("inputs", "outputs")))
                   for n, g in m["graphs"].items()}
@@ -254,15 +309,21 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
             axes[name] = AxisRange(a["min"], a["opt"], a["max"])
         if "batch" not in axes:
             raise Invalid("axes.batch", "missing (every graph's first axis)")
-        _check_graphs(graphs, axes, m["dims"], m["preprocessing"])
-        _check_tasks(m["tasks"], graphs, m["dims"])
+        contract = m.get("contract", CONTRACTS[0])
+        _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract)
+        if prefix:
+            _check_prefix(m, graphs)
+        else:
+            if m.get("prompt") or m["preprocessing"].get("processor"):
+                raise Invalid("prompt" if m.get("prompt") else "preprocessing.processor", "only the prefix contract has one")
+            _check_tasks(m["tasks"], graphs, m["dims"])
     except Invalid as e:
         raise BundleError(f"{where}: {e}") from None
     return Manifest(
         family=m["family"], architecture=m["architecture"], tasks=m["tasks"], dims=m["dims"], graphs=graphs, axes=axes,
         preprocessing=m["preprocessing"], tokenizer=m["tokenizer"], precision=m["precision"],
         provenance=m["provenance"], validation=m.get("validation", {}), schema_version=m["schema_version"],
-        target=m.get("target", TARGETS[0]),
+        target=m.get("target", TARGETS[0]), contract=m.get("contract", CONTRACTS[0]), prompt=m.get("prompt", {}),
     )
 
 

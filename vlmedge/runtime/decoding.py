@@ -371,20 +371,20 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 class _Decoder:
-    """decoder_init / decoder_step with the cache kept on the backend."""
+    """The cross-attention contract: decoder_init / decoder_step with the cache kept on the backend."""
 
-    def __init__(self, backend: Backend, layers: int):
+    def __init__(self, backend: Backend, layers: int, states: Any, mask: np.ndarray):
         self.backend = backend
         self.present = kv_names("present", layers)
         self.past = kv_names("past", layers)
         self.cross_names = kv_names("cross", layers)
+        self.states, self.mask = states, mask
 
-    def init(self, prompt: np.ndarray, states: Any, mask: np.ndarray) -> np.ndarray:
-        out = self.backend.run("decoder_init", {"input_ids": prompt, "encoder_states": states, "encoder_mask": mask},
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        out = self.backend.run("decoder_init", {"input_ids": prompt, "encoder_states": self.states, "encoder_mask": self.mask},
                                keep=self.present + self.cross_names)
         self.cache = [out[n] for n in self.present]
         self.cross = {n: out[n] for n in self.cross_names}
-        self.mask = mask
         self._step = None
         return _host_logits(out["logits"])
 
@@ -423,16 +423,22 @@ def generate(backend: Backend, layers: int, states: Any, mask: np.ndarray, promp
 
 def run(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], settings: Settings,
         timings: Timings | None = None) -> list[list[int]]:
-    """The decoding loop with resolved settings (see `resolve`)."""
-    dec = _Decoder(backend, layers)
-    B = mask.shape[0]
-    prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (B, 1))
+    """The decoding loop with resolved settings (see `resolve`), on the cross-attention contract."""
+    prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (mask.shape[0], 1))
+    return decode(_Decoder(backend, layers, states, mask), prompt, settings, timings)
+
+
+def decode(contract: Any, prompt: np.ndarray, settings: Settings, timings: Timings | None = None) -> list[list[int]]:
+    """Greedy or beam search over a contract object: `start(prompt) -> logits` runs the prompt
+    ([rows, P] ids, what the logits processors read as the sequence so far), `step(ids) -> logits`
+    one token per row, `expand(rows)` repeats rows for beams and `reorder(rows)` follows them. The
+    loop never learns which graphs stand behind it."""
     t0 = time.perf_counter()
-    logits = dec.init(prompt, states, mask)
+    logits = contract.start(prompt)
     procs = Processors(settings)
     if settings.num_beams == 1:
-        return _greedy(dec, logits, prompt, settings, procs, timings, t0)
-    return _beam(dec, logits, prompt, settings, procs, timings, t0)
+        return _greedy(contract, logits, prompt, settings, procs, timings, t0)
+    return _beam(contract, logits, prompt, settings, procs, timings, t0)
 
 
 def _mark(timings: Timings | None, t0: float, first: bool) -> float:

@@ -325,7 +325,12 @@ def load(bundle: str | os.PathLike, device: str = "cpu", *, threads: int | None 
     """Open a bundle (or a built-in model's name) for captioning and VQA on `device`: cpu, cuda or tensorrt.
     `shared_threads=True` runs all graphs on one ONNX Runtime thread pool (faster on small CPUs; see
     vlmedge.runtime.backends.onnxruntime for the catch)."""
-    return Pipeline(resolve_bundle(bundle), device, threads, max_pixels, batch_size, warn, shared_threads)
+    b = resolve_bundle(bundle)
+    if b.manifest.contract == "prefix":
+        from vlmedge.runtime.prefix import PrefixPipeline
+
+        return PrefixPipeline(b, device, threads, max_pixels, batch_size, warn, shared_threads)
+    return Pipeline(b, device, threads, max_pixels, batch_size, warn, shared_threads)
 
 
 __all__ = ["Generation", "Pipeline", "VlmedgeError", "load"]

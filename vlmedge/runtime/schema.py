@@ -88,6 +88,7 @@ class Num(Node):
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_LINES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # text that may hold newlines and tabs
 
 
 def _clean(value: str, path: str) -> None:
@@ -98,11 +99,13 @@ def _clean(value: str, path: str) -> None:
 
 
 class Str(Node):
-    """A string of 1..max_len characters, without control characters; optionally one of `choices`,
-    or accepted by `test` (a callable returning an error message or None)."""
+    """A string of 1..max_len characters, without control characters (`lines`: newlines and tabs
+    allowed, for templates); optionally one of `choices`, or accepted by `test` (a callable
+    returning an error message or None)."""
 
     def __init__(self, choices: Iterable[str] | None = None, max_len: int = 256, pattern: str | None = None,
-                 test: Callable[[str], str | None] | None = None, what: str = "a string"):
+                 test: Callable[[str], str | None] | None = None, what: str = "a string", lines: bool = False):
+        self.control = _CONTROL_BUT_LINES if lines else _CONTROL
         self.choices = tuple(choices) if choices is not None else None
         self.max_len, self.test, self.what = max_len, test, what
         self.pattern = re.compile(pattern) if pattern else None
@@ -115,7 +118,7 @@ class Str(Node):
             if value not in self.choices:
                 raise Invalid(path, f"{show(value)} is not one of {', '.join(self.choices)}")
             return value
-        if not value or len(value) > self.max_len or _CONTROL.search(value):
+        if not value or len(value) > self.max_len or self.control.search(value):
             raise Invalid(path, f"expected {self.what} of 1 to {self.max_len} printable characters, got {show(value)}")
         if self.pattern is not None and not self.pattern.fullmatch(value):
             raise Invalid(path, f"expected {self.what}, got {show(value)}")

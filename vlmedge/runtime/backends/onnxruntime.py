@@ -191,11 +191,12 @@ class OrtBackend:
             first_error = next(iter(refused.values()))
             warn(f"TensorRT provider refused the manifest's profiles for {', '.join(refused)} ({first_error}); "
                  "they run with engines sized from the shapes seen, or on the next provider")
-        used = self.sessions["decoder_step"].get_providers()[0]
+        last = self.sessions["decoder_step" if "decoder_step" in self.sessions else "decoder"]
+        used = last.get_providers()[0]
         if used != first and not refused:  # (a refusal was said already)
             warn(f"{first} could not be initialised (see onnxruntime's log); running on {used}")
         self.name = f"onnxruntime/{used}"
-        self.summary = summary(ort, self.sessions["decoder_step"].get_providers())
+        self.summary = summary(ort, last.get_providers())
         self.device = "cpu" if used == "CPUExecutionProvider" else "cuda"
         self._inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         # host arrays are cast to what each graph declares (an FP16 bundle may take float16 inputs)

@@ -1,0 +1,240 @@
+"""Export and validation of the prefix contract (decoder-only VLMs: vlmedge.models.prefix).
+
+Three graphs are traced: `vision_encoder` (tower + connector), `embed`, and one `decoder` that
+serves the prompt and every later token. Validation runs the runtime itself (PrefixPipeline over
+the freshly written bundle) against the model's own `generate`: the same images of several sizes
+and aspect ratios, the same prompt ids, greedy as one left-padded batch and one by one, and beam
+search; plus each graph's outputs against PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vlmedge.export.graphs import DEFAULT_MAX_BATCH, GraphDecl, TensorDecl, kv
+from vlmedge.models.base import FamilyInfo
+from vlmedge.runtime.bundle import PREFIX_SCHEMA_VERSION
+
+TEXT_ROOM = 160  # prompt text and generated tokens the graphs declare beside the largest image's tokens
+
+
+def frames_per_image(info: FamilyInfo) -> int:
+    """The most frames the processor makes of one image."""
+    p = info.preprocessing.processor
+    if p["kind"] == "idefics3" and p.get("split", True):
+        side = -(-int(p["longest_edge"]) // int(p["tile"]))
+        return side * side + 1
+    return 1
+
+
+def prefix_decls(info: FamilyInfo) -> list[GraphDecl]:
+    d, p = info.dims, info.preprocessing
+    L, H, dh, D = d.decoder_layers, d.decoder_heads, d.decoder_head_dim, d.encoder_hidden
+    return [
+        GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)),),
+                  (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)),)),
+        GraphDecl("embed", (TensorDecl("input_ids", "int64", ("batch", "seq_len")),),
+                  (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),)),
+        GraphDecl("decoder",
+                  (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),
+                   TensorDecl("attention_mask", "int64", ("batch", "total_len")),
+                   TensorDecl("position_ids", "int64", ("batch", "seq_len")),
+                   *kv("past", L, H, dh, "past_len")),
+                  (TensorDecl("logits", "float32", ("batch", d.vocab_size)), *kv("present", L, H, dh, "total_len"))),
+    ]
+
+
+def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length: int | None = None) -> dict:
+    """min/opt/max of the prefix contract's axes. `max_length` bounds the prompt (image tokens
+    included) plus generated tokens; by default one image at its most frames plus TEXT_ROOM."""
+    frames = frames_per_image(info)
+    image = frames * info.dims.image_tokens
+    total = min(info.dims.max_target_len, max_length or image + TEXT_ROOM) + 1  # + the hidden slot
+    return {
+        "batch": (1, 1, max_batch),
+        "frames": (1, frames, max(frames, 2)),
+        "seq_len": (1, min(image + 16, total - 2), total - 2),
+        "past_len": (1, min(image + 32, total - 1), total - 1),
+        "total_len": (2, min(image + 33, total), total),
+    }
+
+
+def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Callable | None, trace, spec, provenance):
+    """Trace, write and validate a prefix bundle into `tmp` (the OutputDir's directory); returns the manifest."""
+    import torch
+    from torch.export import Dim
+
+    from vlmedge.runtime.bundle import MANIFEST, AxisRange, Manifest, sha256_file
+
+    info = adapter.info
+    d = info.dims
+    decls = {g.name: g for g in prefix_decls(info)}
+    ranges = prefix_axes(info, options.max_batch, options.max_length)
+    p = info.preprocessing
+    frames = torch.randn(2, 3, p.height, p.width)
+    ids = torch.tensor([[1, 2, 3], [3, 2, 1]]) % d.vocab_size
+    L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
+    embeds = torch.randn(2, 3, d.encoder_hidden) * 0.02
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[:, 0] = 0
+    pos = torch.arange(3)[None].repeat(2, 1)
+    past = [torch.zeros(2, H, 2, dh) for _ in range(2 * L)]
+    auto = Dim.DYNAMIC  # the attention mask's length is past + seq: the tracer keeps the relation
+    plan = [
+        ("vision_encoder", adapter.vision_encoder, (frames,), {"pixel_values": {0: auto}}),
+        ("embed", adapter.embed, (ids,), {"input_ids": {0: auto, 1: auto}}),
+        ("decoder", adapter.decoder, (embeds, mask, pos, *past),
+         {"inputs_embeds": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+          "past": tuple([{0: auto, 2: auto}] * (2 * L))}),
+    ]
+    graphs, timings = {}, {}
+    import time
+
+    for name, make, args, dyn in plan:
+        if on_graph:
+            on_graph(name, "exporting")
+        t0 = time.perf_counter()
+        path = tmp / f"{name}.onnx"
+        trace(make(), args, decls[name], dyn, path, options.opset)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        graphs[name] = spec(decls[name], path.name, sha256_file(path))
+        if on_graph:
+            on_graph(name, "done")
+    (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
+    prep = {k: v for k, v in asdict(info.preprocessing).items() if v is not None}
+    max_new = min(info.tasks[t].max_new_tokens for t in tasks)
+    manifest = Manifest(
+        family=info.family, architecture=info.architecture,
+        tasks={t: {"eos_id": info.tasks[t].eos_id, "pad_id": info.tasks[t].pad_id, "max_new_tokens": max_new,
+                   "generation": info.tasks[t].generation} for t in tasks},
+        dims=asdict(d), graphs=graphs, axes={k: AxisRange(*v) for k, v in ranges.items()}, preprocessing=prep,
+        tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
+        precision={"dtype": "float32", "method": "export"}, provenance=provenance(adapter, options.opset, timings),
+        schema_version=PREFIX_SCHEMA_VERSION, contract="prefix", prompt=dict(info.prompt),
+    )
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    if on_graph:
+        on_graph("validation", "running")
+    validation = validate_prefix(adapter, tmp, tasks, options)
+    manifest = Manifest(**{**manifest.__dict__, "validation": validation})
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+SIZES = ((64, 64), (96, 48), (40, 72), (64, 64), (80, 80), (48, 100), (64, 64), (72, 40))  # (w, h): grids differ
+
+
+def sample_items(n: int, tasks: list[str]) -> list[tuple]:
+    """n (image, task, question) of the scene world at several sizes and aspect ratios."""
+    from PIL import Image
+
+    from vlmedge.data.scenes import pick_questions, scenes
+
+    items = []
+    for i, s in enumerate(scenes("test", 0, n)):
+        img = Image.fromarray(s.image).resize(SIZES[i % len(SIZES)], Image.Resampling.BICUBIC)
+        task = tasks[i % len(tasks)]
+        qs = pick_questions(s)
+        items.append((img, task, qs[i % len(qs)].text if task == "vqa" else None))
+    return items
+
+
+def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dict:
+    import torch
+
+    from vlmedge.export.validate import _errors
+    from vlmedge.runtime.bundle import load_bundle
+    from vlmedge.runtime.decoding import GenerationConfig
+    from vlmedge.runtime.prefix import PrefixDecoder, PrefixPipeline, user_turn
+
+    pipe = PrefixPipeline(load_bundle(bundle_dir), max_pixels=1 << 26)
+    m = pipe.manifest
+    items = sample_items(max(2, options.validate_images), tasks)
+    failures: list[str] = []
+    graphs: dict = {}
+
+    def conv(task, q):
+        return [user_turn(q if task == "vqa" else m.prompt["caption_instruction"])]
+
+    frames, rows = pipe.prompt_inputs([[img] for img, _, _ in items], [conv(t, q) for _, t, q in items])
+
+    # each graph against PyTorch on real inputs
+    with torch.no_grad():
+        px = frames[0][: m.axes["frames"].max]
+        ref = adapter.vision_encoder()(torch.from_numpy(px)).numpy()
+        graphs["vision_encoder"] = {"image_embeds": _errors(ref, pipe.backend.run("vision_encoder", {"pixel_values": px})["image_embeds"])}
+        ids = np.asarray([rows[0]], dtype=np.int64)
+        ref = adapter.embed()(torch.from_numpy(ids)).numpy()
+        graphs["embed"] = {"inputs_embeds": _errors(ref, pipe.backend.run("embed", {"input_ids": ids})["inputs_embeds"])}
+        embeds = pipe.embeddings(ids, frames[:1])
+        mask = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
+        mask[:, 0] = 0
+        pos = np.arange(ids.shape[1])[None]
+        L = m.dims["decoder_layers"]
+        past = [np.zeros((1, m.dims["decoder_heads"], 1, m.dims["decoder_head_dim"]), np.float32) for _ in range(2 * L)]
+        ref = adapter.decoder()(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(pos), *map(torch.from_numpy, past))
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        feeds.update(zip((t.name for t in m.graphs["decoder"].inputs[3:]), past))
+        got = pipe.backend.run("decoder", feeds)
+        graphs["decoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["decoder"].outputs, ref)}
+    for g, outs in graphs.items():
+        for name, e in outs.items():
+            tol = options.atol * max(1.0, e["ref_max"])
+            e["passed"] = e["max_abs"] <= tol
+            if not e["passed"]:
+                failures.append(f"graph {g} output {name}: max abs error {e['max_abs']:.3g} > {tol:.3g}")
+
+    # tokens: the runtime's decoding loop against HF generate, batched and one by one, greedy and beam
+    tokens = {}
+    for task in tasks:
+        sel = [i for i, it in enumerate(items) if it[1] == task]
+        spec = m.tasks[task]
+        gen = spec.get("generation") or {}
+        beams = gen.get("num_beams", 1) if gen.get("num_beams", 1) > 1 else 3
+        max_new = spec["max_new_tokens"]
+
+        def ours(idx, k):
+            from vlmedge.runtime.decoding import decode
+
+            sub_rows = [rows[i] for i in idx]
+            width = max(map(len, sub_rows))
+            ids = np.full((len(idx), width), spec["pad_id"], dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for j, r in enumerate(sub_rows):
+                ids[j, width - len(r):], mask[j, width - len(r):] = r, 1
+            settings = pipe.settings(task, GenerationConfig(num_beams=k, max_new_tokens=max_new), width)
+            embeds = pipe.embeddings(ids, [frames[i] for i in idx])
+            return decode(PrefixDecoder(pipe.backend, m.dims, embeds, mask), ids, settings)
+
+        def theirs(idx, k):
+            return adapter.reference_generate_prefix([torch.from_numpy(frames[i]) for i in idx], [rows[i] for i in idx],
+                                                     max_new_tokens=max_new, num_beams=k)
+
+        batched, batched_ref = ours(sel, 1), theirs(sel, 1)
+        single = [ours([i], 1)[0] for i in sel]
+        single_ref = [theirs([i], 1)[0] for i in sel]
+        beam, beam_ref = ours(sel, beams), theirs(sel, beams)
+        n = len(sel)
+        mism = [j for j in range(n) if batched[j] != batched_ref[j] or single[j] != single_ref[j] or single[j] != batched[j]]
+        mism_beam = [j for j in range(n) if beam[j] != beam_ref[j]]
+        tokens[task] = {
+            "images": n, "agree_batched": sum(batched[j] == batched_ref[j] for j in range(n)),
+            "agree_batch1": sum(single[j] == single_ref[j] for j in range(n)),
+            "mean_new_tokens": float(np.mean([len(r) for r in batched_ref])) if n else 0.0,
+            "prompt_tokens": [len(rows[i]) for i in sel],
+            "first_mismatch": None if not mism else {"image": sel[mism[0]], "pytorch": batched_ref[mism[0]],
+                                                     "onnx": batched[mism[0]], "onnx_batch1": single[mism[0]]},
+            "beam": {"num_beams": beams, "agree": n - len(mism_beam), "first_mismatch": None if not mism_beam else {
+                "image": sel[mism_beam[0]], "pytorch": beam_ref[mism_beam[0]], "onnx": beam[mism_beam[0]]}},
+        }
+        if mism:
+            failures.append(f"{task}: ONNX greedy tokens differ from PyTorch on image {sel[mism[0]]}")
+        if mism_beam:
+            failures.append(f"{task}: ONNX beam-search tokens (num_beams={beams}) differ from PyTorch on image {sel[mism_beam[0]]}")
+    return {"passed": not failures, "failures": failures, "atol": options.atol, "graphs": graphs, "tokens": tokens}

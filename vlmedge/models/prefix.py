@@ -1,0 +1,223 @@
+"""What the decoder-only families share (the prefix contract): the image becomes a run of tokens in
+the language model's own sequence.
+
+Three graphs, and the merge in between done by the runtime in numpy:
+
+    vision_encoder(pixel_values[frames,3,H,W])            -> image_embeds[frames,T,D]  (tower + connector)
+    embed(input_ids[batch,seq_len])                        -> inputs_embeds[batch,seq_len,D]
+    decoder(inputs_embeds[batch,seq_len,D], attention_mask[batch,total_len], position_ids[batch,seq_len],
+            past.{i}.self.key/value[batch,kv_heads,past_len,dh])
+        -> logits[batch,V] (last position), present.{i}.self.key/value[batch,kv_heads,total_len,dh]
+
+One decoder graph serves the prompt (seq_len > 1) and every later token (seq_len = 1), so its
+weights are stored and loaded once. The prompt runs after a one-slot past that the attention mask
+hides (mask 0): a masked key gets exactly zero weight in the softmax, so the logits are those of a
+run without it, and no graph ever sees a zero-length past (TensorRT refuses those). TensorRT builds
+one engine with two optimisation profiles from this graph (prompt: past_len 1; step: seq_len 1).
+
+Positions come in as an input, computed by the runtime from the attention mask as HF `generate`
+does for left-padded batches (cumulative sum of the mask, minus one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vlmedge.errors import ModelLoadError, read_json
+from vlmedge.models.base import flat_kv, pair_kv
+
+CAPTION_INSTRUCTION = "Describe the image."  # caption's user text when export is given no --prompt
+
+
+class PrefixDecoder(nn.Module):
+    """The language model over input embeddings with its cache given as graph inputs."""
+
+    def __init__(self, lm: nn.Module, head: nn.Module):
+        super().__init__()
+        self.lm, self.head = lm, head
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      cache=DynamicCache(pair_kv(past)), use_cache=True, return_dict=True)
+        logits = self.head(out.last_hidden_state[:, -1])
+        return (logits, *flat_kv((layer.keys, layer.values) for layer in out.cache.layers))
+
+
+class Embed(nn.Module):
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids):
+        return self.table(input_ids)
+
+
+@torch.no_grad()
+def prefix_dims(decoder: nn.Module, width: int) -> dict:
+    """Layers, KV heads, head size and vocabulary, measured from the decoder's own cache and logits
+    after two positions with no past (grouped-query caches keep their KV-head count)."""
+    probe = decoder(torch.zeros(1, 2, width), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None])
+    _, heads, _, head_dim = probe[1].shape
+    return dict(decoder_layers=(len(probe) - 1) // 2, decoder_heads=int(heads), decoder_head_dim=int(head_dim),
+                vocab_size=int(probe[0].shape[-1]))
+
+
+def chat_template(path: str) -> str | None:
+    """The chat template as transformers saves it: chat_template.jinja (transformers 5), or the
+    `chat_template` of processor_config.json, chat_template.json or tokenizer_config.json."""
+    p = Path(path)
+    if (p / "chat_template.jinja").is_file():
+        return (p / "chat_template.jinja").read_text()
+    for name in ("processor_config.json", "chat_template.json", "tokenizer_config.json"):
+        if (p / name).is_file():
+            template = read_json(p / name, ModelLoadError).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None
+
+
+def processor_settings(path: str) -> tuple[dict, dict]:
+    """(image-processor settings, processor settings) as saved: transformers 5's processor_config.json
+    (the image processor nested under `image_processor`), or the older preprocessor_config.json."""
+    p = Path(path)
+    proc: dict = {}
+    if (p / "processor_config.json").is_file():
+        proc = read_json(p / "processor_config.json", ModelLoadError)
+    image = proc.get("image_processor") if isinstance(proc.get("image_processor"), dict) else None
+    if image is None and (p / "preprocessor_config.json").is_file():
+        image = read_json(p / "preprocessor_config.json", ModelLoadError)
+    if image is None:
+        raise ModelLoadError(f"{p}: no image-processor settings (processor_config.json with image_processor, or "
+                             "preprocessor_config.json); save the processor with the model (processor.save_pretrained)")
+    return image, {k: v for k, v in proc.items() if k != "image_processor"}
+
+
+def special_tokens(tokenizer_dir: str) -> dict[str, str]:
+    """The tokenizer's named special tokens (bos_token, eos_token, ...), as chat templates read them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    named = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = getattr(tok, key, None)
+        if isinstance(value, str):
+            named[key] = value
+    return named
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[Any, Any]:
+    """Token rows -> left-padded ids and attention mask (torch), as HF processors pad for generation."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+class HfPrefixAdapter:
+    """A Hugging Face decoder-only VLM seen through the prefix contract. A family file gives the
+    vision module (tower + connector), the language model and its head, the processor settings, and
+    how HF's own `generate` takes a batch of images."""
+
+    architecture = ""
+    family = ""
+
+    def __init__(self, source: str, prompt: str | None = None):
+        from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+        from vlmedge.models.generation import generation_defaults
+        from vlmedge.models.hf import load_hf_model, tokenizer_json, weight_files
+
+        import transformers
+
+        self.source = source
+        self.model = load_hf_model(getattr(transformers, self.architecture), source)
+        self._tokenizer_json = tokenizer_json(source)
+        self._weights = weight_files(source)
+        template = chat_template(source)
+        if template is None:
+            raise ModelLoadError(f"{source}: no chat template (chat_template.jinja, or chat_template in "
+                                 "processor_config.json / tokenizer_config.json); save the processor with the model")
+        image_cfg, proc_cfg = processor_settings(source)
+        prep = self.preprocessing(image_cfg, proc_cfg)
+        cfg, gen = self.model.config, self.model.generation_config
+        tc = cfg.get_text_config(decoder=True)
+        generation = generation_defaults(self.model, f"{source}/generation_config.json")
+        eos = generation.get("eos_token_id", tc.eos_token_id)
+        eos_first = eos[0] if isinstance(eos, list) else eos
+        pad = generation.get("pad_token_id", tc.pad_token_id if tc.pad_token_id is not None else eos_first)
+        if eos_first is None:
+            raise ModelLoadError(f"{source}/config.json: needs eos_token_id to generate")
+        self.eos_id, self.pad_id = int(eos_first), int(pad)
+        with torch.no_grad():
+            frames = self.vision_encoder()(torch.zeros(1, 3, prep.height, prep.width))
+        if frames.dim() != 3:
+            raise ModelLoadError(f"{source}: the vision graph gives {list(frames.shape)}; expected [frames, tokens, width]")
+        tokens, width = int(frames.shape[1]), int(frames.shape[2])
+        if prep.processor["image_tokens"] != tokens:
+            raise ModelLoadError(f"{source}: the processor writes {prep.processor['image_tokens']} image tokens per frame, "
+                                 f"but the vision encoder gives {tokens}")
+        max_pos = int(getattr(tc, "max_position_embeddings", 2048) or 2048)
+        dims = ModelDims(**prefix_dims(self.decoder(), width), encoder_hidden=width, image_tokens=tokens,
+                         max_target_len=max_pos)
+        image_token = prep.processor["image_token"]
+        named = special_tokens(source)
+        spec = lambda: TaskSpec("vision_encoder", (), self.eos_id, self.pad_id, 32, dict(generation))  # noqa: E731
+        self.info = FamilyInfo(
+            family=self.family, architecture=self.architecture, dims=dims, preprocessing=prep,
+            tasks={"caption": spec(), "vqa": spec()}, contract="prefix",
+            prompt={"chat_template": template, "image_token": image_token,
+                    "image_token_id": int(self.model.config.image_token_id), "special_tokens": named,
+                    "caption_instruction": prompt or CAPTION_INSTRUCTION},
+        )
+
+    # -- what a family file gives -----------------------------------------------------------------
+    def preprocessing(self, image_cfg: dict, proc_cfg: dict):
+        raise NotImplementedError
+
+    def vision_encoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    def language_model(self) -> tuple[nn.Module, nn.Module]:
+        """(the base language model taking inputs_embeds, the LM head)."""
+        raise NotImplementedError
+
+    def pixel_inputs(self, frames: list) -> dict:
+        """HF `generate`'s image inputs for a batch: one (frames, 3, H, W) tensor per item."""
+        raise NotImplementedError
+
+    # -- the contract ------------------------------------------------------------------------------
+    def embed(self) -> nn.Module:
+        return Embed(self.model.get_input_embeddings()).eval()
+
+    def decoder(self) -> nn.Module:
+        return PrefixDecoder(*self.language_model()).eval()
+
+    def text_encoder(self) -> nn.Module:
+        raise NotImplementedError(f"{self.architecture} has no question encoder")
+
+    def tokenizer_json(self) -> str:
+        return self._tokenizer_json
+
+    def weight_files(self):
+        return self._weights
+
+    @torch.no_grad()
+    def reference_generate_prefix(self, frames: list, rows: list[list[int]], max_new_tokens: int = 20,
+                                  num_beams: int = 1, **generation) -> list[list[int]]:
+        """HF `generate` on a batch given as each item's frames (torch (N, 3, H, W)) and prompt ids
+        (image tokens already expanded), left-padded as the processor pads: generated ids, EOS kept."""
+        from vlmedge.models.hf import strip_prompt
+
+        ids, mask = left_pad(rows, self.pad_id)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **self.pixel_inputs(frames),
+                                  max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **generation)
+        eos = generation.get("eos_token_id", self.info.tasks["caption"].generation.get("eos_token_id", self.eos_id))
+        return strip_prompt(out, ids.shape[1], eos)

@@ -1,0 +1,305 @@
+"""The prefix contract at run time: decoder-only VLMs whose image tokens sit in the language model's
+own sequence (LLaVA, Idefics3, SmolVLM). See vlmedge.models.prefix for the graphs.
+
+A call goes: each image through its family's processor (frames + placeholder text,
+vlmedge.runtime.processors); the messages through the chat template the bundle carries, each
+image's `<image>` replaced by its placeholder text, then tokenised (one BOS: a template that writes
+it gets none from the tokenizer); the rows left-padded; `embed` on the ids; the image rows of the
+embeddings replaced by `vision_encoder`'s output in order (their count checked); then the one
+decoding loop over the `decoder` graph through `PrefixDecoder`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from vlmedge.errors import BundleError, InputError
+from vlmedge.runtime.backends import Backend
+from vlmedge.runtime.bundle import kv_names
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, _host_logits, check_options, decode, resolve
+from vlmedge.runtime.images import load_image
+from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many
+from vlmedge.runtime.processors import ImageInput, process
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """HF `generate`'s position ids of a left-padded batch: cumulative mask minus one, pads at 1."""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return pos.astype(np.int64)
+
+
+class PrefixDecoder:
+    """The decoding loop's view of the `decoder` graph: the prompt's embeddings run after a masked
+    one-slot past, every later token is embedded and run with the cache."""
+
+    def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray):
+        L = int(dims["decoder_layers"])
+        self.backend = backend
+        self.present, self.past = kv_names("present", L), kv_names("past", L)
+        self.kv_shape = (int(dims["decoder_heads"]), 1, int(dims["decoder_head_dim"]))
+        self.embeds, self.prompt_mask = embeds, mask
+
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        B = prompt.shape[0]
+        dtype = self.embeds.dtype
+        empty = np.zeros((B, *self.kv_shape), dtype=dtype)
+        self.mask = np.concatenate([np.zeros((B, 1), dtype=np.int64), self.prompt_mask], 1)  # the hidden slot
+        pos = positions(self.prompt_mask)
+        self.next_pos = pos[:, -1:] + 1
+        feeds = {"inputs_embeds": self.embeds, "attention_mask": self.mask, "position_ids": pos}
+        feeds.update((n, empty) for n in self.past)
+        out = self.backend.run("decoder", feeds, keep=self.present)
+        self.cache = [out[n] for n in self.present]
+        return _host_logits(out["logits"])
+
+    def expand(self, rows: np.ndarray) -> None:
+        take = self.backend.take
+        self.cache = [take(v, rows) for v in self.cache]
+        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+
+    def reorder(self, rows: np.ndarray) -> None:
+        if not np.array_equal(rows, np.arange(len(rows))):
+            self.expand(rows)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        B = len(ids)
+        embeds = self.backend.run("embed", {"input_ids": ids.reshape(B, 1).astype(np.int64)})["inputs_embeds"]
+        self.mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], 1)
+        feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": self.next_pos}
+        feeds.update(zip(self.past, self.cache))
+        out = self.backend.run("decoder", feeds, keep=self.present)
+        self.cache = [out[n] for n in self.present]
+        self.next_pos = self.next_pos + 1
+        return _host_logits(out["logits"])
+
+
+def _generation_tag():
+    """`{% generation %}...{% endgeneration %}` (transformers' marker of assistant text for training
+    masks) rendered as its contents, as transformers renders it for generation."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    import json
+
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatPrompt:
+    """The bundle's chat template (jinja2, sandboxed, set up as transformers sets it up) and its tokenizer."""
+
+    def __init__(self, spec: dict, tokenizer, lock: threading.Lock):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise InputError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_tag()])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = _tojson
+        try:
+            self.template = env.from_string(spec["chat_template"])
+        except Exception as e:  # jinja2's TemplateSyntaxError
+            raise BundleError(f"manifest.json prompt.chat_template: not a template jinja2 can read ({e})") from None
+        self.spec, self.tokenizer, self.lock = spec, tokenizer, lock
+        self.named = dict(spec.get("special_tokens") or {})
+
+    def text(self, messages: list[dict]) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=True, **self.named)
+
+    def ids(self, text: str, images: Sequence[ImageInput]) -> list[int]:
+        token = self.spec["image_token"]
+        parts = text.split(token)
+        if len(parts) - 1 != len(images):
+            raise InputError(f"prompt: {len(parts) - 1} image placeholders for {len(images)} images")
+        text = parts[0] + "".join(img.text + part for img, part in zip(images, parts[1:]))
+        bos = self.named.get("bos_token")
+        with self.lock:
+            return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
+
+
+def user_turn(question: str, images: int = 1) -> dict:
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]}
+
+
+class PrefixPipeline(Pipeline):
+    """`vlmedge.load` of a prefix-contract bundle: caption, vqa and chat."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chat_prompt = ChatPrompt(self.manifest.prompt, self.tokenizer, self._tok_lock)
+        self.max_frames = self.manifest.axes["frames"].max
+
+    def max_new_tokens(self, task: str, prompt_len: int = 1) -> int:
+        return int(self.manifest.axes["total_len"].max) - 1 - prompt_len + 1
+
+    def settings(self, task: str, config: GenerationConfig | None = None, prompt_len: int = 1) -> Settings:
+        spec = self.manifest.tasks[task]
+        defaults = {"eos_token_id": spec["eos_id"], **spec.get("generation", {})}
+        s = resolve(config or GenerationConfig(), defaults, prompt_len, spec["max_new_tokens"], self.manifest.dims["vocab_size"])
+        limit = self.max_new_tokens(task, prompt_len)
+        if s.max_new > limit:
+            if s.user_length:
+                raise InputError(f"max_new_tokens: {s.max_new} is over this bundle's limit of {limit} after a "
+                                 f"{prompt_len}-token prompt (axes.total_len; export with a larger --max-length)")
+            s = replace(s, max_new=limit)
+        return s
+
+    # -- tasks -------------------------------------------------------------------------------
+    def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
+                timings: Timings | None = None, **generation):
+        single = not _many(images)
+        items = [images] if single else list(images)
+        text = self.manifest.prompt["caption_instruction"]
+        convs = [[user_turn(text)] for _ in items]
+        out = self._generate("caption", [[img] for img in items], convs, generation, return_ids, batch_size, timings)
+        return out[0] if single else out
+
+    def vqa(self, images, questions, *, return_ids: bool = False, batch_size: int | None = None,
+            timings: Timings | None = None, **generation):
+        single = not _many(images) and not _many(questions)
+        imgs = list(images) if _many(images) else [images]
+        qs = list(questions) if _many(questions) else [questions]
+        if len(imgs) == 1 and len(qs) > 1:
+            imgs = imgs * len(qs)
+        elif len(qs) == 1 and len(imgs) > 1:
+            qs = qs * len(imgs)
+        if len(imgs) != len(qs):
+            raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
+        for i, q in enumerate(qs):
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"question {i}: expected a question in words, got {str(q)!r:.40}")
+        convs = [[user_turn(q)] for q in qs]
+        out = self._generate("vqa", [[img] for img in imgs], convs, generation, return_ids, batch_size, timings)
+        return out[0] if single else out
+
+    def chat(self, messages: list[dict], *, return_ids: bool = False, timings: Timings | None = None, **generation):
+        """OpenAI-style messages (several turns; a user turn's content a string or parts: {"type": "text",
+        "text"}, {"type": "image", "image": path | PIL image | array}, or {"type": "image_url", "image_url":
+        {"url": path}}) -> the assistant's answer."""
+        conv, images = chat_messages(messages)
+        return self._generate("vqa", [images], [conv], generation, return_ids, None, timings)[0]
+
+    def run(self, images, task: str, **kw):
+        raise InputError(f"task: {task!r:.40}: decoder-only bundles run caption, vqa and chat")
+
+    def _generate(self, task, images, convs, generation, return_ids, batch_size, timings):
+        try:
+            config = GenerationConfig(**generation)
+        except TypeError as e:
+            raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
+        check_options({k: v for k, v in generation.items() if v is None and k not in ("max_new_tokens", "max_length", "eos_token_id")})
+        config.check()
+        if not isinstance(return_ids, bool):
+            raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
+        if batch_size is not None:
+            _count("batch_size", batch_size, 1)
+        beams = config.num_beams or self.manifest.tasks[task].get("generation", {}).get("num_beams", 1)
+        if beams > self.max_batch:
+            raise InputError(f"num_beams: {beams} beams are over this bundle's batch maximum of {self.max_batch} "
+                             f"(axes.batch.max); use at most {self.max_batch}")
+        chunk = max(1, min(batch_size or self.batch_size, self.max_batch // beams))
+        results: list = []
+        for s in range(0, len(convs), chunk):
+            rows = self._one_batch(task, images[s : s + chunk], convs[s : s + chunk], config, timings)
+            results += [Generation(self.decode(r), tuple(r)) if return_ids else self.decode(r) for r in rows]
+        return results
+
+    def prompt_inputs(self, images: list[list[Any]], convs: list[list[dict]]) -> tuple[list[np.ndarray], list[list[int]]]:
+        """Each item's frames and prompt ids, as the family's processor and apply_chat_template make them."""
+        frames, rows = [], []
+        for i, (imgs, conv) in enumerate(zip(images, convs)):
+            inputs = [process(load_image(img, self.max_pixels, where=f"image {i}"), self.manifest.preprocessing) for img in imgs]
+            ids = self.chat_prompt.ids(self.chat_prompt.text(conv), inputs)
+            frames.append(np.concatenate([x.frames for x in inputs]) if inputs else
+                          np.zeros((0, 3, self.manifest.preprocessing["height"], self.manifest.preprocessing["width"]), np.float32))
+            rows.append(ids)
+        return frames, rows
+
+    def _one_batch(self, task, images, convs, config, timings):
+        t0 = time.perf_counter()
+        frames, rows = self.prompt_inputs(images, convs)
+        width = max(map(len, rows))
+        limit = self.manifest.axes["seq_len"].max
+        if width > limit:
+            raise InputError(f"prompt: {width} tokens with the image tokens, over this bundle's maximum of {limit} "
+                             "(axes.seq_len); use a smaller image or export with a larger --max-length")
+        pad = self.manifest.tasks[task]["pad_id"]
+        ids = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        settings = self.settings(task, config, width)
+        t1 = time.perf_counter()
+        embeds = self.embeddings(ids, frames)
+        if timings is not None:
+            timings.preprocess += t1 - t0
+            timings.encoder += time.perf_counter() - t1
+        return decode(PrefixDecoder(self.backend, self.manifest.dims, embeds, mask), ids, settings, timings)
+
+    def embeddings(self, ids: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
+        """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
+        to_host = self.backend.to_host
+        embeds = np.array(to_host(self.backend.run("embed", {"input_ids": ids})["inputs_embeds"]))
+        px = np.concatenate(frames) if frames else None
+        if px is None or not len(px):
+            return embeds
+        image = np.concatenate([to_host(self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames]})
+                                        ["image_embeds"]) for s in range(0, len(px), self.max_frames)])
+        image = image.reshape(-1, image.shape[-1])
+        where = ids == self.manifest.prompt["image_token_id"]
+        if int(where.sum()) != len(image):
+            raise InputError(f"prompt: {int(where.sum())} image tokens for {len(image)} image embeddings; the text "
+                             f"holds {self.manifest.prompt['image_token']} of its own")
+        embeds[where] = image.astype(embeds.dtype, copy=False)
+        return embeds
+
+
+def chat_messages(messages: Any) -> tuple[list[dict], list[Any]]:
+    """OpenAI-style messages -> (the messages as chat templates read them, the images in order)."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages: expected a non-empty list of {'role', 'content'}")
+    conv, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"messages[{i}]: expected {{'role': 'system' | 'user' | 'assistant', 'content': ...}}")
+        content = m.get("content")
+        if isinstance(content, str):
+            conv.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"messages[{i}].content: expected a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image", "image_url") and m["role"] == "user":
+                src = part.get("image") if kind == "image" else (part.get("image_url") or {}).get("url") \
+                    if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                if src is None:
+                    raise InputError(f"messages[{i}].content[{j}]: an image part without an image")
+                images.append(src)
+                parts.append({"type": "image"})
+            else:
+                raise InputError(f"messages[{i}].content[{j}]: expected a text part, or an image part in a user turn")
+        conv.append({"role": m["role"], "content": parts})
+    return conv, images
