@@ -59,3 +59,25 @@ def bundles(tiny_models, tmp_path_factory):
     adapter = load_adapter("shapes-vlm")
     out["shapes-vlm"] = (adapter, export_bundle(adapter, "all", root / "shapes-vlm"), root / "shapes-vlm")
     return out
+
+
+@pytest.fixture(scope="session")
+def prefix_bundles(tmp_path_factory):
+    """name -> (adapter, manifest, bundle path) of each decoder-only family, exported once, on first use."""
+    from families import PREFIX_FAMILIES
+
+    from vlmedge.export.exporter import ExportOptions, export_bundle
+    from vlmedge.models.registry import load_adapter
+
+    root = tmp_path_factory.mktemp("prefix")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = PREFIX_FAMILIES[name][1](root / "models" / name)
+            adapter = load_adapter(str(model))
+            manifest = export_bundle(adapter, PREFIX_FAMILIES[name][2], root / "bundles" / name, ExportOptions(validate_images=4))
+            cache[name] = (adapter, manifest, root / "bundles" / name)
+        return cache[name]
+
+    return get

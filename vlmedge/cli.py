@@ -393,7 +393,7 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
     """A pipeline from a bundle directory or a built-in name (exported once into the cache).
     shared_threads: one onnxruntime thread pool for all graphs, for processes that only run pipelines
     (onnxruntime then refuses sessions with their own pools, e.g. those of quantization)."""
-    from vlmedge.runtime.pipeline import Pipeline, resolve_bundle
+    from vlmedge.runtime.pipeline import open_pipeline, resolve_bundle
 
     def on_export(name: str, path: Path) -> None:
         _quiet_export_logs()
@@ -404,8 +404,8 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
 
     from vlmedge.console import note, warn
 
-    pipe = Pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size, warn=warn,
-                    shared_threads=shared_threads)
+    pipe = open_pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size,
+                         warn=warn, shared_threads=shared_threads)
     if device != "cpu":  # which onnxruntime (or TensorRT) runs, and on which providers
         note(getattr(pipe.backend, "summary", pipe.backend.name))
     return pipe

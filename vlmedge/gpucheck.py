@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         if not bundles:
             raise NotRun("no bundles (see above)")
         from vlmedge.data.scenes import pick_questions, scenes
-        from vlmedge.runtime.pipeline import Pipeline
+        from vlmedge.runtime.pipeline import open_pipeline
         from vlmedge.runtime.bundle import load_bundle
 
         scs = list(scenes("test", 0, args.scenes))
         state["world"] = ([s.image for s in scs], [pick_questions(s)[0].text for s in scs])
-        cpu = Pipeline(load_bundle(bundles["fp32"]), "cpu")
+        cpu = open_pipeline(load_bundle(bundles["fp32"]), "cpu")
         state["ref"] = _outputs(cpu, state["world"])
         out: dict[str, Any] = {"scenes": args.scenes, "latency": _latency(cpu, state["world"][0][0])}
         if any_gpu:

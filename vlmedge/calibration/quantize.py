@@ -35,7 +35,7 @@ from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.backends.onnxruntime import session_options
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
-from vlmedge.runtime.pipeline import Pipeline
+from vlmedge.runtime.pipeline import Pipeline, open_pipeline
 
 PRECISIONS = ("fp16", "int8", "int8-wo", "int4-wo")
 _DTYPE = {"fp16": "float16", "int8": "int8", "int8-wo": "int8-wo", "int4-wo": "int4-wo"}
@@ -207,7 +207,7 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
                                        and "text_encoder" in src.manifest.graphs)
     with OutputDir(out, o.force) as writer:
         tmp = writer.path
-        fp32 = Pipeline(src)
+        fp32 = open_pipeline(src)
         log(f"recording graph inputs from FP32 generation over {len(calib.images)} images, {len(calib.questions)} questions")
         bar = progress.add_task("recording calibration inputs", total=len(calib.images) * ("caption" in src.manifest.tasks)
                                 + len(calib.questions) * ("vqa" in src.manifest.tasks)) if progress else None
@@ -222,7 +222,7 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
 
         def check() -> dict:
             _write_manifest(src, tmp, {"dtype": _DTYPE[o.precision], "method": o.method})
-            return held_out_accuracy(Pipeline(load_bundle(tmp)), held, base)
+            return held_out_accuracy(open_pipeline(load_bundle(tmp)), held, base)
 
         results = {0: check()}  # nodes back in float -> held-out accuracy of that variant
         history = [{"in_float": 0, **_summary(results[0])}]

@@ -30,7 +30,7 @@ from vlmedge.errors import BundleError, InputError
 from vlmedge.runtime.backends import DEVICES
 from vlmedge.runtime.bundle import Bundle, load_bundle
 from vlmedge.runtime.images import load_image
-from vlmedge.runtime.pipeline import Generation, Pipeline
+from vlmedge.runtime.pipeline import Generation, open_pipeline
 
 WARMUP = 2  # untimed calls before the latency runs
 TASKS = ("caption", "vqa")
@@ -122,7 +122,7 @@ def _measure(bundle: Bundle, label: str, data: EvalData, samples: list, device: 
     steps = _Steps(progress, label, n_items + (WARMUP + runs if lat_task else 0) + len(samples))
     with measure.PeakMemory() as mem:
         steps.stage("loading")
-        pipe = Pipeline(bundle, device, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
+        pipe = open_pipeline(bundle, device, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
         steps.stage("captioning and answering")
         gens = measure.generations(pipe, data, tasks, batch_size, steps.advance)
         steps.stage("timing")
@@ -197,7 +197,7 @@ def compare_bundles(paths: Sequence[str | os.PathLike | Bundle], eval_spec: str,
     warn = _once(warn)
 
     # the reference's graph inputs on real data, recorded once
-    pipe = Pipeline(ref, device, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
+    pipe = open_pipeline(ref, device, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
     samples = measure.record_graph_inputs(pipe, data, ref_tasks)
     del pipe
 

@@ -270,7 +270,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
             tasks={t: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info.tasks[t]).items()} for t in tasks},
             dims=asdict(d), graphs=graphs,
             axes={k: AxisRange(*v) for k, v in ranges.items()},
-            preprocessing=asdict(info.preprocessing),
+            preprocessing={k: v for k, v in asdict(info.preprocessing).items() if v is not None},
             tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
             precision={"dtype": "float32", "method": "export"},
             provenance=_provenance(adapter, options.opset, timings),

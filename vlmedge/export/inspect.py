@@ -44,13 +44,23 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
         a.add_row(name, str(r.min), str(r.opt), str(r.max))
     console.print(a)
     tt = Table(title="tasks")
-    for col in ("task", "encoder", "prompt ids", "eos", "pad", "max new tokens"):
+    prefix = m.contract == "prefix"  # the prompt is built per call from the chat template
+    for col in ("task", "prompt" if prefix else "encoder", "prompt ids", "eos", "pad", "max new tokens"):
         tt.add_column(col)
     for name, spec in m.tasks.items():
-        tt.add_row(escape(name), escape(spec["encoder"]), escape(str(spec["prompt_ids"])), str(spec["eos_id"]), str(spec["pad_id"]), str(spec["max_new_tokens"]))
+        first = ("chat template + " + ("caption instruction" if name == "caption" else "question")) if prefix else spec["encoder"]
+        ids = "per call" if prefix else str(spec["prompt_ids"])
+        tt.add_row(escape(name), escape(first), escape(ids), str(spec["eos_id"]), str(spec["pad_id"]), str(spec["max_new_tokens"]))
     console.print(tt)
     p = m.preprocessing
     console.print(escape(f"preprocessing: {p['height']}x{p['width']} {p['resample']}, mean {p['mean']}, std {p['std']}"))
+    if prefix:
+        proc = p["processor"]
+        split = proc["kind"] == "idefics3" and proc.get("split", True)
+        console.print(escape(f"contract: prefix (image tokens in the language model's sequence); processor {proc['kind']}"
+                             + (f", tiles of {proc['tile']} px up to a longest edge of {proc['longest_edge']} px + a global image"
+                                if split else "") + f", {proc['image_tokens']} {proc['image_token']} tokens per frame; "
+                             f"caption instruction {m.prompt['caption_instruction']!r}"))
     prov = m.provenance
     console.print(escape(f"source: {prov.get('source')} ({', '.join(f'{k} {v[:12]}' for k, v in prov.get('source_sha256', {}).items())}), "
                          f"{prov.get('exporter')}, torch {prov.get('torch')}"))

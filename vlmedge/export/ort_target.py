@@ -96,9 +96,9 @@ def _sample_requests(manifest, n: int) -> dict[str, tuple[list, list | None]]:
 
 
 def _tokens(bundle_dir: Path, requests: dict) -> dict[str, list]:
-    from vlmedge.runtime.pipeline import Pipeline
+    from vlmedge.runtime.pipeline import open_pipeline
 
-    pipe = Pipeline(load_bundle(bundle_dir), "cpu")
+    pipe = open_pipeline(load_bundle(bundle_dir), "cpu")
     got = {}
     for task, (images, questions) in requests.items():
         gens = pipe.caption(images, return_ids=True) if questions is None else pipe.vqa(images, questions, return_ids=True)

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from vlmedge.errors import InputError
 from vlmedge.export.graphs import DEFAULT_MAX_BATCH, GraphDecl, TensorDecl, kv
 from vlmedge.models.base import FamilyInfo
 from vlmedge.runtime.bundle import PREFIX_SCHEMA_VERSION
@@ -53,6 +54,9 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
     included) plus generated tokens; by default one image at its most frames plus TEXT_ROOM."""
     frames = frames_per_image(info)
     image = frames * info.dims.image_tokens
+    if max_length is not None and max_length < image + 16:
+        raise InputError(f"--max-length {max_length}: one image of this model takes up to {image} tokens; "
+                         f"use at least {image + 16} (its tokens, the prompt's text and the answer)")
     total = min(info.dims.max_target_len, max_length or image + TEXT_ROOM) + 1  # + the hidden slot
     return {
         "batch": (1, 1, max_batch),
@@ -197,7 +201,7 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
         spec = m.tasks[task]
         gen = spec.get("generation") or {}
         beams = gen.get("num_beams", 1) if gen.get("num_beams", 1) > 1 else 3
-        max_new = spec["max_new_tokens"]
+        max_new = min(spec["max_new_tokens"], pipe.max_new_tokens(task, max(len(rows[i]) for i in sel)))
 
         def ours(idx, k):
             from vlmedge.runtime.decoding import decode

@@ -147,7 +147,7 @@ class HfPrefixAdapter:
                                  "processor_config.json / tokenizer_config.json); save the processor with the model")
         image_cfg, proc_cfg = processor_settings(source)
         prep = self.preprocessing(image_cfg, proc_cfg)
-        cfg, gen = self.model.config, self.model.generation_config
+        cfg = self.model.config
         tc = cfg.get_text_config(decoder=True)
         generation = generation_defaults(self.model, f"{source}/generation_config.json")
         eos = generation.get("eos_token_id", tc.eos_token_id)

@@ -85,6 +85,9 @@ def architecture_of(path: Path) -> str:
     if cfg.get("model_type") == "shapes-vlm":
         return "ShapesVLM"
     archs = cfg.get("architectures") or []
+    if cfg.get("auto_map") and not (archs and archs[0] in ARCHITECTURES):
+        raise ModelLoadError(f"{cfg_path}: {archs[0] if archs else cfg.get('model_type', 'this model')} runs remote code "
+                             f"(auto_map), which vlmedge does not execute or export (supported: {supported()})")
     if not archs and cfg.get("model_type") == "vision-encoder-decoder":
         return "VisionEncoderDecoderModel"
     if not archs:

@@ -75,7 +75,10 @@ class Manifest:
     prompt: dict[str, Any] = field(default_factory=dict)  # prefix: chat template, image token, caption instruction
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        d = asdict(self)
+        if self.contract == CONTRACTS[0]:  # cross-attention bundles read as before, by older vlmedge too
+            del d["contract"], d["prompt"]
+        return json.dumps(d, indent=2) + "\n"
 
 
 def sha256_file(path: Path) -> str:

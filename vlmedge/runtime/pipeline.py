@@ -325,12 +325,17 @@ def load(bundle: str | os.PathLike, device: str = "cpu", *, threads: int | None 
     """Open a bundle (or a built-in model's name) for captioning and VQA on `device`: cpu, cuda or tensorrt.
     `shared_threads=True` runs all graphs on one ONNX Runtime thread pool (faster on small CPUs; see
     vlmedge.runtime.backends.onnxruntime for the catch)."""
-    b = resolve_bundle(bundle)
-    if b.manifest.contract == "prefix":
+    return open_pipeline(resolve_bundle(bundle), device, threads, max_pixels, batch_size, warn, shared_threads)
+
+
+def open_pipeline(bundle: Bundle, device: str = "cpu", threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  batch_size: int = 8, warn=None, shared_threads: bool = False) -> Pipeline:
+    """The pipeline of a loaded bundle's contract: cross-attention, or prefix (decoder-only VLMs)."""
+    if bundle.manifest.contract == "prefix":
         from vlmedge.runtime.prefix import PrefixPipeline
 
-        return PrefixPipeline(b, device, threads, max_pixels, batch_size, warn, shared_threads)
-    return Pipeline(b, device, threads, max_pixels, batch_size, warn, shared_threads)
+        return PrefixPipeline(bundle, device, threads, max_pixels, batch_size, warn, shared_threads)
+    return Pipeline(bundle, device, threads, max_pixels, batch_size, warn, shared_threads)
 
 
 __all__ = ["Generation", "Pipeline", "VlmedgeError", "load"]

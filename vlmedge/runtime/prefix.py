@@ -184,9 +184,7 @@ class PrefixPipeline(Pipeline):
             qs = qs * len(imgs)
         if len(imgs) != len(qs):
             raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
-        for i, q in enumerate(qs):
-            if not isinstance(q, str) or not q.strip():
-                raise InputError(f"question {i}: expected a question in words, got {str(q)!r:.40}")
+        self.question_ids(qs)
         convs = [[user_turn(q)] for q in qs]
         out = self._generate("vqa", [[img] for img in imgs], convs, generation, return_ids, batch_size, timings)
         return out[0] if single else out
@@ -197,6 +195,25 @@ class PrefixPipeline(Pipeline):
         {"url": path}}) -> the assistant's answer."""
         conv, images = chat_messages(messages)
         return self._generate("vqa", [images], [conv], generation, return_ids, None, timings)[0]
+
+    def question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The questions' own ids (right-padded, with a mask); empty or non-text questions are refused."""
+        rows = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"question {i}: expected a question in words, got {str(q)!r:.40}")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InputError(f"question {i}: not valid Unicode text (a lone surrogate at character {e.start})") from None
+            with self._tok_lock:
+                rows.append(self.tokenizer.encode(q, add_special_tokens=False).ids or [self.manifest.tasks["vqa"]["pad_id"]])
+        width = max(map(len, rows))
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        return ids, mask
 
     def run(self, images, task: str, **kw):
         raise InputError(f"task: {task!r:.40}: decoder-only bundles run caption, vqa and chat")

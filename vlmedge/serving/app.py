@@ -55,10 +55,10 @@ class ApiError(Exception):
 
 def open_pipeline(options: ServeOptions, warn=None) -> Pipeline:
     """The pipeline the options name (a bundle, an engine directory or a built-in model)."""
-    from vlmedge.runtime.pipeline import resolve_bundle
+    from vlmedge.runtime.pipeline import open_pipeline as open_bundle, resolve_bundle
 
-    return Pipeline(resolve_bundle(options.bundle), options.device, options.threads, max_pixels=options.max_pixels,
-                    batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
+    return open_bundle(resolve_bundle(options.bundle), options.device, options.threads, max_pixels=options.max_pixels,
+                       batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
 
 
 def model_summary(pipe: Pipeline, name: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from vlmedge.errors import InputError, VlmedgeError
-from vlmedge.runtime.pipeline import Pipeline
+from vlmedge.runtime.pipeline import Pipeline, open_pipeline
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class RayCaptioner:
     def __init__(self, bundle: str, device: str, max_pixels: int, generation: dict[str, Any], threads: Optional[int]):
         from vlmedge.runtime.pipeline import resolve_bundle
 
-        self.pipe = Pipeline(resolve_bundle(bundle), device, threads, max_pixels=max_pixels, shared_threads=True)
+        self.pipe = open_pipeline(resolve_bundle(bundle), device, threads, max_pixels=max_pixels, shared_threads=True)
         self.generation = generation
         self.max_pixels = max_pixels
 

@@ -1,0 +1,230 @@
+"""Decoder-only VLMs (the prefix contract) export and match Hugging Face exactly.
+
+Each family in tests/families.py PREFIX_FAMILIES, a tiny random model built to a published checkpoint's
+classes and config choices and saved with its processor as transformers 5 saves it, is exported once;
+then, through the public API (`vlmedge.load(...).vqa / caption / chat`):
+- the frames and prompt ids equal what the HF processor makes (apply_chat_template, tokenize=True) on
+  images of five sizes and aspect ratios;
+- greedy and beam-3 tokens equal HF `generate` on the processor's own left-padded batch, and a batch
+  equals one by one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from families import PREFIX_FAMILIES
+from vlmedge.data.scenes import pick_questions, scenes
+from vlmedge.errors import InputError
+from vlmedge.models.hf import strip_prompt
+
+NAMES = list(PREFIX_FAMILIES)
+SIZES = [(64, 64), (70, 50), (45, 83), (20, 20), (130, 31)]  # (w, h)
+MAX_NEW = 12
+START = 90  # test scenes the export's own validation does not use
+
+
+def _msgs(question: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": question}]}]
+
+
+def _images(n: int, start: int = START) -> list[Image.Image]:
+    return [Image.fromarray(s.image).resize(SIZES[i % len(SIZES)], Image.Resampling.BICUBIC)
+            for i, s in enumerate(scenes("test", start, n))]
+
+
+def _questions(n: int, start: int = START) -> list[str]:
+    return [pick_questions(s)[i % 3].text for i, s in enumerate(scenes("test", start, n))]
+
+
+def _processor_inputs(name: str, source: str, images: list, texts: list[str]) -> dict:
+    """What the HF processor gives for a batch (left-padded, as for generation). SmolVLM's processor
+    needs torchvision for its video half, which this machine's CPU torch cannot load; its image half and
+    prompt expansion are HF's own functions, called as SmolVLMProcessor.__call__ calls them."""
+    if name != "smolvlm":
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(source)
+        proc.tokenizer.padding_side = "left"
+        return dict(proc(images=[[img] for img in images], text=texts, padding=True, return_tensors="pt"))
+    from transformers import AutoTokenizer, SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    ip = SmolVLMImageProcessorPil.from_pretrained(source)  # reads processor_config.json's image_processor
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.padding_side = "left"
+    out = ip([[img] for img in images], return_row_col_info=True, return_tensors="pt")
+    expanded = []
+    for i, text in enumerate(texts):
+        prompt = get_image_prompt_string(out["rows"][i][0], out["cols"][i][0], 4, "<fake_token_around_image>", "<image>",
+                                         "<global-img>")
+        expanded.append(text.replace("<image>", prompt))
+    enc = tok(expanded, padding=True, return_tensors="pt", add_special_tokens=False)  # the template writes BOS
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": out["pixel_values"],
+            "pixel_attention_mask": out["pixel_attention_mask"]}
+
+
+def _chat_text(name: str, source: str, msgs: list[dict]) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False,
+                                   chat_template=(Path(source) / "chat_template.jinja").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_validates(prefix_bundles, name):
+    _, manifest, _ = prefix_bundles(name)
+    v = manifest.validation
+    assert v["passed"], v["failures"]
+    for r in v["tokens"].values():
+        assert r["agree_batched"] == r["agree_batch1"] == r["images"] and r["beam"]["agree"] == r["images"]
+    assert len(set(v["tokens"]["vqa"]["prompt_tokens"])) > 1  # prompts of different lengths: left padding exercised
+    assert manifest.contract == "prefix" and set(manifest.graphs) == {"vision_encoder", "embed", "decoder"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_frames_and_prompt_ids_equal_the_processor(prefix_bundles, name):
+    import vlmedge
+
+    adapter, _, path = prefix_bundles(name)
+    pipe = vlmedge.load(path)
+    rng = np.random.default_rng(0)
+    for w, h in SIZES:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        msgs = _msgs("what color is the circle ?")
+        ref = _processor_inputs(name, adapter.source, [img], [_chat_text(name, adapter.source, msgs)])
+        frames, rows = pipe.prompt_inputs([[img]], [msgs])
+        px = ref["pixel_values"].numpy().reshape(-1, *frames[0].shape[1:])
+        assert rows[0] == ref["input_ids"][0].tolist(), (w, h)
+        assert px.shape == frames[0].shape and np.abs(px - frames[0]).max() < 1e-5, (w, h)
+
+
+@torch.no_grad()
+def _hf_generate(model, inputs: dict, beams: int, eos) -> list[list[int]]:
+    out = model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=beams, do_sample=False)
+    return strip_prompt(out, inputs["input_ids"].shape[1], eos)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("beams", [1, 3])
+def test_tokens_equal_hf_generate(prefix_bundles, name, beams):
+    import transformers
+
+    import vlmedge
+
+    adapter, manifest, path = prefix_bundles(name)
+    model = getattr(transformers, adapter.architecture).from_pretrained(adapter.source).eval()
+    eos = manifest.tasks["vqa"]["generation"].get("eos_token_id", manifest.tasks["vqa"]["eos_id"])
+    pipe = vlmedge.load(path)
+    images, questions = _images(3), _questions(3)
+    texts = [_chat_text(name, adapter.source, _msgs(q)) for q in questions]
+    ours = [list(g.ids) for g in pipe.vqa(images, questions, return_ids=True, num_beams=beams, max_new_tokens=MAX_NEW)]
+    one_by_one = [list(pipe.vqa(img, q, return_ids=True, num_beams=beams, max_new_tokens=MAX_NEW).ids)
+                  for img, q in zip(images, questions)]
+    theirs = _hf_generate(model, _processor_inputs(name, adapter.source, images, texts), beams, eos)
+    assert ours == theirs
+    assert ours == one_by_one
+    assert len({tuple(r) for r in ours}) > 1  # the answers depend on the image and question
+    caption = [list(g.ids) for g in pipe.caption(images[:2], return_ids=True, num_beams=beams, max_new_tokens=MAX_NEW)]
+    instruction = manifest.prompt["caption_instruction"]
+    ref = _hf_generate(model, _processor_inputs(name, adapter.source, images[:2],
+                                                [_chat_text(name, adapter.source, _msgs(instruction))] * 2), beams, eos)
+    assert caption == ref
+
+
+@pytest.mark.parametrize("name", ["smolvlm", "llava"])
+def test_chat_several_turns_and_images_equal_hf_generate(prefix_bundles, name):
+    import transformers
+
+    import vlmedge
+
+    adapter, manifest, path = prefix_bundles(name)
+    model = getattr(transformers, adapter.architecture).from_pretrained(adapter.source).eval()
+    a, b = _images(2, start=START + 5)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "what color is the circle ?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": b}}, {"type": "text", "text": "and here ?"}]},
+    ]
+    got = vlmedge.load(path).chat(messages, return_ids=True, max_new_tokens=MAX_NEW)
+    hf_msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+               {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and here ?"}]}]
+    text = _chat_text(name, adapter.source, hf_msgs)
+    if name == "smolvlm":
+        return _chat_smolvlm(model, adapter, text, a, b, got, manifest)
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(adapter.source)
+    inputs = dict(proc(images=[[a, b]], text=[text], return_tensors="pt"))
+    assert list(got.ids) == _hf_generate(model, inputs, 1, manifest.tasks["vqa"]["eos_id"])[0]
+
+
+def _chat_smolvlm(model, adapter, text, a, b, got, manifest):
+    from transformers import AutoTokenizer, SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    ip = SmolVLMImageProcessorPil.from_pretrained(adapter.source)
+    out = ip([[a, b]], return_row_col_info=True, return_tensors="pt")
+    parts = text.split("<image>")
+    prompts = [get_image_prompt_string(out["rows"][0][i], out["cols"][0][i], 4, "<fake_token_around_image>", "<image>",
+                                       "<global-img>") for i in range(2)]
+    expanded = parts[0] + prompts[0] + parts[1] + prompts[1] + parts[2]
+    enc = AutoTokenizer.from_pretrained(adapter.source)(expanded, return_tensors="pt", add_special_tokens=False)
+    inputs = {**enc, "pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
+    assert list(got.ids) == _hf_generate(model, inputs, 1, manifest.tasks["vqa"]["generation"]["eos_token_id"])[0]
+
+
+def test_a_prompt_over_the_bundles_length_is_refused_before_any_graph_runs(prefix_bundles, tmp_path):
+    from vlmedge.export.exporter import ExportOptions, export_bundle
+    from vlmedge.models.registry import load_adapter
+
+    import vlmedge
+
+    adapter, _, _ = prefix_bundles("llava")
+    short = tmp_path / "short"
+    with pytest.raises(InputError, match="--max-length 24: one image of this model takes up to 25 tokens"):
+        export_bundle(load_adapter(adapter.source), "vqa", short, ExportOptions(max_length=24))
+    export_bundle(load_adapter(adapter.source), "vqa", short, ExportOptions(max_length=64, validate_images=2))
+    pipe = vlmedge.load(short)
+    assert pipe.vqa(_images(1)[0], "what color is the circle ?")  # fits
+    with pytest.raises(InputError) as e:
+        pipe.vqa(_images(1)[0], " ".join(["red"] * 60) + " ?")
+    assert "\n" not in str(e.value) and "axes.seq_len" in str(e.value)
+
+
+def test_image_tokens_in_the_text_and_bad_messages_are_one_line(prefix_bundles):
+    import vlmedge
+
+    _, _, path = prefix_bundles("llava")
+    pipe = vlmedge.load(path)
+    img = _images(1)[0]
+    with pytest.raises(InputError, match="image placeholders for 1 images"):
+        pipe.vqa(img, "what is <image> here ?")
+    for bad, words in (([], "non-empty list"), ([{"role": "robot", "content": "hi"}], "messages[0]"),
+                       ([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], "messages[0].content[0]"),
+                       ([{"role": "user", "content": [{"type": "image"}]}], "without an image")):
+        with pytest.raises(InputError) as e:
+            pipe.chat(bad)
+        assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_remote_code_families_are_refused_in_one_line(tmp_path):
+    import json
+
+    from vlmedge.errors import ModelLoadError
+    from vlmedge.models.registry import load_adapter
+
+    for arch in ("HfMoondream", "Phi3VForCausalLM"):
+        d = tmp_path / arch
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"architectures": [arch], "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+        with pytest.raises(ModelLoadError) as e:
+            load_adapter(str(d))
+        assert "\n" not in str(e.value) and "remote code" in str(e.value)
