@@ -26,6 +26,7 @@ from vlmedge.runtime.backends import cuda
 from vlmedge.runtime.backends.tensorrt import (DeviceValue, TensorRTBackend, _Pool, axis_limits, gather_plan,
                                                graph_key, max_shape, outside)
 from vlmedge.runtime.bundle import AxisRange, TensorSpec
+from vlmedge.tensorrt.profiles import graph_profiles
 
 # -- imports and missing packages --------------------------------------------------------------
 
@@ -275,10 +276,13 @@ class FakeEngine:
     def get_tensor_shape(self, name):  # -1: a dynamic dimension, as TensorRT reports it
         return tuple(d if isinstance(d, int) else -1 for d in self.specs[name].shape)
 
-    def get_tensor_profile_shape(self, name, profile):
-        axes = self.fake.bundle.manifest.axes
-        return [tuple(d if isinstance(d, int) else getattr(axes[d], k) for d in self.specs[name].shape)
-                for k in ("min", "opt", "max")]
+    @property
+    def num_optimization_profiles(self):
+        return len(graph_profiles(self.fake.bundle.manifest, self.graph))
+
+    def get_tensor_profile_shape(self, name, profile):  # as `vlmedge build` makes them
+        dims = graph_profiles(self.fake.bundle.manifest, self.graph)[profile][name]
+        return [dims[k] for k in ("min", "opt", "max")]
 
     def create_execution_context(self, strategy=0):
         self.fake.contexts += 1
@@ -302,13 +306,17 @@ class FakeEngine:
 
 class FakeContext:
     def __init__(self, engine):
-        self.engine, self.shapes, self.addrs, self._outs = engine, {}, {}, None
+        self.engine, self.shapes, self.addrs, self._outs, self.profile = engine, {}, {}, None, 0
 
     def set_device_memory(self, ptr, size):
         self.memory = ptr
 
+    def set_optimization_profile_async(self, index, stream_handle):
+        self.profile = index
+        return True
+
     def set_input_shape(self, name, dims):
-        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
         if outside(dims, lo, hi):
             return False
         self.shapes[name], self._outs = tuple(dims), None
@@ -648,3 +656,52 @@ def test_engines_with_cuda_graphs_caption_like_without(engine_dir, ort_pipe):
     assert pipe.caption(images, batch_size=4) == plain  # the first batch captures, the second replays
     assert not messages and pipe.backend._graphs
     assert pipe.backend.graph_launches > 0  # decoder steps did replay from captured graphs
+
+
+# -- the prefix contract: one decoder engine, two optimisation profiles -------------------------------
+
+
+@pytest.fixture
+def prefix_fake(monkeypatch, prefix_bundles, tmp_path):
+    """The fake TensorRT over a decoder-only bundle (SmolVLM's architecture)."""
+    _, _, path = prefix_bundles("smolvlm")
+    ort = vlmedge.load(path)
+    device = FakeCuda()
+    trt = FakeTensorRT(ort.bundle, device, ort.backend.sessions)
+    monkeypatch.setattr(cuda, "_API", device)
+    monkeypatch.setattr(tensorrt_import, "load", lambda: trt)
+    for g in ort.bundle.manifest.graphs:
+        (tmp_path / f"{g}.plan").write_bytes(g.encode())
+    engines = {"tensorrt": "10.3.0", "flags": {}, "graphs": {g: {"file": f"{g}.plan"} for g in ort.bundle.manifest.graphs}}
+
+    def make():
+        pipe = vlmedge.load(path)
+        pipe.backend = TensorRTBackend(tmp_path, engines, ort.bundle.manifest)
+        return pipe
+
+    return SimpleNamespace(ort=ort, make=make, trt=trt)
+
+
+def test_the_prefix_decoder_is_one_engine_with_a_prompt_and_a_step_profile(prefix_fake):
+    m = prefix_fake.ort.manifest
+    prompt, step = graph_profiles(m, "decoder")
+    assert prompt["past.0.self.key"]["max"][2] == 1 and prompt["inputs_embeds"]["max"][1] == m.axes["seq_len"].max
+    assert step["inputs_embeds"]["max"][1] == 1 and step["past.0.self.key"]["max"][2] == m.axes["past_len"].max
+    assert step["attention_mask"]["max"][1] == m.axes["past_len"].max + 1
+    assert [len(graph_profiles(m, g)) for g in ("vision_encoder", "embed")] == [1, 1]
+    pipe = prefix_fake.make()
+    engine = pipe.backend.engines["decoder"]
+    assert len(engine.contexts) == 2 and [c.profile for c in engine.contexts] == [0, 1]
+
+
+def test_prefix_captions_and_beams_on_tensorrt_match_onnxruntime(prefix_fake):
+    images = [s.image for s in scenes("test", 0, 3)]
+    questions = [pick_questions(s)[0].text for s in scenes("test", 0, 3)]
+    pipe = prefix_fake.make()
+    for kw in ({}, {"num_beams": 3}):
+        assert pipe.caption(images, max_new_tokens=10, **kw) == prefix_fake.ort.caption(images, max_new_tokens=10, **kw)
+        assert pipe.vqa(images, questions, max_new_tokens=6, **kw) == prefix_fake.ort.vqa(images, questions, max_new_tokens=6, **kw)
+    # the prompt ran on profile 0, every later token on profile 1
+    engine = pipe.backend.engines["decoder"]
+    assert engine.contexts[0].shapes["past.0.self.key"][2] == 1
+    assert engine.contexts[1].shapes["inputs_embeds"][1] == 1

@@ -149,6 +149,21 @@ def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: in
     and answered every calibration question (greedy)."""
     rec = RecordingBackend(pipe.backend, keep_step=lambda i: i % step_stride == 0)
     m = pipe.manifest
+    if m.contract == "prefix":  # the pipeline itself, on the recording backend: prompts are built per call
+        import copy
+
+        recorder = copy.copy(pipe)
+        recorder.backend = rec
+        for s in range(0, len(cs.images), batch_size):
+            recorder.caption(list(cs.images[s : s + batch_size]))
+            if progress:
+                progress(len(cs.images[s : s + batch_size]))
+        for s in range(0, len(cs.questions), batch_size):
+            part = cs.questions[s : s + batch_size]
+            recorder.vqa([cs.images[i] for i, _ in part], [q for _, q in part])
+            if progress:
+                progress(len(part))
+        return rec.by_graph()
     layers = pipe.layers
     for task, spec in m.tasks.items():
         if task != "vqa":  # captions, and tasks that are their own prompt (Florence-2)

@@ -79,6 +79,18 @@ def record_graph_inputs(pipe: Pipeline, data: EvalData, tasks: Sequence[str]) ->
     samples: list[tuple[str, Feeds]] = []
     for task in tasks:
         rec = RecordingBackend(pipe.backend, keep_step=lambda i: i in STEPS_KEPT)
+        if pipe.manifest.contract == "prefix":  # the pipeline itself on the recording backend (prompts are per call)
+            import copy
+
+            recorder = copy.copy(pipe)
+            recorder.backend = rec
+            if task == "caption":
+                recorder.caption([data.images[i] for i in data.captioned[:SAMPLE_ITEMS]])
+            else:
+                qs = data.questions[:SAMPLE_ITEMS]
+                recorder.vqa([data.images[q.image] for q in qs], [q.text for q in qs])
+            samples += rec.feeds
+            continue
         if task == "caption":
             px = pipe.images([data.images[i] for i in data.captioned[:SAMPLE_ITEMS]])
             states, mask = encode(rec, px)

@@ -148,18 +148,21 @@ class PrefixPipeline(Pipeline):
         self.chat_prompt = ChatPrompt(self.manifest.prompt, self.tokenizer, self._tok_lock)
         self.max_frames = self.manifest.axes["frames"].max
 
-    def max_new_tokens(self, task: str, prompt_len: int = 1) -> int:
-        return int(self.manifest.axes["total_len"].max) - 1 - prompt_len + 1
+    def max_new_tokens(self, task: str, prompt_len: int = 0) -> int:
+        """Tokens a prompt of this length leaves: the decoder's positions (axes.total_len, less the hidden slot)
+        hold the prompt and every generated token but the last."""
+        return int(self.manifest.axes["total_len"].max) - prompt_len
 
-    def settings(self, task: str, config: GenerationConfig | None = None, prompt_len: int = 1) -> Settings:
+    def settings(self, task: str, config: GenerationConfig | None = None, prompt_len: int = 0) -> Settings:
         spec = self.manifest.tasks[task]
         defaults = {"eos_token_id": spec["eos_id"], **spec.get("generation", {})}
         s = resolve(config or GenerationConfig(), defaults, prompt_len, spec["max_new_tokens"], self.manifest.dims["vocab_size"])
         limit = self.max_new_tokens(task, prompt_len)
         if s.max_new > limit:
             if s.user_length:
-                raise InputError(f"max_new_tokens: {s.max_new} is over this bundle's limit of {limit} after a "
-                                 f"{prompt_len}-token prompt (axes.total_len; export with a larger --max-length)")
+                after = f" after this {prompt_len}-token prompt" if prompt_len else " (less the prompt's tokens)"
+                raise InputError(f"max_new_tokens: {s.max_new} is over this bundle's limit of {limit}{after} "
+                                 "(axes.total_len; export with a larger --max-length)")
             s = replace(s, max_new=limit)
         return s
 
@@ -208,7 +211,7 @@ class PrefixPipeline(Pipeline):
                 raise InputError(f"question {i}: not valid Unicode text (a lone surrogate at character {e.start})") from None
             with self._tok_lock:
                 rows.append(self.tokenizer.encode(q, add_special_tokens=False).ids or [self.manifest.tasks["vqa"]["pad_id"]])
-        width = max(map(len, rows))
+        width = max(map(len, rows), default=0)
         ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         for i, r in enumerate(rows):

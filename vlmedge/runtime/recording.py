@@ -29,7 +29,7 @@ class RecordingBackend:
         return out
 
     def _record(self, graph: str, feeds) -> None:
-        if graph == "decoder_step":
+        if graph == "decoder_step" or (graph == "decoder" and feeds["inputs_embeds"].shape[1] == 1):  # a token step
             self._steps += 1
             if not self.keep_step(self._steps - 1):
                 return

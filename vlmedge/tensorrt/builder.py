@@ -24,7 +24,7 @@ from vlmedge import tensorrt_import
 from vlmedge.errors import BuildError, InputError, first_line
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, Manifest, load_bundle, sha256_file
 from vlmedge.tensorrt.engines import write_engine_manifest
-from vlmedge.tensorrt.profiles import Profile, axes_with, graph_profile
+from vlmedge.tensorrt.profiles import Profile, axes_with, graph_profile, graph_profiles
 
 DLA_GRAPH = "vision_encoder"  # the one graph with static shapes at batch 1
 
@@ -96,9 +96,10 @@ def attach_timing_cache(config, data: bytes | None, where: str, warn: Callable[[
     return cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
 
 
-def build_engine(trt, logger, onnx_path: Path, profile: Profile, o: BuildOptions, timing_cache: bytes | None,
+def build_engine(trt, logger, onnx_path: Path, profiles: list[Profile], o: BuildOptions, timing_cache: bytes | None,
                  use_dla: bool, warn: Callable[[str], None] = _warn) -> tuple[bytes, bytes | None]:
-    """One engine; returns its plan and the timing cache after the build (None if none was attached)."""
+    """One engine with one optimisation profile per entry of `profiles` (its weights stored once,
+    whatever the count); returns its plan and the timing cache after the build (None if none was attached)."""
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
@@ -108,12 +109,13 @@ def build_engine(trt, logger, onnx_path: Path, profile: Profile, o: BuildOptions
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(o.workspace_gib * (1 << 30)))
     cached = attach_timing_cache(config, timing_cache, str(o.timing_cache or "timing cache"), warn)
-    p = builder.create_optimization_profile()
     present = {network.get_input(i).name for i in range(network.num_inputs)}
-    for name, dims in profile.items():
-        if name in present:  # a graph may leave out an input its family ignores (BLIP's cross-attention mask)
-            p.set_shape(name, dims["min"], dims["opt"], dims["max"])
-    config.add_optimization_profile(p)
+    for profile in profiles:
+        p = builder.create_optimization_profile()
+        for name, dims in profile.items():
+            if name in present:  # a graph may leave out an input its family ignores (BLIP's cross-attention mask)
+                p.set_shape(name, dims["min"], dims["opt"], dims["max"])
+        config.add_optimization_profile(p)
     if use_dla:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = o.dla_core
@@ -127,6 +129,10 @@ def build_engine(trt, logger, onnx_path: Path, profile: Profile, o: BuildOptions
         raise BuildError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     after = config.get_timing_cache() if cached else None
     return bytes(plan), (bytes(after.serialize()) if after is not None else timing_cache)
+
+
+def _json_profile(profile: Profile) -> dict:
+    return {k: {kk: list(v) for kk, v in d.items()} for k, d in profile.items()}
 
 
 def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = None,
@@ -154,12 +160,13 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
         for name, g in m.graphs.items():
             on_graph(name, "building")
             use_dla = o.dla_core is not None and name == DLA_GRAPH
-            profile = graph_profile(m, name, overrides if use_dla else o.profiles)
-            plan, cache = build_engine(trt, logger, bundle.graph_path(name), profile, o, cache, use_dla, warn)
+            profiles = graph_profiles(m, name, overrides if use_dla else o.profiles)
+            plan, cache = build_engine(trt, logger, bundle.graph_path(name), profiles, o, cache, use_dla, warn)
             (tmp / f"{name}.plan").write_bytes(plan)
             graphs[name] = {"file": f"{name}.plan", "sha256": sha256_file(tmp / f"{name}.plan"),
                             "source": g.file, "source_sha256": sha256_file(bundle.graph_path(name)),
-                            "profile": {k: {kk: list(v) for kk, v in d.items()} for k, d in profile.items()},
+                            "profile": _json_profile(profiles[0]),
+                            **({"profiles": [_json_profile(p) for p in profiles]} if len(profiles) > 1 else {}),
                             "dla_core": o.dla_core if use_dla else None}
             on_graph(name, "done")
         if o.timing_cache and cache:

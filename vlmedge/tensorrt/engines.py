@@ -38,6 +38,7 @@ def _version(text: str) -> str | None:
 
 
 _SHAPE = List(Int(1, AXIS_MAX), 0, 8)
+_PROFILE = Map(Str(max_len=256), Obj({"min": _SHAPE, "opt": _SHAPE, "max": _SHAPE}))
 ENGINES_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "tensorrt": Str(max_len=64, test=_version, what="a TensorRT version"),
@@ -48,7 +49,7 @@ ENGINES_SCHEMA = Obj({
     "graphs": Map(Str(choices=GRAPH_NAMES), Obj(
         {"file": FILE_NAME, "sha256": SHA256},
         {"source": Str(max_len=255), "source_sha256": SHA256, "dla_core": Nullable(Int(0, 63)),
-         "profile": Map(Str(max_len=256), Obj({"min": _SHAPE, "opt": _SHAPE, "max": _SHAPE}))}), min_len=1),
+         "profile": _PROFILE, "profiles": List(_PROFILE, 1, 8)}), min_len=1),
 }, {"precision": Str(max_len=32), "bundle": Free(str)})
 
 

@@ -2,7 +2,8 @@
 
 Every named axis of an input takes its range from the manifest's `axes` (overridable, e.g. a
 smaller max batch on a Jetson with little memory); fixed dimensions stay fixed. No range starts at
-zero: the first decoder step is its own graph, so past_len >= 1 always.
+zero: the first decoder step is its own graph (cross-attention contract) or runs after a hidden
+one-slot past (prefix contract), so past_len >= 1 always.
 """
 
 from __future__ import annotations
@@ -47,7 +48,29 @@ def axes_with(manifest: Manifest, overrides: dict[str, AxisRange] | None = None)
 
 
 def graph_profile(manifest: Manifest, graph: str, overrides: dict[str, AxisRange] | None = None) -> Profile:
+    """One profile covering every shape the graph takes (for the prefix decoder: prompt and step alike)."""
     axes = axes_with(manifest, overrides)
+    if manifest.contract == "prefix" and graph == "decoder":  # total_len covers the prompt's (seq_len + 1) too
+        s, p, t = axes["seq_len"], axes["past_len"], axes["total_len"]
+        axes["total_len"] = AxisRange(2, t.opt, max(t.max, s.max + 1, p.max + 1))
+    return _profile(manifest, graph, axes)
+
+
+def graph_profiles(manifest: Manifest, graph: str, overrides: dict[str, AxisRange] | None = None) -> list[Profile]:
+    """The optimisation profiles of a graph's engine. One for most graphs; two for the prefix
+    contract's decoder, one engine (its weights once on the GPU) serving both phases: the prompt
+    (seq_len tokens after the one hidden slot: past_len 1) and the step (seq_len 1), each tuned for
+    its own shapes. The runtime picks the profile whose ranges hold a call's shapes."""
+    if manifest.contract != "prefix" or graph != "decoder":
+        return [graph_profile(manifest, graph, overrides)]
+    axes = axes_with(manifest, overrides)
+    s, p = axes["seq_len"], axes["past_len"]
+    prompt = {**axes, "past_len": AxisRange(1, 1, 1), "total_len": AxisRange(s.min + 1, s.opt + 1, s.max + 1)}
+    step = {**axes, "seq_len": AxisRange(1, 1, 1), "total_len": AxisRange(p.min + 1, p.opt + 1, p.max + 1)}
+    return [_profile(manifest, graph, prompt), _profile(manifest, graph, step)]
+
+
+def _profile(manifest: Manifest, graph: str, axes: dict[str, AxisRange]) -> Profile:
     profile: Profile = {}
     for t in manifest.graphs[graph].inputs:
         dims = {k: tuple(d if isinstance(d, int) else getattr(axes[d], k) for d in t.shape) for k in ("min", "opt", "max")}

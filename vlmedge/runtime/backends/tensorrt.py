@@ -155,7 +155,8 @@ class _Pool:
 class _Engine:
     """One graph: its engine, execution context, tensors, buffers and pinned staging."""
 
-    def __init__(self, trt, runtime, name: str, path: Path, spec: GraphSpec, axes: Mapping[str, AxisRange]):
+    def __init__(self, trt, runtime, name: str, path: Path, spec: GraphSpec, axes: Mapping[str, AxisRange],
+                 stream: "cuda.Stream | None" = None):
         if not path.is_file():
             raise BuildError(f"{path}: missing (named by engines.json graphs.{name}.file); rebuild with vlmedge build")
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -179,17 +180,31 @@ class _Engine:
         io = {n: (n, self.dtypes[n].name, tuple(engine.get_tensor_shape(n))) for n in names}  # -1: dynamic
         check_graph_io(str(path), name, spec, [io[n] for n in self.inputs], [io[n] for n in self.outputs], axes,
                        unused_inputs_ok=True)
-        # (min, opt, max) of every input in optimisation profile 0, the only one vlmedge builds
-        self.profile = {n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, 0))
+        # (min, opt, max) of every input in each optimisation profile: one, or two for the prefix
+        # contract's decoder (prompt and step); `profile` is their union, which sizes the buffers
+        count = int(getattr(engine, "num_optimization_profiles", 1))
+        self.profiles = [{n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, i))
+                          for n in self.inputs} for i in range(count)]
+        self.profile = {n: (tuple(map(min, *(p[n][0] for p in self.profiles))) if count > 1 else self.profiles[0][n][0],
+                            self.profiles[0][n][1],
+                            tuple(map(max, *(p[n][2] for p in self.profiles))) if count > 1 else self.profiles[0][n][2])
                         for n in self.inputs}
         limits = axis_limits(spec.inputs, {n: p[2] for n, p in self.profile.items()}, axes)
         self.trt, self.name, self.engine = trt, name, engine
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise BuildError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+        # one execution context per profile (a context keeps the profile it was set to)
+        self.contexts = []
+        for i in range(count):
+            ctx = engine.create_execution_context()
+            if ctx is None:
+                raise BuildError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+            if i and not ctx.set_optimization_profile_async(i, stream.handle):
+                raise BuildError(f"{path}: TensorRT could not select optimisation profile {i} (see its log above)")
+            self.contexts.append(ctx)
+        self.context = self.contexts[0]
         self.pools: dict[str, _Pool] = {}
         for t in spec.outputs:
-            paired = name == "decoder_step" and t.name.startswith("present.")  # ping-pong
+            # ping-pong: a step reads past from one buffer and writes present into the other
+            paired = name in ("decoder_step", "decoder") and t.name.startswith("present.")
             nbytes = volume(max_shape(t, limits)) * self.dtypes[t.name].itemsize
             self.pools[t.name] = _Pool(f"{name}.{t.name}", nbytes, self.dtypes[t.name], cuda.DeviceBuffer,
                                        2 if paired else 1)
@@ -229,6 +244,17 @@ class _Engine:
         if outside(dims, lo, hi):
             raise InputError(f"{self.name}.{tensor}: shape {tuple(dims)} is outside the engine's profile "
                              f"{lo} .. {hi}; rebuild the engines with a wider profile (vlmedge build --profile)")
+
+    def context_for(self, bound: Mapping[str, "DeviceValue"]):
+        """The execution context of the first profile whose ranges hold every bound input's shape."""
+        if len(self.contexts) == 1:
+            return self.context
+        for ctx, p in zip(self.contexts, self.profiles):
+            if not any(outside(v.dims, p[n][0], p[n][2]) for n, v in bound.items() if n in p):
+                return ctx
+        shapes = ", ".join(f"{n} {tuple(v.dims)}" for n, v in bound.items())
+        raise InputError(f"{self.name}: no optimisation profile of the engine holds these shapes together ({shapes}); "
+                         "rebuild the engines (vlmedge build)")
 
 
 class _Runner:
@@ -275,7 +301,8 @@ class TensorRTBackend:
         for g, entry in engines["graphs"].items():
             if g not in manifest.graphs:
                 raise BuildError(f"{root / 'engines.json'}: graph {g!r} is not in the bundle's manifest")
-            self.engines[g] = _Engine(trt, self._runtime, g, root / entry["file"], manifest.graphs[g], manifest.axes)
+            self.engines[g] = _Engine(trt, self._runtime, g, root / entry["file"], manifest.graphs[g], manifest.axes,
+                                      self.stream)
         self._graphs: dict[tuple, tuple[Any, cuda.CudaGraph]] | None = None  # decoder_step: key -> (context, graph)
         self.graph_launches = 0  # decoder steps replayed from a captured CUDA graph
         if cuda_graph:
@@ -339,15 +366,16 @@ class TensorRTBackend:
     def _execute(self, e: _Engine, bound: dict[str, DeviceValue], keep: frozenset) -> dict[str, Any]:
         for n, v in bound.items():
             e.check(n, v.dims)
-        _bind(e.context, e.name, bound, bound)
+        ctx = e.context_for(bound)
+        _bind(ctx, e.name, bound, bound)
         outs: dict[str, DeviceValue] = {}
-        for n in e.outputs:  # their shapes, from the inputs' (the main context does the shape inference)
-            dims = tuple(int(d) for d in e.context.get_tensor_shape(n))
+        for n in e.outputs:  # their shapes, from the inputs' (the context does the shape inference)
+            dims = tuple(int(d) for d in ctx.get_tensor_shape(n))
             if any(d < 0 for d in dims):
                 raise BuildError(f"{e.name}.{n}: TensorRT cannot tell this output's shape from the inputs' ({dims})")
             outs[n] = e.pools[n].acquire(dims)
-        _bind(e.context, e.name, outs, ())
-        self._enqueue(e, {**bound, **outs})
+        _bind(ctx, e.name, outs, ())
+        self._enqueue(e, {**bound, **outs}, ctx)
         host = {}
         for n, v in outs.items():
             if n not in keep:
@@ -356,10 +384,11 @@ class TensorRTBackend:
         self.stream.synchronize()
         return {n: v if n in keep else host[n].view(v.dtype).reshape(v.dims).copy() for n, v in outs.items()}
 
-    def _enqueue(self, e: _Engine, tensors: dict[str, DeviceValue]) -> None:
+    def _enqueue(self, e: _Engine, tensors: dict[str, DeviceValue], ctx=None) -> None:
+        # CUDA graphs for the cross-attention contract's decoder_step (the prefix decoder runs plainly)
         graphs = self._graphs if e.name == "decoder_step" else None
         if graphs is None:
-            return _run(e.context, e.name, self.stream)
+            return _run(ctx if ctx is not None else e.context, e.name, self.stream)
         key = graph_key(tensors)
         if key in graphs:
             self.graph_launches += 1
