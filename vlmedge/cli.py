@@ -587,6 +587,31 @@ def vqa(
 
 
 @app.command()
+def chat(
+    bundle: str = typer.Argument(..., help="a decoder-only bundle directory (SmolVLM, Idefics3, LLaVA)"),
+    text: str = typer.Argument(..., help="the user's message"),
+    image: Optional[list[str]] = typer.Option(None, "--image", help="an image for the message (repeat for several)"),
+    beams: Optional[int] = _BEAMS,
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    repetition_penalty: Optional[float] = _REPETITION,
+    device: str = _DEVICE,
+    max_pixels: int = _PIXELS,
+    as_json: bool = typer.Option(False, "--json", help="print JSON: the answer and its token ids"),
+) -> None:
+    """One user turn (text and images) through a decoder-only bundle's chat template; prints the answer."""
+    pipe = _open_pipeline(bundle, device, max_pixels, 1)
+    if not hasattr(pipe, "chat"):
+        raise InputError(f"{bundle}: chat needs a decoder-only bundle (manifest contract prefix); use caption or vqa")
+    gen = _generation(beams, max_new_tokens, None, None, repetition_penalty, None)
+    content = [{"type": "image", "image": i} for i in image or []] + [{"type": "text", "text": text}]
+    out = pipe.chat([{"role": "user", "content": content}], return_ids=True, **gen)
+    if as_json:
+        console.print_json(json.dumps({"bundle": str(pipe.bundle.path), "answer": out.text, "ids": list(out.ids)}))
+    else:
+        console.print(out.text, highlight=False, markup=False)
+
+
+@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """What is installed for the GPU path (onnxruntime, TensorRT, CUDA, GPU, DLA) and what each --device would use."""
     from vlmedge.doctor import diagnose, print_report

@@ -228,3 +228,49 @@ def test_remote_code_families_are_refused_in_one_line(tmp_path):
         with pytest.raises(ModelLoadError) as e:
             load_adapter(str(d))
         assert "\n" not in str(e.value) and "remote code" in str(e.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("prompt"), "prompt: missing"),
+    (lambda m: m["preprocessing"].pop("processor"), "preprocessing.processor: missing"),
+    (lambda m: m["prompt"].update(image_token_id=10**6), "prompt.image_token_id"),
+    (lambda m: m["tasks"].update({"<OD>": m["tasks"]["vqa"]}), "tasks"),
+    (lambda m: m["preprocessing"]["processor"].update(kind="anyres"), "preprocessing.processor.kind"),
+    (lambda m: m["graphs"].pop("embed"), "needs graph 'embed'"),
+    (lambda m: m["axes"].pop("seq_len"), "seq_len"),
+    (lambda m: m["graphs"].update(decoder_step=m["graphs"]["decoder"]), "not a graph of the prefix contract"),
+])
+def test_hostile_prefix_manifests_are_refused_in_one_line(prefix_bundles, tmp_path, edit, words):
+    import json
+    import shutil
+
+    from vlmedge.errors import BundleError
+    from vlmedge.runtime.bundle import load_bundle
+
+    _, _, path = prefix_bundles("llava")
+    copy = tmp_path / "b"
+    shutil.copytree(path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as e:
+        load_bundle(copy)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_chat_template_that_reaches_outside_its_sandbox_is_refused(prefix_bundles, tmp_path):
+    import json
+    import shutil
+
+    import vlmedge
+    from vlmedge.errors import BundleError
+
+    _, _, path = prefix_bundles("llava")
+    copy = tmp_path / "b"
+    shutil.copytree(path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["prompt"]["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}<image>"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as e:
+        vlmedge.load(copy).vqa(_images(1)[0], "what is it ?")
+    assert "prompt.chat_template" in str(e.value) and "\n" not in str(e.value)

@@ -123,7 +123,13 @@ class ChatPrompt:
         self.named = dict(spec.get("special_tokens") or {})
 
     def text(self, messages: list[dict]) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=True, **self.named)
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.named)
+        except InputError:
+            raise
+        except Exception as e:  # jinja2's SecurityError, UndefinedError, TypeError from the template's own code
+            raise BundleError(f"manifest.json prompt.chat_template: fails on these messages "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
     def ids(self, text: str, images: Sequence[ImageInput]) -> list[int]:
         token = self.spec["image_token"]
