@@ -2,8 +2,10 @@
 
 1. `vlmedge doctor`: what is installed and what each device would use.
 2. The built-in `shapes-vlm` bundle in FP32, FP16 and INT8 (exported and quantized once on the CPU,
-   cached beside the built-in bundle as `vlmedge demo` caches them).
-3. The reference: CPU FP32 tokens for test scenes (a caption and an answer each).
+   cached beside the built-in bundle as `vlmedge demo` caches them), and the built-in decoder-only
+   `shapes-smolvlm` (the prefix contract: one decoder engine with a prompt and a step profile) in
+   FP32 and FP16.
+3. The reference: CPU FP32 tokens for test scenes (a caption and an answer each), per model.
 4. Per precision, every GPU runtime: native TensorRT engines (built here, with a shared timing
    cache) without and with CUDA graphs, ONNX Runtime's CUDA provider and its TensorRT provider.
    Each is checked against the reference: FP32 and FP16 tokens equal, or at least 99% identical with
@@ -31,6 +33,7 @@ from vlmedge.errors import VlmedgeError, first_line
 from vlmedge.outdir import write_file_atomic
 
 PRECISIONS = ("fp32", "fp16", "int8")
+PREFIX_MODEL, PREFIX_PRECISIONS = "shapes-smolvlm", ("fp32", "fp16")  # the decoder-only contract's check
 RUNTIMES = ("tensorrt", "tensorrt+cuda-graphs", "ort-cuda", "ort-tensorrt")
 AGREEMENT = 0.99  # FP32 / FP16: share of identical token sequences needed when not all are equal
 
@@ -140,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             "ort-tensorrt": gates["ort_tensorrt"]}
     any_gpu = any(v is None for v in gate.values())
 
-    bundles: dict[str, Path] = {}
+    bundles: dict[str, Path] = {}  # "fp32", "fp16", "int8"; the decoder-only model's as "shapes-smolvlm/fp32", ...
 
-    def make_bundles() -> dict[str, Any]:
+    def make_bundles(model: str, precisions: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
         from vlmedge.runtime.pipeline import resolve_bundle
 
-        fp32 = resolve_bundle("shapes-vlm", lambda n, p: _say(f"  exporting {n} once, to {p}")).path
-        bundles["fp32"] = fp32
-        for precision in ("fp16", "int8"):
+        fp32 = resolve_bundle(model, lambda n, p: _say(f"  exporting {n} once, to {p}")).path
+        bundles[prefix + "fp32"] = fp32
+        for precision in precisions[1:]:
             path = fp32.with_name(f"{fp32.name}-{precision}")
             if not (path / "manifest.json").is_file():
                 import logging
@@ -157,16 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                 _say(f"  making the {precision} variant once, to {path}")
                 logging.getLogger().setLevel(logging.ERROR)
                 quantize_bundle(fp32, path, QuantizeOptions(precision, force=True), log=lambda s: None)
-            bundles[precision] = path
-        return {"bundles": {k: str(v) for k, v in bundles.items()}}
+            bundles[prefix + precision] = path
+        return {"bundles": {k: str(v) for k, v in bundles.items() if k.startswith(prefix) and (prefix or "/" not in k)}}
 
-    check.part("bundles: shapes-vlm FP32, FP16, INT8 (CPU; made once, then cached)", make_bundles)
+    check.part("bundles: shapes-vlm FP32, FP16, INT8 (CPU; made once, then cached)", lambda: make_bundles("shapes-vlm", PRECISIONS))
+    check.part(f"bundles: {PREFIX_MODEL} FP32, FP16 (decoder-only; CPU; made once, then cached)",
+               lambda: make_bundles(PREFIX_MODEL, PREFIX_PRECISIONS, f"{PREFIX_MODEL}/"))
     work = args.work or (bundles["fp32"].parent / "gpu-check" if bundles else Path(tempfile.gettempdir()) / "vlmedge-gpu-check")
 
     state: dict[str, Any] = {}
 
-    def reference() -> dict[str, Any]:
-        if not bundles:
+    def reference(prefix: str = "") -> dict[str, Any]:
+        if prefix + "fp32" not in bundles:
             raise NotRun("no bundles (see above)")
         from vlmedge.data.scenes import pick_questions, scenes
         from vlmedge.runtime.pipeline import open_pipeline
@@ -174,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
         scs = list(scenes("test", 0, args.scenes))
         state["world"] = ([s.image for s in scs], [pick_questions(s)[0].text for s in scs])
-        cpu = open_pipeline(load_bundle(bundles["fp32"]), "cpu")
-        state["ref"] = _outputs(cpu, state["world"])
+        cpu = open_pipeline(load_bundle(bundles[prefix + "fp32"]), "cpu")
+        state["ref" + prefix] = _outputs(cpu, state["world"])
+        if prefix:
+            return {"scenes": args.scenes, "latency": _latency(cpu, state["world"][0][0])}
         out: dict[str, Any] = {"scenes": args.scenes, "latency": _latency(cpu, state["world"][0][0])}
         if any_gpu:
             from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     check.part("reference: CPU FP32 tokens and latency", reference)
+    check.part(f"reference: {PREFIX_MODEL} CPU FP32 tokens and latency", lambda: reference(f"{PREFIX_MODEL}/"))
     engines: dict[str, Path] = {}
 
     def build(precision: str) -> dict[str, Any]:
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             raise NotRun("no bundle (see above)")
         cache = work / "timing.cache"
         reused = cache.is_file()
-        out = work / f"engines-{precision}"
+        out = work / f"engines-{precision.replace('/', '-')}"
         em = build_engines(bundles[precision], out, BuildOptions(timing_cache=cache, force=True))
         engines[precision] = out
         return {"engines": str(out), "timing_cache_reused": reused, "timing_cache_bytes": cache.stat().st_size
@@ -209,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if gate[runtime]:
             raise NotRun(gate[runtime])
-        if "ref" not in state:
+        model = precision.rpartition("/")[0]  # "" for shapes-vlm
+        ref = state.get("ref" + (model + "/" if model else ""))
+        if ref is None:
             raise NotRun("no CPU reference (see above)")
         warnings: list[str] = []
         if runtime.startswith("tensorrt"):
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             if pipe.backend.name != f"onnxruntime/{want}":
                 return {"status": "failed", "reason": f"ran on {pipe.backend.name}, not {want}", "warnings": warnings}
         got = _outputs(pipe, state["world"])
-        agree = _agreement(got, state["ref"])
+        agree = _agreement(got, ref)
         out: dict[str, Any] = {"backend": pipe.backend.name, "tokens": agree, "warnings": warnings}
         if runtime.endswith("cuda-graphs"):
             out["cuda_graph_replays"] = pipe.backend.graph_launches  # so far: the token check's captions and answers
@@ -256,9 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                                                f"({'; '.join(warnings) or 'no warning given'})")
         return out
 
-    for precision in PRECISIONS:
+    for precision in [*PRECISIONS, *(f"{PREFIX_MODEL}/{p}" for p in PREFIX_PRECISIONS)]:
         check.part(f"{precision}: build TensorRT engines", lambda p=precision: build(p))
         for runtime in RUNTIMES:
+            if runtime.endswith("cuda-graphs") and "/" in precision:
+                continue  # CUDA graphs replay the cross-attention contract's decoder_step only
             check.part(f"{precision}: {runtime}", lambda p=precision, r=runtime: run(p, r))
 
     report["parts"] = check.parts

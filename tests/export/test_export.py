@@ -4,7 +4,7 @@
 import onnx
 import pytest
 
-from families import FAMILIES
+from families import FAMILIES, PREFIX_FAMILIES
 from vlmedge.models.registry import ARCHITECTURES
 from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
 
@@ -14,6 +14,7 @@ ALL = [*FAMILIES, "shapes-vlm"]
 def test_every_architecture_has_a_tiny_family():
     covered = {arch for arch, _, _ in FAMILIES.values()} | {"ShapesVLM"}
     covered |= {"Florence2ForConditionalGeneration"}  # its tiny model and tests: tests/florence/
+    covered |= {arch for arch, _, _ in PREFIX_FAMILIES.values()}  # decoder-only: tests/export/test_prefix_families.py
     assert covered == set(ARCHITECTURES)
 
 
