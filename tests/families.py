@@ -444,3 +444,46 @@ PREFIX_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "idefics3": ("Idefics3ForConditionalGeneration", idefics3, "all"),
     "llava": ("LlavaForConditionalGeneration", llava, "all"),
 }
+
+
+LLAVA_ONEVISION_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-0.5b-ov-hf's (Qwen2 turns, images before the text)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def llava_onevision(out: Path) -> Path:
+    """llava-hf/llava-onevision-qwen2-0.5b-ov-hf's shape: a SigLIP tower (no CLS, "full"), anyres tiles from a grid of
+    pinpoints plus a base image, unpadding, `anyres_max_N` downsampling (N = 2 here, so 2x2 grids are downsampled),
+    a newline embedding per row, a Qwen2 LM with grouped-query attention (4 query heads over 2 KV heads) and no BOS."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+
+    _, vocab = _chat_tokenizer(out, "<|endoftext|>", "<|im_end|>", ["<|im_start|>", "<image>", "<video>", "user", "assistant"],
+                               add_bos=False)
+    tile = 30
+    pinpoints = [[tile * r, tile * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+    cfg = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=40, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=tile, patch_size=6, vision_use_head=False),
+        text_config=dict(model_type="qwen2", vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                         eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None),
+        image_token_index=vocab["<image>"], video_token_index=vocab["<video>"], image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full", vision_feature_layer=-1,
+        tie_word_embeddings=True)
+    torch.manual_seed(6)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = [vocab["<|im_end|>"]]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    _perturb(model, std=0.2, seed=6).save_pretrained(out)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    _save_processor(out, "LlavaOnevisionProcessor", ip, LLAVA_ONEVISION_TEMPLATE, num_image_tokens=25,
+                    vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2", image_token="<image>")
+    return out
+
+
+PREFIX_FAMILIES["llava-onevision"] = ("LlavaOnevisionForConditionalGeneration", llava_onevision, "all")

@@ -46,6 +46,8 @@ def _processor_inputs(name: str, source: str, images: list, texts: list[str]) ->
     """What the HF processor gives for a batch (left-padded, as for generation). SmolVLM's processor
     needs torchvision for its video half, which this machine's CPU torch cannot load; its image half and
     prompt expansion are HF's own functions, called as SmolVLMProcessor.__call__ calls them."""
+    if name == "llava-onevision":
+        return _onevision_inputs(source, [[img] for img in images], texts)
     if name != "smolvlm":
         from transformers import AutoProcessor
 
@@ -67,6 +69,33 @@ def _processor_inputs(name: str, source: str, images: list, texts: list[str]) ->
     enc = tok(expanded, padding=True, return_tensors="pt", add_special_tokens=False)  # the template writes BOS
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": out["pixel_values"],
             "pixel_attention_mask": out["pixel_attention_mask"]}
+
+
+def _onevision_inputs(source: str, images: list[list], texts: list[str]) -> dict:
+    """LlavaOnevisionProcessor.__call__ for a batch, from HF's own pieces: its video half needs torchvision
+    (see above); its token count is the processor's own method, called on the settings it reads."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor
+
+    ip = LlavaOnevisionImageProcessorPil.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.padding_side = "left"
+    proc = SimpleNamespace(image_processor=ip, num_image_tokens=25, vision_aspect_ratio="anyres_max_2")
+    proc._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(proc, *a)
+    out = ip(images, return_tensors="pt")
+    expanded, k = [], 0
+    for text, item in zip(texts, images):
+        parts = text.split("<image>")
+        for i, img in enumerate(item):
+            w, h = img.size
+            n = 26 if len(item) > 1 else LlavaOnevisionProcessor._get_number_of_features(proc, h, w, 30, 30)
+            parts[i] += "<image>" * n
+            k += 1
+        expanded.append("".join(parts))
+    enc = tok(expanded, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": out["pixel_values"],
+            "image_sizes": out["image_sizes"], "batch_num_images": out["batch_num_images"]}
 
 
 def _chat_text(name: str, source: str, msgs: list[dict]) -> str:
@@ -99,10 +128,11 @@ def test_frames_and_prompt_ids_equal_the_processor(prefix_bundles, name):
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         msgs = _msgs("what color is the circle ?")
         ref = _processor_inputs(name, adapter.source, [img], [_chat_text(name, adapter.source, msgs)])
-        frames, rows = pipe.prompt_inputs([[img]], [msgs])
-        px = ref["pixel_values"].numpy().reshape(-1, *frames[0].shape[1:])
+        inputs, rows = pipe.prompt_inputs([[img]], [msgs])
+        frames = inputs[0][0].frames
+        px = ref["pixel_values"].numpy().reshape(-1, *frames.shape[1:])
         assert rows[0] == ref["input_ids"][0].tolist(), (w, h)
-        assert px.shape == frames[0].shape and np.abs(px - frames[0]).max() < 1e-5, (w, h)
+        assert px.shape == frames.shape and np.abs(px - frames).max() < 1e-5, (w, h)
 
 
 @torch.no_grad()
@@ -138,7 +168,7 @@ def test_tokens_equal_hf_generate(prefix_bundles, name, beams):
     assert caption == ref
 
 
-@pytest.mark.parametrize("name", ["smolvlm", "llava"])
+@pytest.mark.parametrize("name", ["smolvlm", "llava", "llava-onevision"])
 def test_chat_several_turns_and_images_equal_hf_generate(prefix_bundles, name):
     import transformers
 
@@ -159,6 +189,10 @@ def test_chat_several_turns_and_images_equal_hf_generate(prefix_bundles, name):
     text = _chat_text(name, adapter.source, hf_msgs)
     if name == "smolvlm":
         return _chat_smolvlm(model, adapter, text, a, b, got, manifest)
+    if name == "llava-onevision":  # several images in one prompt: each padded to a square, no tiles
+        inputs = _onevision_inputs(adapter.source, [[a, b]], [text])
+        assert list(got.ids) == _hf_generate(model, inputs, 1, manifest.tasks["vqa"]["generation"]["eos_token_id"])[0]
+        return
     from transformers import AutoProcessor
 
     proc = AutoProcessor.from_pretrained(adapter.source)
@@ -235,7 +269,7 @@ def test_remote_code_families_are_refused_in_one_line(tmp_path):
     (lambda m: m["preprocessing"].pop("processor"), "preprocessing.processor: missing"),
     (lambda m: m["prompt"].update(image_token_id=10**6), "prompt.image_token_id"),
     (lambda m: m["tasks"].update({"<OD>": m["tasks"]["vqa"]}), "tasks"),
-    (lambda m: m["preprocessing"]["processor"].update(kind="anyres"), "preprocessing.processor.kind"),
+    (lambda m: m["preprocessing"]["processor"].update(kind="pan_and_scan"), "preprocessing.processor.kind"),
     (lambda m: m["graphs"].pop("embed"), "needs graph 'embed'"),
     (lambda m: m["axes"].pop("seq_len"), "seq_len"),
     (lambda m: m["graphs"].update(decoder_step=m["graphs"]["decoder"]), "not a graph of the prefix contract"),

@@ -29,15 +29,30 @@ def frames_per_image(info: FamilyInfo) -> int:
     if p["kind"] == "idefics3" and p.get("split", True):
         side = -(-int(p["longest_edge"]) // int(p["tile"]))
         return side * side + 1
+    if p["kind"] == "anyres":
+        tile = info.preprocessing.height
+        return max((h // tile) * (w // tile) for h, w in p["grid_pinpoints"]) + 1
     return 1
 
 
-def prefix_decls(info: FamilyInfo) -> list[GraphDecl]:
+def tokens_per_image(info: FamilyInfo) -> int:
+    """The most placeholder tokens one image takes."""
+    p = info.preprocessing.processor
+    if p["kind"] == "anyres":
+        from vlmedge.runtime.processors import anyres_tokens
+
+        return max(anyres_tokens((h, w), p, info.preprocessing.height) for h, w in p["grid_pinpoints"])
+    return frames_per_image(info) * info.dims.image_tokens
+
+
+def prefix_decls(info: FamilyInfo, newline: bool = False) -> list[GraphDecl]:
+    """`newline`: the vision graph also outputs the model's row-separator embedding (LLaVA-OneVision)."""
     d, p = info.dims, info.preprocessing
     L, H, dh, D = d.decoder_layers, d.decoder_heads, d.decoder_head_dim, d.encoder_hidden
+    extra = (TensorDecl("image_newline", "float32", (D,)),) if newline else ()
     return [
         GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)),),
-                  (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)),)),
+                  (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)), *extra)),
         GraphDecl("embed", (TensorDecl("input_ids", "int64", ("batch", "seq_len")),),
                   (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),)),
         GraphDecl("decoder",
@@ -53,7 +68,7 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
     """min/opt/max of the prefix contract's axes. `max_length` bounds the prompt (image tokens
     included) plus generated tokens; by default one image at its most frames plus TEXT_ROOM."""
     frames = frames_per_image(info)
-    image = frames * info.dims.image_tokens
+    image = tokens_per_image(info)
     if max_length is not None and max_length < image + 16:
         raise InputError(f"--max-length {max_length}: one image of this model takes up to {image} tokens; "
                          f"use at least {image + 16} (its tokens, the prompt's text and the answer)")
@@ -76,10 +91,12 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
 
     info = adapter.info
     d = info.dims
-    decls = {g.name: g for g in prefix_decls(info)}
-    ranges = prefix_axes(info, options.max_batch, options.max_length)
     p = info.preprocessing
     frames = torch.randn(2, 3, p.height, p.width)
+    with torch.no_grad():
+        newline = isinstance(adapter.vision_encoder()(frames), tuple)
+    decls = {g.name: g for g in prefix_decls(info, newline)}
+    ranges = prefix_axes(info, options.max_batch, options.max_length)
     ids = torch.tensor([[1, 2, 3], [3, 2, 1]]) % d.vocab_size
     L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
     embeds = torch.randn(2, 3, d.encoder_hidden) * 0.02
@@ -166,17 +183,19 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
     def conv(task, q):
         return [user_turn(q if task == "vqa" else m.prompt["caption_instruction"])]
 
-    frames, rows = pipe.prompt_inputs([[img] for img, _, _ in items], [conv(t, q) for _, t, q in items])
+    inputs, rows = pipe.prompt_inputs([[img] for img, _, _ in items], [conv(t, q) for _, t, q in items])
 
     # each graph against PyTorch on real inputs
     with torch.no_grad():
-        px = frames[0][: m.axes["frames"].max]
-        ref = adapter.vision_encoder()(torch.from_numpy(px)).numpy()
-        graphs["vision_encoder"] = {"image_embeds": _errors(ref, pipe.backend.run("vision_encoder", {"pixel_values": px})["image_embeds"])}
+        px = inputs[0][0].frames[: m.axes["frames"].max]
+        ref = adapter.vision_encoder()(torch.from_numpy(px))
+        got = pipe.backend.run("vision_encoder", {"pixel_values": px})
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        graphs["vision_encoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["vision_encoder"].outputs, ref)}
         ids = np.asarray([rows[0]], dtype=np.int64)
         ref = adapter.embed()(torch.from_numpy(ids)).numpy()
         graphs["embed"] = {"inputs_embeds": _errors(ref, pipe.backend.run("embed", {"input_ids": ids})["inputs_embeds"])}
-        embeds = pipe.embeddings(ids, frames[:1])
+        embeds = pipe.embeddings(ids, inputs[:1])
         mask = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
         mask[:, 0] = 0
         pos = np.arange(ids.shape[1])[None]
@@ -213,11 +232,11 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
             for j, r in enumerate(sub_rows):
                 ids[j, width - len(r):], mask[j, width - len(r):] = r, 1
             settings = pipe.settings(task, GenerationConfig(num_beams=k, max_new_tokens=max_new), width)
-            embeds = pipe.embeddings(ids, [frames[i] for i in idx])
+            embeds = pipe.embeddings(ids, [inputs[i] for i in idx])
             return decode(PrefixDecoder(pipe.backend, m.dims, embeds, mask), ids, settings)
 
         def theirs(idx, k):
-            return adapter.reference_generate_prefix([torch.from_numpy(frames[i]) for i in idx], [rows[i] for i in idx],
+            return adapter.reference_generate_prefix([inputs[i] for i in idx], [rows[i] for i in idx],
                                                      max_new_tokens=max_new, num_beams=k)
 
         batched, batched_ref = ours(sel, 1), theirs(sel, 1)

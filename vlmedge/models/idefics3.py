@@ -9,6 +9,7 @@ square, so the tower never sees padding and its patch mask is all ones.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -76,7 +77,8 @@ class Idefics3Adapter(HfPrefixAdapter):
     def language_model(self):
         return self.model.model.text_model, self.model.lm_head
 
-    def pixel_inputs(self, frames: list) -> dict:
+    def pixel_inputs(self, inputs: list) -> dict:
+        frames = [torch.from_numpy(np.concatenate([img.frames for img in item])) for item in inputs]
         n = max(f.shape[0] for f in frames)
         _, c, h, w = frames[0].shape
         px = torch.zeros(len(frames), n, c, h, w)

@@ -8,6 +8,7 @@ placeholder per image token, (crop / patch)^2 of them (+ CLS under "full").
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -75,5 +76,5 @@ class LlavaAdapter(HfPrefixAdapter):
     def language_model(self):
         return self.model.model.language_model, self.model.lm_head
 
-    def pixel_inputs(self, frames: list) -> dict:
-        return {"pixel_values": torch.cat(list(frames))}
+    def pixel_inputs(self, inputs: list) -> dict:
+        return {"pixel_values": torch.from_numpy(np.concatenate([img.frames for item in inputs for img in item]))}

@@ -158,6 +158,7 @@ class HfPrefixAdapter:
         self.eos_id, self.pad_id = int(eos_first), int(pad)
         with torch.no_grad():
             frames = self.vision_encoder()(torch.zeros(1, 3, prep.height, prep.width))
+            frames = frames[0] if isinstance(frames, tuple) else frames  # (features, image_newline): LLaVA-OneVision
         if frames.dim() != 3:
             raise ModelLoadError(f"{source}: the vision graph gives {list(frames.shape)}; expected [frames, tokens, width]")
         tokens, width = int(frames.shape[1]), int(frames.shape[2])
@@ -189,8 +190,8 @@ class HfPrefixAdapter:
         """(the base language model taking inputs_embeds, the LM head)."""
         raise NotImplementedError
 
-    def pixel_inputs(self, frames: list) -> dict:
-        """HF `generate`'s image inputs for a batch: one (frames, 3, H, W) tensor per item."""
+    def pixel_inputs(self, inputs: list) -> dict:
+        """HF `generate`'s image inputs for a batch: per item, its images (runtime.processors.ImageInput)."""
         raise NotImplementedError
 
     # -- the contract ------------------------------------------------------------------------------
@@ -210,14 +211,14 @@ class HfPrefixAdapter:
         return self._weights
 
     @torch.no_grad()
-    def reference_generate_prefix(self, frames: list, rows: list[list[int]], max_new_tokens: int = 20,
+    def reference_generate_prefix(self, inputs: list, rows: list[list[int]], max_new_tokens: int = 20,
                                   num_beams: int = 1, **generation) -> list[list[int]]:
-        """HF `generate` on a batch given as each item's frames (torch (N, 3, H, W)) and prompt ids
-        (image tokens already expanded), left-padded as the processor pads: generated ids, EOS kept."""
+        """HF `generate` on a batch given as each item's images (runtime.processors.ImageInput) and prompt
+        ids (image tokens already expanded), left-padded as the processor pads: generated ids, EOS kept."""
         from vlmedge.models.hf import strip_prompt
 
         ids, mask = left_pad(rows, self.pad_id)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, **self.pixel_inputs(frames),
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **self.pixel_inputs(inputs),
                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **generation)
         eos = generation.get("eos_token_id", self.info.tasks["caption"].generation.get("eos_token_id", self.eos_id))
         return strip_prompt(out, ids.shape[1], eos)

@@ -48,6 +48,12 @@ def _llava(src: str, prompt: str | None = None) -> Adapter:
     return LlavaAdapter(src, prompt)
 
 
+def _llava_onevision(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.llava_onevision import LlavaOnevisionAdapter
+
+    return LlavaOnevisionAdapter(src, prompt)
+
+
 def _idefics3(src: str, prompt: str | None = None) -> Adapter:
     from vlmedge.models.idefics3 import Idefics3Adapter
 
@@ -68,6 +74,7 @@ ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "VisionEncoderDecoderModel": _ved,
     "Florence2ForConditionalGeneration": _florence2,
     "LlavaForConditionalGeneration": _llava,
+    "LlavaOnevisionForConditionalGeneration": _llava_onevision,
     "Idefics3ForConditionalGeneration": _idefics3,
     "SmolVLMForConditionalGeneration": _smolvlm,
 }

@@ -97,6 +97,8 @@ VOLUME_MAX = (1 << 31) - 1  # elements of one tensor at its largest shape (Tenso
 VOCAB_MAX = 1 << 22
 MANIFEST_MAX_BYTES = 16 << 20
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "box", "lanczos", "hamming")  # runtime.preprocess
+RESIZE_MODES = ("stretch", "fit_pad")  # runtime.preprocess; older bundles: stretch
+FIT_PAD_KEYS = ("align_long_axis", "crop_margin", "thumbnail_resample", "thumbnail_reducing_gap")  # fit_pad's own
 CHANNEL_ORDERS = ("RGB",)  # what runtime.preprocess produces
 TARGETS = ("tensorrt-portable", "onnxruntime")  # what a bundle's graphs are made for; older bundles: portable
 SHA256 = Str(pattern=r"[0-9a-f]{64}", what="a sha256 (64 lowercase hex digits)")
@@ -136,9 +138,10 @@ _TASK = Obj({
     "generation": Free(dict),  # checked by check_generation
 })
 _TOKEN_TEXT = Str(max_len=64, pattern=r"[^\s]{1,64}", what="a token's text")
-_PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3")), "image_tokens": Int(1, 1 << 16), "image_token": _TOKEN_TEXT}, {
+_PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3", "anyres")), "image_tokens": Int(1, 1 << 16), "image_token": _TOKEN_TEXT}, {
     "shortest_edge": Int(1, 16384),  # clip
     "tile": Int(1, 16384), "longest_edge": Int(1, 16384), "split": Bool(),  # idefics3
+    "grid_pinpoints": List(List(Int(1, 16384), 2, 2), 1, 256), "max_tiles": Int(1, 1024),  # anyres
     "fake_image_token": _TOKEN_TEXT, "global_image_token": _TOKEN_TEXT,
 })
 _PREFIX_TASK = Obj({"eos_id": _IDS, "pad_id": _IDS, "max_new_tokens": Int(1, AXIS_MAX)}, {"generation": Free(dict)})
@@ -161,7 +164,9 @@ MANIFEST_SCHEMA = Obj({
     "preprocessing": Obj({
         "height": Int(1, 16384), "width": Int(1, 16384), "resample": Str(choices=RESAMPLE_FILTERS),
         "mean": List(Num(-1e6, 1e6), 3, 3), "std": List(Num(0, 1e6, positive=True), 3, 3),
-    }, {"rescale": Num(0, 1e6, positive=True), "channel_order": Str(choices=CHANNEL_ORDERS), "processor": Nullable(_PROCESSOR)}),
+    }, {"rescale": Num(0, 1e6, positive=True), "channel_order": Str(choices=CHANNEL_ORDERS), "processor": Nullable(_PROCESSOR),
+        "resize_mode": Str(choices=RESIZE_MODES), "align_long_axis": Bool(), "crop_margin": Bool(),
+        "thumbnail_resample": Str(choices=RESAMPLE_FILTERS), "thumbnail_reducing_gap": Num(1, 1e6)}),
     "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
     "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
     "provenance": Free(dict),
@@ -207,6 +212,8 @@ def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims
     for gname, g in graphs.items():
         w = f"graphs.{gname}"
         want_in, want_out = canonical_io(gname, dims["decoder_layers"], contract)
+        if contract == "prefix" and gname == "vision_encoder" and any(t.name == "image_newline" for t in g.outputs):
+            want_out = {**want_out, "image_newline": 1}  # LLaVA-OneVision's row separator, a constant of the model
         for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -314,6 +321,12 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
             raise Invalid("axes.batch", "missing (every graph's first axis)")
         contract = m.get("contract", CONTRACTS[0])
         _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract)
+        prep, fit = m["preprocessing"], m["preprocessing"].get("resize_mode") == "fit_pad"
+        extra = [k for k in FIT_PAD_KEYS if k in prep]
+        if extra and not fit:
+            raise Invalid(f"preprocessing.{extra[0]}", "a setting of resize_mode fit_pad, which this bundle does not use")
+        if fit and prefix:
+            raise Invalid("preprocessing.resize_mode", "fit_pad is for cross-attention bundles; the prefix contract's processor resizes")
         if prefix:
             _check_prefix(m, graphs)
         else:

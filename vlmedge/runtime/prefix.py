@@ -24,7 +24,7 @@ from vlmedge.runtime.bundle import kv_names
 from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, _host_logits, check_options, decode, resolve
 from vlmedge.runtime.images import load_image
 from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many
-from vlmedge.runtime.processors import ImageInput, process
+from vlmedge.runtime.processors import ImageInput, pack, process
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -249,20 +249,19 @@ class PrefixPipeline(Pipeline):
             results += [Generation(self.decode(r), tuple(r)) if return_ids else self.decode(r) for r in rows]
         return results
 
-    def prompt_inputs(self, images: list[list[Any]], convs: list[list[dict]]) -> tuple[list[np.ndarray], list[list[int]]]:
-        """Each item's frames and prompt ids, as the family's processor and apply_chat_template make them."""
-        frames, rows = [], []
+    def prompt_inputs(self, images: list[list[Any]], convs: list[list[dict]]) -> tuple[list[list[ImageInput]], list[list[int]]]:
+        """Each item's processed images and prompt ids, as the family's processor and apply_chat_template make them."""
+        inputs, rows = [], []
+        prep = self.manifest.preprocessing
         for i, (imgs, conv) in enumerate(zip(images, convs)):
-            inputs = [process(load_image(img, self.max_pixels, where=f"image {i}"), self.manifest.preprocessing) for img in imgs]
-            ids = self.chat_prompt.ids(self.chat_prompt.text(conv), inputs)
-            frames.append(np.concatenate([x.frames for x in inputs]) if inputs else
-                          np.zeros((0, 3, self.manifest.preprocessing["height"], self.manifest.preprocessing["width"]), np.float32))
-            rows.append(ids)
-        return frames, rows
+            item = [process(load_image(img, self.max_pixels, where=f"image {i}"), prep, multi=len(imgs) > 1) for img in imgs]
+            rows.append(self.chat_prompt.ids(self.chat_prompt.text(conv), item))
+            inputs.append(item)
+        return inputs, rows
 
     def _one_batch(self, task, images, convs, config, timings):
         t0 = time.perf_counter()
-        frames, rows = self.prompt_inputs(images, convs)
+        inputs, rows = self.prompt_inputs(images, convs)
         width = max(map(len, rows))
         limit = self.manifest.axes["seq_len"].max
         if width > limit:
@@ -275,22 +274,29 @@ class PrefixPipeline(Pipeline):
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         settings = self.settings(task, config, width)
         t1 = time.perf_counter()
-        embeds = self.embeddings(ids, frames)
+        embeds = self.embeddings(ids, inputs)
         if timings is not None:
             timings.preprocess += t1 - t0
             timings.encoder += time.perf_counter() - t1
         return decode(PrefixDecoder(self.backend, self.manifest.dims, embeds, mask), ids, settings, timings)
 
-    def embeddings(self, ids: np.ndarray, frames: list[np.ndarray]) -> np.ndarray:
+    def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
         to_host = self.backend.to_host
         embeds = np.array(to_host(self.backend.run("embed", {"input_ids": ids})["inputs_embeds"]))
-        px = np.concatenate(frames) if frames else None
-        if px is None or not len(px):
+        images = [img for item in inputs for img in item]
+        if not images:
             return embeds
-        image = np.concatenate([to_host(self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames]})
-                                        ["image_embeds"]) for s in range(0, len(px), self.max_frames)])
-        image = image.reshape(-1, image.shape[-1])
+        px = np.concatenate([img.frames for img in images])
+        outs = [self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames]})
+                for s in range(0, len(px), self.max_frames)]
+        features = np.concatenate([to_host(o["image_embeds"]) for o in outs])
+        newline = to_host(outs[0]["image_newline"]) if "image_newline" in outs[0] else None
+        prep, rows, at = self.manifest.preprocessing, [], 0
+        for img in images:
+            rows.append(pack(features[at : at + len(img.frames)], img, prep, newline))
+            at += len(img.frames)
+        image = np.concatenate(rows)
         where = ids == self.manifest.prompt["image_token_id"]
         if int(where.sum()) != len(image):
             raise InputError(f"prompt: {int(where.sum())} image tokens for {len(image)} image embeddings; the text "

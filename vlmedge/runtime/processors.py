@@ -7,6 +7,12 @@ does both from the bundle's `preprocessing.processor` settings, and returns the 
 text that stands for the image in the prompt.
 
 - `clip` (LLaVA): resize the shortest edge, centre-crop, one frame; `image_tokens` placeholders.
+- `anyres` (LLaVA-OneVision): the best grid of `grid_pinpoints` for the image's size; the image
+  resized to fit it (aspect kept) and zero-padded, cut into tiles, after a base image resized to one
+  tile. The vision encoder's tile features are then packed as the model packs them (`pack`): the
+  grid reassembled, the padding removed, bilinearly downsampled past `max_tiles` tiles' worth, a
+  newline embedding after each row, the base image's features first. In a prompt of several images
+  each image is padded to a square with the mean colour instead, one frame, plus one newline.
 - `idefics3` (Idefics3, SmolVLM, SmolVLM2): resize the longest edge, resize again to multiples of
   the tile size, split into rows x cols tiles plus a global image resized to one tile; each tile
   is written as `<fake_token_around_image><row_r_col_c><image>*n` and the global image as
@@ -27,7 +33,7 @@ from PIL import Image
 
 from vlmedge.runtime.preprocess import _RESAMPLE, normalize
 
-KINDS = ("clip", "idefics3")
+KINDS = ("clip", "idefics3", "anyres")
 MAX_IMAGE_SIZE = 4096  # Idefics3's absolute cap on either side after its first resize
 
 
@@ -35,14 +41,42 @@ MAX_IMAGE_SIZE = 4096  # Idefics3's absolute cap on either side after its first 
 class ImageInput:
     frames: np.ndarray  # (N, 3, H, W) float32: what vision_encoder reads, N frames of one image
     text: str  # the image's placeholder text in the prompt
+    size: tuple[int, int] = (0, 0)  # the original image's (height, width)
+    multi: bool = False  # anyres: one of several images in its prompt (padded to a square, not tiled)
 
 
-def process(image: Image.Image, prep: Mapping[str, Any]) -> ImageInput:
-    """One RGB image -> its frames and its placeholder text, per a bundle's preprocessing."""
+def process(image: Image.Image, prep: Mapping[str, Any], multi: bool = False) -> ImageInput:
+    """One RGB image -> its frames and its placeholder text, per a bundle's preprocessing. `multi`:
+    the prompt holds several images (LLaVA-OneVision then neither tiles nor unpads)."""
     p = prep["processor"]
     if p["kind"] == "clip":
         return _clip(image, prep, p)
+    if p["kind"] == "anyres":
+        return _anyres(image, prep, p, multi)
     return _idefics3(image, prep, p)
+
+
+def pack(features: np.ndarray, image: ImageInput, prep: Mapping[str, Any], newline: np.ndarray | None) -> np.ndarray:
+    """The vision encoder's output for one image's frames ([frames, T, D]) -> the rows its
+    placeholder tokens take ([tokens, D]), in the order the model puts them."""
+    p = prep["processor"]
+    if p["kind"] != "anyres":
+        return features.reshape(-1, features.shape[-1])
+    if image.multi or len(features) == 1:
+        return np.concatenate([features[0], newline[None].astype(features.dtype)])
+    base, tiles = features[0], features[1:]
+    side = int(round(math.sqrt(features.shape[1])))
+    (gh, gw), tile = _best_resolution(image.size, p["grid_pinpoints"]), int(prep["height"])
+    rows, cols = gh // tile, gw // tile
+    D = features.shape[-1]
+    grid = tiles.reshape(rows, cols, side, side, D).transpose(4, 0, 2, 1, 3).reshape(D, rows * side, cols * side)
+    grid = _unpad(grid, image.size)
+    _, h, w = grid.shape
+    ratio = math.sqrt(h * w / (int(p["max_tiles"]) * side**2))
+    if ratio > 1.1:
+        grid = _bilinear(grid, int(h // ratio), int(w // ratio))
+    grid = np.concatenate([grid, np.broadcast_to(newline.astype(grid.dtype)[:, None, None], (D, grid.shape[1], 1))], 2)
+    return np.concatenate([base, grid.reshape(D, -1).T])
 
 
 def _resize(img: Image.Image, height: int, width: int, resample: str) -> Image.Image:
@@ -131,3 +165,87 @@ def _idefics3(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -
     tiles.append(_resize(img, tile, tile, resample))
     text = "".join("".join(f"{fake}<row_{r + 1}_col_{c + 1}>{token * n}" for c in range(cols)) + "\n" for r in range(rows))
     return ImageInput(_frames(tiles, prep), text + "\n" + single)
+
+
+# -- anyres (LLaVA-OneVision) -----------------------------------------------------------------------
+
+
+def _best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """The grid resolution (height, width) that keeps the most of the image and wastes the least."""
+    h0, w0 = size
+    best, most, waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / w0, h / h0)
+        kept = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        wasted = w * h - kept
+        if kept > most or (kept == most and wasted < waste):
+            best, most, waste = (int(h), int(w)), kept, wasted
+    return best
+
+
+def _fit(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    (h0, w0), (th, tw) = size, target
+    if tw / w0 < th / h0:
+        return min(math.ceil(h0 * tw / w0), th), tw
+    return th, min(math.ceil(w0 * th / h0), tw)
+
+
+def anyres_tokens(size: tuple[int, int], p: Mapping[str, Any], tile: int) -> int:
+    """Placeholder tokens of one tiled image, as the LLaVA-OneVision processor counts them."""
+    (gh, gw), side = _best_resolution(size, p["grid_pinpoints"]), int(round(math.sqrt(int(p["image_tokens"]))))
+    h, w = side * (gh // tile), side * (gw // tile)
+    h0, w0 = size
+    if w0 / h0 > w / h:
+        h -= 2 * ((h - int(round(h0 * (w / w0), 7))) // 2)
+    else:
+        w -= 2 * ((w - int(round(w0 * (h / h0), 7))) // 2)
+    ratio = math.sqrt(h * w / (int(p["max_tiles"]) * side**2))
+    if ratio > 1.1:
+        h, w = int(h // ratio), int(w // ratio)
+    return h * w + h + int(p["image_tokens"])
+
+
+def _anyres(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any], multi: bool) -> ImageInput:
+    tile, resample = int(prep["height"]), prep["resample"]
+    w0, h0 = img.size
+    token, n = p["image_token"], int(p["image_tokens"])
+    if multi:  # padded to a square with the mean colour (in 0..255 as the processor writes it), one frame
+        side = max(w0, h0)
+        canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in prep["mean"]))
+        canvas.paste(img, ((side - w0) // 2, (side - h0) // 2) if w0 != h0 else (0, 0))
+        return ImageInput(_frames([_resize(canvas, tile, tile, resample)], prep), token * (n + 1), (h0, w0), True)
+    gh, gw = _best_resolution((h0, w0), p["grid_pinpoints"])
+    nh, nw = _fit((h0, w0), (gh, gw))
+    canvas = Image.new("RGB", (gw, gh), (0, 0, 0))
+    canvas.paste(_resize(img, nh, nw, resample), ((gw - nw) // 2, (gh - nh) // 2))
+    tiles = [canvas.crop((c, r, c + tile, r + tile)) for r in range(0, gh, tile) for c in range(0, gw, tile)]
+    frames = [_resize(img, tile, tile, resample), *tiles]
+    return ImageInput(_frames(frames, prep), token * anyres_tokens((h0, w0), p, tile), (h0, w0))
+
+
+def _unpad(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The grid's features without the rows or columns that covered the padding."""
+    h0, w0 = size
+    _, h, w = grid.shape
+    if w0 / h0 > w / h:
+        pad = (h - int(round(h0 * (w / w0), 7))) // 2
+        return grid[:, pad : h - pad, :]
+    pad = (w - int(round(w0 * (h / h0), 7))) // 2
+    return grid[:, :, pad : w - pad]
+
+
+def _bilinear(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) of a [C, H, W] array."""
+
+    def weights(n_in: int, n_out: int):
+        scale = np.float32(n_in / n_out)
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+        i0 = np.minimum(src.astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        frac = (src - i0).astype(np.float32)
+        return i0, i1, frac
+
+    y0, y1, fy = weights(x.shape[1], h)
+    x0, x1, fx = weights(x.shape[2], w)
+    top = x[:, y0] * (1 - fy)[None, :, None] + x[:, y1] * fy[None, :, None]
+    return (top[:, :, x0] * (1 - fx)[None, None, :] + top[:, :, x1] * fx[None, None, :]).astype(x.dtype)
