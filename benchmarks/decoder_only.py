@@ -105,7 +105,6 @@ def median_ms(xs) -> float:
 
 
 def run(args) -> dict:
-    import numpy as np
     import torch
     from PIL import Image
 
