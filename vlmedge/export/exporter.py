@@ -181,6 +181,25 @@ def _spec(decl: GraphDecl, file: str, digest: str) -> GraphSpec:
     return GraphSpec(file=file, sha256=digest, inputs=tuple(map(t, decl.inputs)), outputs=tuple(map(t, decl.outputs)))
 
 
+def trace_plan(plan: list, decls: dict[str, GraphDecl], out: Path, opset: int,
+               on_graph: Callable[[str, str], None] | None) -> tuple[dict[str, GraphSpec], dict[str, float]]:
+    """Trace each (name, module factory, example args, dynamic shapes) of `plan` to out/NAME.onnx;
+    returns every graph's spec and its tracing seconds."""
+    graphs: dict[str, GraphSpec] = {}
+    timings: dict[str, float] = {}
+    for name, make, args, dyn in plan:
+        if on_graph:
+            on_graph(name, "exporting")
+        t0 = time.perf_counter()
+        path = out / f"{name}.onnx"
+        _trace(make(), args, decls[name], dyn, path, opset)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        graphs[name] = _spec(decls[name], path.name, sha256_file(path))
+        if on_graph:
+            on_graph(name, "done")
+    return graphs, timings
+
+
 @_stage_errors
 def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions = ExportOptions(),
                   on_graph: Callable[[str, str], None] | None = None) -> Manifest:
@@ -202,7 +221,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         from vlmedge.export.prefix import export_prefix
 
         with OutputDir(out, options.force) as writer:
-            manifest = export_prefix(adapter, tasks, writer.path, options, on_graph, _trace, _spec, _provenance)
+            manifest = export_prefix(adapter, tasks, writer.path, options, on_graph)
             _refuse_failed(adapter, manifest)
             writer.commit()
         return manifest
@@ -251,18 +270,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
                      {"input_ids": {0: B}, "encoder_mask": {0: B, 1: S},
                       "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
 
-        graphs: dict[str, GraphSpec] = {}
-        timings: dict[str, float] = {}
-        for name, make, args, dyn in plan:
-            if on_graph:
-                on_graph(name, "exporting")
-            t0 = time.perf_counter()
-            path = tmp / f"{name}.onnx"
-            _trace(make(), args, decls[name], dyn, path, options.opset)
-            timings[name] = round(time.perf_counter() - t0, 2)
-            graphs[name] = _spec(decls[name], path.name, sha256_file(path))
-            if on_graph:
-                on_graph(name, "done")
+        graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
 
         (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
         manifest = Manifest(

@@ -82,10 +82,12 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
     }
 
 
-def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Callable | None, trace, spec, provenance):
+def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Callable | None):
     """Trace, write and validate a prefix bundle into `tmp` (the OutputDir's directory); returns the manifest."""
     import torch
     from torch.export import Dim
+
+    from vlmedge.export.exporter import _provenance, trace_plan
 
     from vlmedge.runtime.bundle import MANIFEST, AxisRange, Manifest, sha256_file
 
@@ -112,19 +114,7 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
          {"inputs_embeds": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
           "past": tuple([{0: auto, 2: auto}] * (2 * L))}),
     ]
-    graphs, timings = {}, {}
-    import time
-
-    for name, make, args, dyn in plan:
-        if on_graph:
-            on_graph(name, "exporting")
-        t0 = time.perf_counter()
-        path = tmp / f"{name}.onnx"
-        trace(make(), args, decls[name], dyn, path, options.opset)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        graphs[name] = spec(decls[name], path.name, sha256_file(path))
-        if on_graph:
-            on_graph(name, "done")
+    graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
     (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
     prep = {k: v for k, v in asdict(info.preprocessing).items() if v is not None}
     max_new = min(info.tasks[t].max_new_tokens for t in tasks)
@@ -134,7 +124,7 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
                    "generation": info.tasks[t].generation} for t in tasks},
         dims=asdict(d), graphs=graphs, axes={k: AxisRange(*v) for k, v in ranges.items()}, preprocessing=prep,
         tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
-        precision={"dtype": "float32", "method": "export"}, provenance=provenance(adapter, options.opset, timings),
+        precision={"dtype": "float32", "method": "export"}, provenance=_provenance(adapter, options.opset, timings),
         schema_version=PREFIX_SCHEMA_VERSION, contract="prefix", prompt=dict(info.prompt),
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
@@ -169,7 +159,7 @@ def sample_items(n: int, tasks: list[str]) -> list[tuple]:
 def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dict:
     import torch
 
-    from vlmedge.export.validate import _errors
+    from vlmedge.export.validate import _errors, judge
     from vlmedge.runtime.bundle import load_bundle
     from vlmedge.runtime.decoding import GenerationConfig
     from vlmedge.runtime.prefix import PrefixDecoder, PrefixPipeline, user_turn
@@ -206,12 +196,7 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
         feeds.update(zip((t.name for t in m.graphs["decoder"].inputs[3:]), past))
         got = pipe.backend.run("decoder", feeds)
         graphs["decoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["decoder"].outputs, ref)}
-    for g, outs in graphs.items():
-        for name, e in outs.items():
-            tol = options.atol * max(1.0, e["ref_max"])
-            e["passed"] = e["max_abs"] <= tol
-            if not e["passed"]:
-                failures.append(f"graph {g} output {name}: max abs error {e['max_abs']:.3g} > {tol:.3g}")
+    failures += judge(graphs, options.atol)
 
     # tokens: the runtime's decoding loop against HF generate, batched and one by one, greedy and beam
     tokens = {}

@@ -132,6 +132,18 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
     }
 
 
+def judge(graphs: dict[str, dict[str, dict]], atol: float) -> list[str]:
+    """Marks each output's error passed or not (tolerance `atol` scaled by max(1, |reference|)); the failures."""
+    failures = []
+    for g, outs in graphs.items():
+        for name, e in outs.items():
+            tol = atol * max(1.0, e["ref_max"])
+            e["passed"] = e["max_abs"] <= tol
+            if not e["passed"]:
+                failures.append(f"graph {g} output {name}: max abs error {e['max_abs']:.3g} > {tol:.3g}")
+    return failures
+
+
 def validate_bundle(adapter: Adapter, bundle_dir: Path, tasks: list[str], options) -> dict:
     from vlmedge.export.samples import sample_inputs
 
@@ -140,12 +152,7 @@ def validate_bundle(adapter: Adapter, bundle_dir: Path, tasks: list[str], option
     failures: list[str] = []
     sample = sample_inputs(adapter, n=options.validate_images, tasks=tasks)
     graphs = _graph_errors(adapter, backend, bundle, tasks, sample)
-    for g, outs in graphs.items():
-        for name, e in outs.items():
-            tol = options.atol * max(1.0, e["ref_max"])
-            e["passed"] = e["max_abs"] <= tol
-            if not e["passed"]:
-                failures.append(f"graph {g} output {name}: max abs error {e['max_abs']:.3g} > {tol:.3g}")
+    failures += judge(graphs, options.atol)
     tokens = {}
     for task in tasks:
         tokens[task] = r = _tokens(adapter, backend, bundle, task, sample)

@@ -43,6 +43,16 @@ def _hw(value, where: str) -> tuple[int, int]:
     raise ModelLoadError(f"{where}: crop_size {value!r:.60} is not a size vlmedge reads")
 
 
+def clip_preprocessing(image_cfg: dict, height: int, width: int, processor: dict) -> Preprocessing:
+    """Preprocessing with CLIP's defaults (bicubic, OpenAI CLIP mean and std) where the saved settings are silent."""
+    return Preprocessing(
+        height=height, width=width, resample=_PIL_RESAMPLE.get(image_cfg.get("resample"), "bicubic"),
+        mean=tuple(float(x) for x in image_cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+        std=tuple(float(x) for x in image_cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+        rescale=float(image_cfg.get("rescale_factor", 1 / 255)), processor=processor,
+    )
+
+
 class LlavaAdapter(HfPrefixAdapter):
     architecture = "LlavaForConditionalGeneration"
     family = "llava"
@@ -60,14 +70,8 @@ class LlavaAdapter(HfPrefixAdapter):
         patch = proc_cfg.get("patch_size") or cfg.vision_config.patch_size
         extra = proc_cfg.get("num_additional_image_tokens", 1)
         tokens = (h // patch) * (w // patch) + extra - (1 if strategy == "default" else 0)
-        return Preprocessing(
-            height=h, width=w, resample=_PIL_RESAMPLE.get(image_cfg.get("resample"), "bicubic"),
-            mean=tuple(float(x) for x in image_cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-            std=tuple(float(x) for x in image_cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-            rescale=float(image_cfg.get("rescale_factor", 1 / 255)),
-            processor={"kind": "clip", "shortest_edge": int(short), "image_tokens": int(tokens),
-                       "image_token": proc_cfg.get("image_token", "<image>")},
-        )
+        return clip_preprocessing(image_cfg, h, w, {"kind": "clip", "shortest_edge": int(short), "image_tokens": int(tokens),
+                                                    "image_token": proc_cfg.get("image_token", "<image>")})
 
     def vision_encoder(self) -> nn.Module:
         cfg = self.model.config

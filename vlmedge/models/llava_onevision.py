@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import Preprocessing
-from vlmedge.models.hf import _PIL_RESAMPLE
 from vlmedge.models.llava import _Vision as _LlavaVision
+from vlmedge.models.llava import clip_preprocessing
 from vlmedge.models.prefix import HfPrefixAdapter
 
 
@@ -56,14 +56,9 @@ class LlavaOnevisionAdapter(HfPrefixAdapter):
         if [list(map(int, p)) for p in pinpoints] != [list(map(int, p)) for p in cfg.image_grid_pinpoints]:
             raise ModelLoadError(f"{where}: image_grid_pinpoints differ from the model's config.json")
         tokens = int(proc_cfg.get("num_image_tokens") or (tile // cfg.vision_config.patch_size) ** 2)
-        return Preprocessing(
-            height=tile, width=tile, resample=_PIL_RESAMPLE.get(image_cfg.get("resample"), "bicubic"),
-            mean=tuple(float(x) for x in image_cfg.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-            std=tuple(float(x) for x in image_cfg.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-            rescale=float(image_cfg.get("rescale_factor", 1 / 255)),
-            processor={"kind": "anyres", "image_tokens": tokens, "image_token": proc_cfg.get("image_token", "<image>"),
-                       "grid_pinpoints": [[int(h), int(w)] for h, w in pinpoints], "max_tiles": int(ratio[11:])},
-        )
+        return clip_preprocessing(image_cfg, tile, tile, {
+            "kind": "anyres", "image_tokens": tokens, "image_token": proc_cfg.get("image_token", "<image>"),
+            "grid_pinpoints": [[int(h), int(w)] for h, w in pinpoints], "max_tiles": int(ratio[11:])})
 
     def vision_encoder(self) -> nn.Module:
         cfg = self.model.config

@@ -43,6 +43,21 @@ def _many(x: Any) -> bool:
     return isinstance(x, (list, tuple))
 
 
+def pairs(images: Any, questions: Any) -> tuple[bool, list, list]:
+    """vqa's arguments as (one pair given, images, questions): lists of equal length, or one of either
+    repeated for each of the other."""
+    single = not _many(images) and not _many(questions)
+    imgs = list(images) if _many(images) else [images]
+    qs = list(questions) if _many(questions) else [questions]
+    if len(imgs) == 1 and len(qs) > 1:
+        imgs = imgs * len(qs)
+    elif len(qs) == 1 and len(imgs) > 1:
+        qs = qs * len(imgs)
+    if len(imgs) != len(qs):
+        raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
+    return single, imgs, qs
+
+
 def _count(name: str, value: Any, least: int) -> int:
     """An integer argument (never a bool, a float or a string) of at least `least`, as an int."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -206,15 +221,7 @@ class Pipeline:
             timings: Timings | None = None, **generation):
         """Answer questions about images: one image and one question (-> str), or lists of equal
         length, or one of either with a list of the other (-> list of str)."""
-        single = not _many(images) and not _many(questions)
-        imgs = list(images) if _many(images) else [images]
-        qs = list(questions) if _many(questions) else [questions]
-        if len(imgs) == 1 and len(qs) > 1:
-            imgs = imgs * len(qs)
-        elif len(qs) == 1 and len(imgs) > 1:
-            qs = qs * len(imgs)
-        if len(imgs) != len(qs):
-            raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
+        single, imgs, qs = pairs(images, questions)
         out = self._run("vqa", imgs, qs, generation, return_ids, batch_size, timings)
         return out[0] if single else out
 

@@ -23,7 +23,7 @@ from vlmedge.runtime.backends import Backend
 from vlmedge.runtime.bundle import kv_names
 from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, _host_logits, check_options, decode, resolve
 from vlmedge.runtime.images import load_image
-from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many
+from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many, pairs
 from vlmedge.runtime.processors import ImageInput, pack, process
 
 
@@ -184,15 +184,7 @@ class PrefixPipeline(Pipeline):
 
     def vqa(self, images, questions, *, return_ids: bool = False, batch_size: int | None = None,
             timings: Timings | None = None, **generation):
-        single = not _many(images) and not _many(questions)
-        imgs = list(images) if _many(images) else [images]
-        qs = list(questions) if _many(questions) else [questions]
-        if len(imgs) == 1 and len(qs) > 1:
-            imgs = imgs * len(qs)
-        elif len(qs) == 1 and len(imgs) > 1:
-            qs = qs * len(imgs)
-        if len(imgs) != len(qs):
-            raise InputError(f"vqa: {len(imgs)} images but {len(qs)} questions; pass one of each per pair")
+        single, imgs, qs = pairs(images, questions)
         self.question_ids(qs)
         convs = [[user_turn(q)] for q in qs]
         out = self._generate("vqa", [[img] for img in imgs], convs, generation, return_ids, batch_size, timings)
