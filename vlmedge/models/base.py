@@ -51,6 +51,14 @@ class Preprocessing:
     channel_order: str = "RGB"
     # decoder-only families: how an image of any size becomes frames and prompt tokens (runtime.processors)
     processor: dict[str, Any] | None = None
+    # Donut's and Nougat's processors (runtime.preprocess.fit_pad): "fit_pad" keeps the aspect ratio (resize the
+    # short side, shrink to fit) and pads with black, centred; None (absent from the manifest): "stretch", straight
+    # to height x width. The rest are None unless fit_pad.
+    resize_mode: str | None = None
+    align_long_axis: bool | None = None  # rotate a portrait image for a landscape target and back
+    crop_margin: bool | None = None  # Nougat: crop to the bounding box of the darker pixels first
+    thumbnail_resample: str | None = None  # the shrink-to-fit filter; None: `resample`
+    thumbnail_reducing_gap: float | None = None  # Pillow's reducing_gap for that shrink (Nougat: 2.0)
 
 
 @dataclass(frozen=True)

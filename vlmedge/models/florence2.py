@@ -20,7 +20,8 @@ from vlmedge.errors import ModelLoadError, read_json
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, load_hf_model, preprocessing, strip_prompt, tokenizer_json, weight_files,
+    HfDecoderInit, HfDecoderStep, image_processor_settings, load_hf_model, preprocessing, settings_file, strip_prompt,
+    tokenizer_json, weight_files,
 )
 
 # task token -> (the prompt Florence2Processor builds for it, how its answer is post-processed)
@@ -153,15 +154,20 @@ class Florence2Adapter:
 
     @staticmethod
     def _image_size(source: str) -> tuple[int, int]:
-        from pathlib import Path
-
-        cfg_path = Path(source) / "preprocessor_config.json"
-        cfg = read_json(cfg_path, ModelLoadError) if cfg_path.is_file() else {}
-        size = cfg.get("size") or {"height": 768, "width": 768}
+        """The processor's size: Florence-2's config holds none, and vlmedge never guesses one."""
+        cfg = image_processor_settings(source)
+        if cfg is None:
+            raise ModelLoadError(f"{source}: no image-processor settings (processor_config.json with image_processor, "
+                                 "or preprocessor_config.json) to take Florence-2's input size from; "
+                                 "save the processor with the model")
+        where = settings_file(source)
+        size = cfg.get("size")
+        if size is None:
+            raise ModelLoadError(f"{where}: the image processor has no size, which Florence-2's input size is read from")
         if not isinstance(size, dict) or not {"height", "width"} <= set(size):
-            raise ModelLoadError(f"{cfg_path}: size must be {{'height': H, 'width': W}}, got {size!r:.60}")
+            raise ModelLoadError(f"{where}: size must be {{'height': H, 'width': W}}, got {size!r:.60}")
         if size["height"] != size["width"]:
-            raise ModelLoadError(f"{cfg_path}: vlmedge supports square Florence-2 inputs, got {size['height']}x{size['width']}")
+            raise ModelLoadError(f"{where}: vlmedge supports square Florence-2 inputs, got {size['height']}x{size['width']}")
         return int(size["height"]), int(size["width"])
 
     def vision_encoder(self) -> nn.Module:

@@ -142,22 +142,52 @@ def image_size(size) -> tuple[int, int]:
     return int(size), int(size)
 
 
+def image_processor_settings(path: str) -> dict | None:
+    """The image processor's settings as saved: transformers 5's processor_config.json (nested under
+    `image_processor`), else the older preprocessor_config.json; None where neither holds them. Every
+    family reads its settings through this (the decoder-only ones through models.prefix.processor_settings)."""
+    where = settings_file(path)
+    if where is None:
+        return None
+    cfg = _json_object(where)
+    return cfg["image_processor"] if where.name == "processor_config.json" else cfg
+
+
+def settings_file(path: str) -> Path | None:
+    """The file image_processor_settings reads (for messages), or None."""
+    p = Path(path)
+    nested = p / "processor_config.json"
+    if nested.is_file() and isinstance(_json_object(nested).get("image_processor"), dict):
+        return nested
+    return p / "preprocessor_config.json" if (p / "preprocessor_config.json").is_file() else None
+
+
+def _json_object(path: Path) -> dict:
+    cfg = read_json(path, ModelLoadError)
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def processor_type(cfg: dict) -> str:
+    """The image processor's class name as saved (older checkpoints name a feature extractor), or ""."""
+    return str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+
+
 def preprocessing(path: str, size: tuple[int, int], default_mean, default_std, default_resample: str) -> Preprocessing:
-    """From preprocessor_config.json where present, else the family's processor defaults.
-    `size` is the model's (height, width)."""
-    cfg_path = Path(path) / "preprocessor_config.json"
-    cfg = {}
-    if cfg_path.is_file():
-        cfg = read_json(cfg_path, ModelLoadError)
+    """From the saved image-processor settings where present (image_processor_settings), else the family's
+    processor defaults. `size` is the model's (height, width), from its config."""
+    cfg = image_processor_settings(path) or {}
+    where = settings_file(path) or Path(path)
     given = cfg.get("size", list(size))
     if isinstance(given, dict):
         h, w = given.get("height", size[0]), given.get("width", size[1])
-    elif str(cfg.get("image_processor_type", "")).startswith("Donut") and isinstance(given, list):
+    elif processor_type(cfg).startswith("Donut") and isinstance(given, list):
         w, h = image_size(given)  # Donut's processor reads a size list as [width, height]
     else:
         h, w = image_size(given)
     if (h, w) != tuple(size):
-        raise ModelLoadError(f"{cfg_path}: image size {h}x{w} differs from the model's {size[0]}x{size[1]}")
+        raise ModelLoadError(f"{where}: image size {h}x{w} differs from the model's {size[0]}x{size[1]}")
     resample = _PIL_RESAMPLE.get(cfg.get("resample"), default_resample)
     mean = tuple(float(x) for x in cfg.get("image_mean", default_mean))
     std = tuple(float(x) for x in cfg.get("image_std", default_std))

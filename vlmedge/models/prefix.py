@@ -85,16 +85,14 @@ def chat_template(path: str) -> str | None:
 def processor_settings(path: str) -> tuple[dict, dict]:
     """(image-processor settings, processor settings) as saved: transformers 5's processor_config.json
     (the image processor nested under `image_processor`), or the older preprocessor_config.json."""
+    from vlmedge.models.hf import _json_object, image_processor_settings
+
     p = Path(path)
-    proc: dict = {}
-    if (p / "processor_config.json").is_file():
-        proc = read_json(p / "processor_config.json", ModelLoadError)
-    image = proc.get("image_processor") if isinstance(proc.get("image_processor"), dict) else None
-    if image is None and (p / "preprocessor_config.json").is_file():
-        image = read_json(p / "preprocessor_config.json", ModelLoadError)
+    image = image_processor_settings(path)
     if image is None:
         raise ModelLoadError(f"{p}: no image-processor settings (processor_config.json with image_processor, or "
                              "preprocessor_config.json); save the processor with the model (processor.save_pretrained)")
+    proc = _json_object(p / "processor_config.json") if (p / "processor_config.json").is_file() else {}
     return image, {k: v for k, v in proc.items() if k != "image_processor"}
 
 

@@ -6,21 +6,47 @@ Donut, Nougat. Captioning only.
 The vision graph includes `enc_to_dec_proj` when the model's own forward applies it (widths differ
 and the decoder has no `cross_attention_hidden_size`), so the decoder graphs see the states its
 cross-attention was trained on. Encoder length and width, decoder layers, heads and head size are
-measured by running the modules, never derived from config fields.
+measured by running the modules, never derived from config fields. Donut's and Nougat's processors
+fit the image into the model's size and pad it (resize_mode fit_pad), as their Pillow backends do.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError
-from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
+from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
-    tokenizer_json, vision_dims, weight_files,
+    HfDecoderInit, HfDecoderStep, decoder_dims, image_processor_settings, image_size, load_hf_model, preprocessing,
+    processor_type, settings_file, strip_prompt, tokenizer_json, vision_dims, weight_files,
 )
+
+
+def fit_pad(source: str, prep: Preprocessing) -> Preprocessing:
+    """Donut's and Nougat's processors keep the aspect ratio and pad (runtime.preprocess.fit_pad): `prep` with
+    the settings their Pillow backends read. Settings that would not give the model's size are refused."""
+    cfg = image_processor_settings(source) or {}
+    kind = processor_type(cfg)
+    nougat = kind.startswith("Nougat")
+    if not (nougat or kind.startswith("Donut")):
+        return prep
+    where = settings_file(source)
+    off = [k for k in ("do_resize", "do_thumbnail", "do_pad") if not cfg.get(k, True)]
+    if off or cfg.get("do_center_crop"):
+        why = f"{', '.join(off)} false" if off else "do_center_crop true"
+        raise ModelLoadError(f"{where}: {kind} with {why} does not give the model's {prep.height}x{prep.width} input; "
+                             "vlmedge reads it with do_resize, do_thumbnail and do_pad true and no centre crop")
+    return replace(
+        prep, resize_mode="fit_pad", align_long_axis=bool(cfg.get("do_align_long_axis", False)),
+        crop_margin=bool(cfg.get("do_crop_margin", True)) if nougat else None,
+        # Nougat shrinks with bicubic and reducing_gap 2; Donut with its own filter, bicubic where that is 0 (nearest)
+        thumbnail_resample="bicubic" if nougat or cfg.get("resample") == 0 else None,
+        thumbnail_reducing_gap=2.0 if nougat else None,
+    )
 
 
 class _Vision(nn.Module):
@@ -61,6 +87,7 @@ class VisionEncoderDecoderAdapter:
         self.start_id, self.eos_id, self.pad_id = int(start), int(eos), int(pad)
         max_pos = getattr(dc, "max_position_embeddings", None) or getattr(dc, "n_positions", 1024)
         prep = preprocessing(source, image_size(ec.image_size), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+        prep = fit_pad(source, prep)
         tokens, width = vision_dims(source, self.vision_encoder(), prep)
         dims = ModelDims(
             **decoder_dims(self.decoder_init(), self.start_id, torch.zeros(1, tokens, width)),
