@@ -310,3 +310,19 @@ def test_settings_the_runtime_cannot_apply_refuse_the_export_in_one_line():
     with pytest.raises(ModelLoadError) as e:
         generation_defaults(model, "m/generation_config.json")
     assert str(e.value).startswith("m/generation_config.json: generation_config.num_beam_groups = 2") and "\n" not in str(e.value)
+
+
+def test_do_sample_false_is_greedy_and_true_is_refused_in_one_line(shapes_pipe_for_sampling):
+    pipe, image = shapes_pipe_for_sampling
+    assert pipe.caption(image, do_sample=False) == pipe.caption(image)
+    with pytest.raises(InputError) as e:
+        pipe.caption(image, do_sample=True)
+    assert "do_sample" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe_for_sampling(bundles):
+    import vlmedge
+    from vlmedge.data.scenes import scenes
+
+    return vlmedge.load(bundles["shapes-vlm"][2]), next(scenes("test", 0, 1)).image

@@ -52,6 +52,7 @@ class GenerationConfig:
     begin_suppress_tokens: list[int] | None = None
     remove_invalid_values: bool | None = None
     renormalize_logits: bool | None = None
+    do_sample: bool | None = None  # False: greedy or beam search, whatever the model's config asks; True is refused
 
     def check(self) -> None:
         """Refuse options of the wrong type or range with one line naming the option: a bool is not
@@ -131,6 +132,11 @@ def check_options(opts: dict[str, Any]) -> None:
             _real(f"{name}[1]", v[1], 0, LIMITS["factor"], positive=True)
         elif name in ("remove_invalid_values", "renormalize_logits"):
             _flag(name, v)
+        elif name == "do_sample":
+            _flag(name, v)
+            if v:
+                raise InputError("do_sample: True asks for sampling, which this runtime does not do; it decodes greedily "
+                                 "or with beam search (num_beams), as do_sample=False does")
 
 
 def _show(value: Any) -> str:
