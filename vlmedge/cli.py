@@ -36,11 +36,16 @@ def _options(verbose: bool = typer.Option(False, "--verbose", help="on an error,
 
 
 def _evaluate(model_name: str, split: str, n_scenes: int) -> dict:
-    from vlmedge.evaluation.scene_eval import evaluate_torch_model, evaluation_set
-    from vlmedge.models.checkpoint import load_pretrained
+    from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluate_torch_model, evaluation_set
+    from vlmedge.models.checkpoint import HF_BUILTINS, load_pretrained
 
-    model, tokenizer = load_pretrained(model_name)
     es = evaluation_set(split, n_scenes)
+    if model_name in HF_BUILTINS:  # a decoder-only built-in: evaluated through its bundle (exported once, cached)
+        pipe = _open_pipeline(model_name, "cpu", 64_000_000, 16)
+        with _progress() as p:
+            task = p.add_task(f"evaluating on {split} through the runtime", total=len(es.scenes) + len(es.questions))
+            return evaluate_pipeline(pipe, es, progress=lambda n: p.advance(task, n))
+    model, tokenizer = load_pretrained(model_name)
     with _progress() as p:
         task = p.add_task(f"evaluating on {split}", total=len(es.scenes) + len(es.questions))
         return evaluate_torch_model(model, tokenizer, es, progress=lambda n: p.advance(task, n))
@@ -69,16 +74,26 @@ def evaluate(
 @app.command()
 def train(
     out: Path = typer.Option(Path("runs/shapes-vlm"), help="run directory (checkpoint, log, final model)"),
-    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the shipped model's 8400, ~47 min on 2 cores)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: the shipped model's: 8400 for "
+                                        "shapes-vlm, ~47 min on 2 cores; 4500 for shapes-smolvlm)"),
     seed: int = typer.Option(0, help="seed of the initial weights and of the question mix"),
     threads: int = typer.Option(2, min=1, help="CPU threads"),
+    model: str = typer.Option("shapes-vlm", "--model", help="shapes-vlm (cross-attention) or shapes-smolvlm (decoder-only)"),
 ) -> None:
-    """Train the reference model on generated scenes; resumes from OUT/checkpoint.pt if present.
+    """Train a reference model on generated scenes; resumes from OUT/checkpoint.pt if present.
 
-    Writes OUT/model (model.safetensors, config.json, tokenizer.json) and evaluates it on the test
-    split. The shipped checkpoint is `vlmedge train` with the defaults.
+    Writes OUT/model and evaluates it on the test split. The shipped checkpoints are `vlmedge train`
+    (and `vlmedge train --model shapes-smolvlm`) with the defaults.
     """
     from dataclasses import replace
+
+    if model == "shapes-smolvlm":
+        from vlmedge.training.smolvlm import main as train_smolvlm
+
+        train_smolvlm(["--out", str(out), *(["--steps", str(steps)] if steps else [])])
+        return
+    if model != "shapes-vlm":
+        raise InputError(f"--model: expected shapes-vlm or shapes-smolvlm, not {model!r}")
 
     from vlmedge.evaluation.report import print_report
     from vlmedge.training.train import TrainOptions
@@ -130,9 +145,11 @@ def demo(
     scenes: int = typer.Option(1000, min=1, help="test scenes for the metrics"),
     variants: bool = typer.Option(True, help="also make FP16 and INT8 variants (once) and compare all three"),
     compare_scenes: int = typer.Option(200, "--compare-scenes", min=1, help="test scenes for the comparison"),
+    model: str = typer.Option("shapes-vlm", "--model", help="shapes-vlm (cross-attention) or shapes-smolvlm (decoder-only)"),
 ) -> None:
-    """Caption and answer test scenes with the built-in model through the runtime (exported once and
-    cached), print latency per stage and test-split metrics, then compare FP32, FP16 and INT8."""
+    """Caption and answer test scenes with a built-in model through the runtime (exported once and
+    cached), print latency per stage and test-split metrics, then compare FP32 with FP16 and INT8
+    (shapes-vlm) or INT4 weight-only (shapes-smolvlm) variants."""
     import statistics
 
     from rich.table import Table
@@ -143,7 +160,11 @@ def demo(
     from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
     from vlmedge.runtime.decoding import Timings
 
-    pipe = _open_pipeline("shapes-vlm", "cpu", 64_000_000, 16, shared_threads=not variants)
+    from vlmedge.models.checkpoint import BUILTIN_MODELS
+
+    if model not in BUILTIN_MODELS:
+        raise InputError(f"--model: expected a built-in model ({', '.join(BUILTIN_MODELS)}), not {model!r}")
+    pipe = _open_pipeline(model, "cpu", 64_000_000, 16, shared_threads=not variants)
     console.print(f"runtime: {pipe.bundle.path} on {pipe.backend.name}", highlight=False)
     out.mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(gen("test", 0, count)):
@@ -181,13 +202,13 @@ def demo(
     with _progress() as p:
         bar = p.add_task("evaluating on test through the runtime", total=len(es.scenes) + len(es.questions))
         report = evaluate_pipeline(pipe, es, progress=lambda n: p.advance(bar, n))
-    print_report(report, console, title=f"shapes-vlm through {pipe.backend.name}")
+    print_report(report, console, title=f"{model} through {pipe.backend.name}")
     if variants:
-        _demo_variants(pipe.bundle.path, out, compare_scenes)
+        _demo_variants(pipe.bundle.path, out, compare_scenes, ("fp16", "int4-wo") if model == "shapes-smolvlm" else ("fp16", "int8"))
 
 
-def _demo_variants(fp32: Path, out: Path, n_scenes: int) -> None:
-    """FP16 and INT8 variants of the built-in bundle (made once, cached beside it), then all three compared."""
+def _demo_variants(fp32: Path, out: Path, n_scenes: int, precisions: tuple[str, ...]) -> None:
+    """Variants of the built-in bundle (made once, cached beside it), then all of them compared."""
     import logging
 
     from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
@@ -195,7 +216,7 @@ def _demo_variants(fp32: Path, out: Path, n_scenes: int) -> None:
     from vlmedge.compare.render import print_comparison
 
     paths = [fp32]
-    for precision in ("fp16", "int8"):
+    for precision in precisions:
         path = fp32.with_name(f"{fp32.name}-{precision}")
         if not (path / "manifest.json").is_file():
             err_console.print(f"making the {precision} variant once, to {path}", highlight=False)

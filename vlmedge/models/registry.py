@@ -7,7 +7,7 @@ from typing import Callable
 
 from vlmedge.errors import ModelLoadError, first_line, read_json
 from vlmedge.models.base import Adapter
-from vlmedge.models.checkpoint import BUILTIN_MODELS
+from vlmedge.models.checkpoint import BUILTIN_MODELS, HF_BUILTINS
 
 
 def _shapes(src: str, prompt: str | None = None) -> Adapter:
@@ -104,6 +104,8 @@ def architecture_of(path: Path) -> str:
 
 def load_adapter(source: str, prompt: str | None = None) -> Adapter:
     """The adapter for a built-in name, a model directory or (network permitting) a hub id."""
+    if source in HF_BUILTINS:  # a built-in saved as a Hugging Face directory
+        return ARCHITECTURES[HF_BUILTINS[source]](str(BUILTIN_MODELS[source]), prompt)
     if source in BUILTIN_MODELS:
         return _shapes(source, prompt)
     path = Path(source)
