@@ -95,7 +95,7 @@ def prepare(work: Path, longest_edge: int) -> tuple[Path, Path, Path]:
         log(f"  {time.perf_counter() - t0:.0f} s")
     if not (int4 / "manifest.json").is_file():
         log(f"quantizing {int4}")
-        quantize_bundle(bundle, int4, QuantizeOptions("int4-wo", calib="synthetic:4", held_out=2, method="rtn", lm_head=True,
+        quantize_bundle(bundle, int4, QuantizeOptions("int4-wo", calib="synthetic:8", held_out=2, method="rtn", lm_head=True,
                                                        format="matmulnbits", force=True, budget_vqa=1.0, budget_bleu=1.0))
     return model, bundle, int4
 

@@ -228,6 +228,11 @@ def test_a_prompt_over_the_bundles_length_is_refused_before_any_graph_runs(prefi
     export_bundle(load_adapter(adapter.source), "vqa", short, ExportOptions(max_length=64, validate_images=2))
     pipe = vlmedge.load(short)
     assert pipe.vqa(_images(1)[0], "what color is the circle ?")  # fits
+    with pytest.raises(InputError, match="has no caption task"):  # exported with --task vqa
+        pipe.caption(_images(1)[0])
+    from vlmedge.calibration.data import record_inputs, synthetic
+
+    assert set(record_inputs(pipe, synthetic(2))) == {"vision_encoder", "embed", "decoder"}  # what quantize records
     with pytest.raises(InputError) as e:
         pipe.vqa(_images(1)[0], " ".join(["red"] * 60) + " ?")
     assert "\n" not in str(e.value) and "axes.seq_len" in str(e.value)

@@ -154,11 +154,11 @@ def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: in
 
         recorder = copy.copy(pipe)
         recorder.backend = rec
-        for s in range(0, len(cs.images), batch_size):
+        for s in range(0, len(cs.images) if "caption" in m.tasks else 0, batch_size):
             recorder.caption(list(cs.images[s : s + batch_size]))
             if progress:
                 progress(len(cs.images[s : s + batch_size]))
-        for s in range(0, len(cs.questions), batch_size):
+        for s in range(0, len(cs.questions) if "vqa" in m.tasks else 0, batch_size):
             part = cs.questions[s : s + batch_size]
             recorder.vqa([cs.images[i] for i, _ in part], [q for _, q in part])
             if progress:

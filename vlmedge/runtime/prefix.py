@@ -220,6 +220,9 @@ class PrefixPipeline(Pipeline):
         raise InputError(f"task: {task!r:.40}: decoder-only bundles run caption, vqa and chat")
 
     def _generate(self, task, images, convs, generation, return_ids, batch_size, timings):
+        if task not in self.manifest.tasks:
+            raise InputError(f"{self.bundle.path}: this bundle has no {task} task (it has {', '.join(self.tasks)}); "
+                             "export it with --task all")
         try:
             config = GenerationConfig(**generation)
         except TypeError as e:
