@@ -81,3 +81,15 @@ def prefix_bundles(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _per_session_onnxruntime_threads():
+    """ONNX Runtime's process-wide thread pool, once on, refuses every later session that asks for its
+    own threads (ONNX Runtime's own calibrator's, the tests' plain sessions), so a test that ran the CLI
+    in this process would break the tests after it, in whatever order they run. In the test process
+    pipelines keep per-session pools; the CLI's shared pool runs in the subprocess tests."""
+    from vlmedge.runtime.backends import onnxruntime as backend
+
+    backend._shared_pool.setdefault("size", None)  # "unavailable": _use_shared_pool never turns it on
+    yield
