@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import threading
 import time
@@ -458,16 +457,7 @@ def step_losses(model, b: Batch, image_pos: torch.Tensor, tap: AttentionTap | No
     return losses
 
 
-def mix_at(step: int, o: TrainOptions) -> dict:
-    frac = step / o.steps
-    return dict([mix for start, mix in o.curriculum if start <= frac][-1])
-
-
-def lr_at(step: int, o: TrainOptions) -> float:
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    t = (step - o.warmup) / max(1, o.steps - o.warmup)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+from vlmedge.training.train import lr_at, mix_at  # noqa: E402  the same schedule and question mix as shapes-vlm's
 
 
 def _save_atomic(obj, path: Path) -> None:
