@@ -168,6 +168,24 @@ def test_tokens_equal_hf_generate(prefix_bundles, name, beams):
     assert caption == ref
 
 
+def test_the_onnxruntime_target_fuses_the_tower_and_keeps_hf_tokens(prefix_bundles, tmp_path):
+    import transformers
+
+    import vlmedge
+    from vlmedge.export.ort_target import fused_counts, retarget
+
+    adapter, manifest, path = prefix_bundles("llava-onevision")  # SigLIP tower, Qwen2 language model
+    entry = retarget(path, tmp_path / "ort", validate_images=2)
+    assert fused_counts(tmp_path / "ort" / "vision_encoder.onnx").get("MultiHeadAttention", 0) >= 1
+    assert entry["token_agreement"] == {"caption": "2/2", "vqa": "2/2"}
+    model = getattr(transformers, adapter.architecture).from_pretrained(adapter.source).eval()
+    images, questions = _images(3), _questions(3)
+    texts = [_chat_text("llava-onevision", adapter.source, _msgs(q)) for q in questions]
+    ours = [list(g.ids) for g in vlmedge.load(tmp_path / "ort").vqa(images, questions, return_ids=True, max_new_tokens=MAX_NEW)]
+    eos = manifest.tasks["vqa"]["generation"].get("eos_token_id", manifest.tasks["vqa"]["eos_id"])
+    assert ours == _hf_generate(model, _processor_inputs("llava-onevision", adapter.source, images, texts), 1, eos)
+
+
 @pytest.mark.parametrize("name", ["smolvlm", "llava", "llava-onevision"])
 def test_chat_several_turns_and_images_equal_hf_generate(prefix_bundles, name):
     import transformers

@@ -115,7 +115,10 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
     m = bundle.manifest
     if "onnxruntime_target" in m.validation:  # (a quantized form alone, MatMulNBits or dynamic INT8, is not fused)
         raise InputError(f"{src}: already an ONNX Runtime-target bundle (manifest validation.onnxruntime_target)")
-    heads, hidden = int(m.dims["decoder_heads"]), int(m.dims["decoder_heads"] * m.dims["decoder_head_dim"])
+    if m.contract == "prefix":  # dims hold the cache's KV heads, not the attention's: the optimizer reads the graph
+        heads = hidden = 0
+    else:
+        heads, hidden = int(m.dims["decoder_heads"]), int(m.dims["decoder_heads"] * m.dims["decoder_head_dim"])
     same_dir = Path(out).resolve() == Path(src).resolve()
     with OutputDir(out, force or same_dir) as writer:
         tmp = writer.path

@@ -33,8 +33,38 @@ from vlmedge.models.base import flat_kv, pair_kv
 CAPTION_INSTRUCTION = "Describe the image."  # caption's user text when export is given no --prompt
 
 
+GROUPED = "vlmedge_grouped"
+# language models whose eager attention is plain softmax(QK^T * scale + mask) V over repeated KV heads
+GROUPED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF's eager attention without repeating the KV heads: each KV head's query heads are stacked as
+    rows of one product, so the graph reads the cache where it lies instead of copying it
+    `heads / kv_heads` times at every step."""
+    b, heads, s, d = query.shape
+    kv = key.shape[1]
+    scores = torch.matmul(query.reshape(b, kv, -1, d), key.transpose(2, 3)) * scaling
+    scores = scores.reshape(b, heads, s, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.reshape(b, kv, heads // kv * s, -1), value)
+    return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), probs
+
+
+def _register_grouped() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED, grouped_attention)
+    AttentionMaskInterface.register(GROUPED, eager_mask)
+
+
 class PrefixDecoder(nn.Module):
-    """The language model over input embeddings with its cache given as graph inputs."""
+    """The language model over input embeddings with its cache given as graph inputs. Language models
+    of GROUPED_MODEL_TYPES run with `grouped_attention` here (HF's reference keeps its eager
+    attention: validation compares the two)."""
 
     def __init__(self, lm: nn.Module, head: nn.Module):
         super().__init__()
@@ -43,8 +73,16 @@ class PrefixDecoder(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers.cache_utils import DynamicCache
 
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      cache=DynamicCache(pair_kv(past)), use_cache=True, return_dict=True)
+        config = self.lm.config
+        before = config._attn_implementation
+        if getattr(config, "model_type", None) in GROUPED_MODEL_TYPES and before == "eager":
+            _register_grouped()
+            config._attn_implementation = GROUPED
+        try:
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=DynamicCache(pair_kv(past)), use_cache=True, return_dict=True)
+        finally:
+            config._attn_implementation = before
         logits = self.head(out.last_hidden_state[:, -1])
         return (logits, *flat_kv((layer.keys, layer.values) for layer in out.cache.layers))
 
