@@ -13,6 +13,9 @@ global image (17 tiles, 1,088 image tokens).
    with Timings) against HF `generate` on the same frames and prompt ids (time to first token:
    `generate(max_new_tokens=1)`; per token: the rest of a full run over the remaining tokens). The two
    alternate round by round in one process after a warm-up, 2 threads each, and must give the same tokens.
+   The bundle's ONNX Runtime target (`--target onnxruntime`: fused attention and layer norms) runs
+   beside them. The first token's floor: its arithmetic (PyTorch's FLOP counter on HF's first-token
+   pass) over ONNX Runtime's best float32 MatMul rate on this machine.
 2. vlmedge INT4 weight-only (the decoder's MatMuls and the LM head, block 32, ONNX Runtime's
    MatMulNBits) per token against vlmedge FP32, alternating.
 3. Per token against the weight-bandwidth floor: the decoder graph's weight bytes read once at the
@@ -83,6 +86,7 @@ def prepare(work: Path, longest_edge: int) -> tuple[Path, Path, Path]:
     from vlmedge.outdir import OutputDir
 
     model, bundle, int4 = work / f"smolvlm-256m-{longest_edge}", work / f"bundle-{longest_edge}", work / f"bundle-{longest_edge}-int4"
+    fused = work / f"bundle-{longest_edge}-ort"
     if not (model / "config.json").is_file():
         log(f"building the model in {model}")
         with OutputDir(model, force=True, label="model directory") as w:
@@ -97,7 +101,12 @@ def prepare(work: Path, longest_edge: int) -> tuple[Path, Path, Path]:
         log(f"quantizing {int4}")
         quantize_bundle(bundle, int4, QuantizeOptions("int4-wo", calib="synthetic:8", held_out=2, method="rtn", lm_head=True,
                                                        format="matmulnbits", force=True, budget_vqa=1.0, budget_bleu=1.0))
-    return model, bundle, int4
+    if not (fused / "manifest.json").is_file():
+        from vlmedge.export.ort_target import retarget
+
+        log(f"writing the ONNX Runtime target {fused}")
+        retarget(bundle, fused, force=True, validate_images=2)
+    return model, bundle, int4, fused
 
 
 def median_ms(xs) -> float:
@@ -116,12 +125,13 @@ def run(args) -> dict:
 
     torch.set_num_threads(THREADS)
     work = Path(args.work)
-    model_dir, bundle, int4 = prepare(work, args.longest_edge)
+    model_dir, bundle, int4, fused = prepare(work, args.longest_edge)
     scene = next(scenes("test", 0, 1))
     image = Image.fromarray(scene.image).resize((512, 512), Image.Resampling.BICUBIC)
     question = pick_questions(scene)[0].text
     N = args.new_tokens
     fp32, q4 = vlmedge.load(bundle, threads=THREADS), vlmedge.load(int4, threads=THREADS)
+    ort = vlmedge.load(fused, threads=THREADS)
     adapter = load_adapter(str(model_dir))
     hf = adapter.model
     inputs, rows = fp32.prompt_inputs([[image]], [[user_turn(question)]])
@@ -135,35 +145,48 @@ def run(args) -> dict:
         whole = time.perf_counter() - t0
         return whole - sum(t.tokens), statistics.median(t.tokens), list(g.ids)
 
+    # HF as vlmedge's export loads it (eager attention, the reference for token equality) and as
+    # transformers loads it by default (PyTorch's scaled_dot_product_attention)
+    sdpa = type(hf).from_pretrained(str(model_dir), attn_implementation="sdpa").eval()
+    sdpa.generation_config = hf.generation_config
+
     @torch.no_grad()
-    def theirs():
+    def theirs(model=hf):
         t0 = time.perf_counter()
-        hf.generate(**hf_inputs, max_new_tokens=1, do_sample=False)
+        model.generate(**hf_inputs, max_new_tokens=1, do_sample=False)
         first = time.perf_counter() - t0  # preprocessing is shared (done once above): HF's TTFT is model time
         t0 = time.perf_counter()
-        out = hf.generate(**hf_inputs, max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        out = model.generate(**hf_inputs, max_new_tokens=N, min_new_tokens=N, do_sample=False)
         whole = time.perf_counter() - t0
         return first, (whole - first) / (N - 1), out[0, len(rows[0]):].tolist()
 
     log(f"prompt: {len(rows[0])} tokens ({len(inputs[0][0].frames)} tiles); {N} new tokens; {args.rounds} rounds")
-    ours(fp32), theirs(), ours(q4)  # warm-up
-    times = {"vlmedge": [], "hf": [], "vlmedge-int4": []}
+    contenders = (("vlmedge", lambda: ours(fp32)), ("hf", theirs), ("vlmedge-ort-target", lambda: ours(ort)),
+                  ("hf-sdpa", lambda: theirs(sdpa)), ("vlmedge-int4", lambda: ours(q4)))
+    for _, fn in contenders:  # warm-up
+        fn()
+    times = {name: [] for name, _ in contenders}
     tokens = {}
     for r in range(args.rounds):
-        for name, fn in (("vlmedge", lambda: ours(fp32)), ("hf", theirs), ("vlmedge-int4", lambda: ours(q4))):
+        for name, fn in contenders:
             first, per, ids = fn()
             times[name].append((first, per))
             tokens[name] = ids
             time.sleep(PAUSE)
         log(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1][0] * 1000:.0f} / {v[-1][1] * 1000:.1f} ms" for k, v in times.items()))
     res = {k: {"first_token_ms": median_ms([a for a, _ in v]), "per_token_ms": median_ms([b for _, b in v])} for k, v in times.items()}
-    res["same_tokens_as_hf"] = tokens["vlmedge"] == tokens["hf"]
+    res["same_tokens_as_hf"] = {k: tokens[k] == tokens["hf"] for k in ("vlmedge", "vlmedge-ort-target", "hf-sdpa")}
     res["ratios"] = {
         "hf / vlmedge first token": round(res["hf"]["first_token_ms"] / res["vlmedge"]["first_token_ms"], 2),
         "hf / vlmedge per token": round(res["hf"]["per_token_ms"] / res["vlmedge"]["per_token_ms"], 2),
+        "hf / vlmedge-ort-target first token": round(res["hf"]["first_token_ms"] / res["vlmedge-ort-target"]["first_token_ms"], 2),
+        "hf / vlmedge-ort-target per token": round(res["hf"]["per_token_ms"] / res["vlmedge-ort-target"]["per_token_ms"], 2),
+        "hf-sdpa / vlmedge-ort-target first token": round(res["hf-sdpa"]["first_token_ms"] / res["vlmedge-ort-target"]["first_token_ms"], 2),
+        "hf-sdpa / vlmedge-ort-target per token": round(res["hf-sdpa"]["per_token_ms"] / res["vlmedge-ort-target"]["per_token_ms"], 2),
         "int4 / fp32 per token": round(res["vlmedge-int4"]["per_token_ms"] / res["vlmedge"]["per_token_ms"], 3),
     }
     res["floor"] = floor(bundle, res["vlmedge"]["per_token_ms"])
+    res["first_token_floor"] = compute_floor(hf, hf_inputs, res)
     res["peak_rss_mb"] = {name: peak_rss(path, question) for name, path in (("fp32", bundle), ("int4-wo", int4))}
     res["prompt_tokens"], res["tiles"], res["new_tokens"] = len(rows[0]), len(inputs[0][0].frames), N
     return res
@@ -182,6 +205,53 @@ def floor(bundle: Path, per_token_ms: float) -> dict:
     return {"decoder_weight_mb": round(weight_bytes / 1e6, 1), "stream_read_gbps": round(bw / 1e9, 2),
             "sysbench_read_gbps": round(sb / 1e9, 2) if sb else None, "floor_ms": round(weight_bytes / bw * 1000, 2),
             "per_token_over_floor": round(per_token_ms / (weight_bytes / bw * 1000), 2)}
+
+
+def gemm_rate(m: int, k: int, n: int, repeats: int = 7) -> float:
+    """ONNX Runtime's sustained float32 MatMul rate (FLOP/s) on THREADS threads, best of `repeats`, at
+    one shape: the vision tower's MLP (its largest product)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [numpy_helper.from_array(rng.random((k, n), dtype=np.float32), "w")])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                so, providers=["CPUExecutionProvider"])
+    x = rng.random((m, k), dtype=np.float32)
+    sess.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def compute_floor(hf, hf_inputs: dict, res: dict) -> dict:
+    """The first token's arithmetic, counted by PyTorch on HF's own first-token pass (vision tower,
+    connector, prompt, LM head), over the machine's best float32 MatMul rate: no FP32 runtime computes
+    the first token faster than that."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        hf.generate(**hf_inputs, max_new_tokens=1, do_sample=False)
+    flops = counter.get_total_flops()
+    vision = hf.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    rate = gemm_rate(tokens, vision.hidden_size, vision.intermediate_size)
+    floor_ms = flops / rate * 1000
+    return {"gflop": round(flops / 1e9, 1), "matmul_gflops": round(rate / 1e9, 1), "floor_ms": round(floor_ms, 1),
+            "vlmedge_over_floor": round(res["vlmedge"]["first_token_ms"] / floor_ms, 2),
+            "hf_over_floor": round(res["hf"]["first_token_ms"] / floor_ms, 2),
+            "hf_sdpa_over_floor": round(res["hf-sdpa"]["first_token_ms"] / floor_ms, 2),
+            "first_token_for_1_5x_ms": round(res["hf"]["first_token_ms"] / 1.5, 1)}
 
 
 def peak_rss(bundle: Path, question: str) -> dict:

@@ -19,7 +19,8 @@ What it does:
      (this file with --genai-worker, in the genai venv) that loads both models once and generates on
      request, so no model load is in any round.
    - vlmedge: `vlmedge.load(bundle, threads=T, shared_threads=True)` (as the CLI opens bundles: one
-     process-wide pool of T intra-op threads), the prompt's embeddings from the bundle's `embed` graph,
+     process-wide pool of T intra-op threads) in its own persistent subprocess too (--vlmedge-worker,
+     this venv, no torch imported), the prompt's embeddings from the bundle's `embed` graph,
      then vlmedge's own loop: `decode(PrefixDecoder(...))` (the prompt call with the masked one-slot
      past, then one `embed` + `decoder` call per token, IOBinding, cache kept as OrtValues).
    Per token = one decode step: the model run on the previous token plus choosing the next one
@@ -129,25 +130,52 @@ def genai_worker(models: list[str], threads: int) -> None:
         out.flush()
 
 
-class GenaiWorker:
-    """The persistent genai subprocess."""
+def vlmedge_worker(bundles: list[str], threads: int, shared: bool) -> None:
+    """The same protocol as genai_worker, for vlmedge bundles (request: {"model", "ids", "new", "eos"})."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    sys.path.insert(0, str(ROOT))
+    loaded = {}
+    for spec in bundles:
+        name, path = spec.split("=", 1)
+        loaded[name] = VlmedgeContender(Path(path), threads, shared)
+    hello = {"ready": True, "bundles": {n: {"pool": c.pool, "backend": c.pipe.backend.summary, "target": c.pipe.manifest.target,
+                                            "precision": c.pipe.manifest.precision.get("dtype"), "dims": c.pipe.manifest.dims,
+                                            "task": c.task} for n, c in loaded.items()}}
+    out.write(json.dumps(hello) + "\n")
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req.get("quit"):
+            break
+        c = loaded[req["model"]]
+        if "room" in req:
+            out.write(json.dumps({"room": c.pipe.max_new_tokens(c.task, int(req["room"]))}) + "\n")
+            continue
+        out.write(json.dumps(c.generate(req["ids"], int(req["new"]), req["eos"])) + "\n")
 
-    def __init__(self, python: Path, models: dict[str, Path], threads: int):
-        cmd = [str(python), str(Path(__file__).resolve()), "--genai-worker", "--threads", str(threads),
-               "--genai-models", *(f"{n}={p}" for n, p in models.items())]
+
+class Worker:
+    """A persistent contender subprocess (this file with --genai-worker or --vlmedge-worker)."""
+
+    def __init__(self, python: Path, args: list[str]):
+        cmd = [str(python), str(Path(__file__).resolve()), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.info = self._read()
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise SystemExit(f"genai worker ended (exit status {self.proc.wait()}); see its stderr above")
+            raise SystemExit(f"worker ended (exit status {self.proc.wait()}); see its stderr above")
         return json.loads(line)
 
-    def generate(self, model: str, ids: list[int], new: int) -> dict:
-        self.proc.stdin.write(json.dumps({"model": model, "ids": ids, "new": new}) + "\n")
+    def ask(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return self._read()
+
+    def generate(self, model: str, ids: list[int], new: int, eos: list[int] | None = None) -> dict:
+        return self.ask({"model": model, "ids": ids, "new": new, "eos": eos})
 
     def close(self) -> None:
         try:
@@ -391,9 +419,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--genai-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--genai-models", nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--vlmedge-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--vlmedge-bundles", nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.genai_worker:
         return genai_worker(args.genai_models, args.threads)
+    if args.vlmedge_worker:
+        return vlmedge_worker(args.vlmedge_bundles, args.threads, args.vlmedge_pool == "shared")
     for name in ("smolvlm", "work", "bundle"):
         if getattr(args, name) is None:
             ap.error(f"--{name.replace('_', '-')} is required")
@@ -414,22 +446,25 @@ def main() -> None:
     genai_dirs = {p: build_genai(python, work / "llama", work / f"genai-{p}", p, work / "genai-cache", llama_info["source"])
                   for p in precisions}
 
-    # vlmedge first (its shared pool must be set up before any other session of this process)
+    # each runtime in its own fresh process, loaded once: neither shares its process (its allocator, its
+    # pages, the other's imports) with the other or with this script's torch
     bundles = {"fp32": args.bundle.resolve(), **({"int4": args.bundle_int4.resolve()} if args.bundle_int4 else {})}
-    vl = {p: VlmedgeContender(b, args.threads, args.vlmedge_pool == "shared") for p, b in bundles.items()}
-    dims = vl["fp32"].pipe.manifest.dims
+    log(f"starting the vlmedge worker ({', '.join(bundles)})")
+    vworker = Worker(Path(sys.executable), ["--vlmedge-worker", "--threads", str(args.threads), "--vlmedge-pool", args.vlmedge_pool,
+                                            "--vlmedge-bundles", *(f"{n}={p}" for n, p in bundles.items())])
+    dims = vworker.info["bundles"]["fp32"]["dims"]
     cfg = llama_info["config"]
     if int(dims["vocab_size"]) != cfg["vocab_size"] or int(dims["decoder_layers"]) != cfg["num_hidden_layers"]:
         raise SystemExit(f"{args.bundle}: vocab {dims['vocab_size']} / layers {dims['decoder_layers']} are not the "
                          f"SmolVLM's ({cfg['vocab_size']} / {cfg['num_hidden_layers']}): another model's bundle?")
-    for p, c in vl.items():
-        room = c.pipe.max_new_tokens(c.task, args.prompt_tokens)
+    for p, b in bundles.items():
+        room = vworker.ask({"model": p, "room": args.prompt_tokens})["room"]
         if room < args.new_tokens:
-            raise SystemExit(f"{c.bundle}: {args.prompt_tokens} prompt tokens leave {room} new tokens "
+            raise SystemExit(f"{b}: {args.prompt_tokens} prompt tokens leave {room} new tokens "
                              f"(axes.total_len); export with a larger --max-length")
 
     log(f"starting the genai worker ({', '.join(genai_dirs)})")
-    worker = GenaiWorker(python, genai_dirs, args.threads)
+    worker = Worker(python, ["--genai-worker", "--threads", str(args.threads), "--genai-models", *(f"{n}={p}" for n, p in genai_dirs.items())])
     eos = worker.info["eos_token_id"]["fp32"]
     eos = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
@@ -438,7 +473,7 @@ def main() -> None:
     prompt = rng.integers(0, vocab, args.prompt_tokens).tolist()
     contenders = []
     for p in precisions:
-        contenders.append((f"vlmedge-{p}", lambda ids, p=p: vl[p].generate(ids, args.new_tokens, eos)))
+        contenders.append((f"vlmedge-{p}", lambda ids, p=p: vworker.generate(p, ids, args.new_tokens, eos)))
         contenders.append((f"genai-{p}", lambda ids, p=p: worker.generate(p, ids, args.new_tokens)))
     results: dict[str, list[dict]] = {name: [] for name, _ in contenders}
     tokens: dict[str, list[list[int]]] = {name: [] for name, _ in contenders}
@@ -464,11 +499,12 @@ def main() -> None:
         extra = [rng.integers(0, vocab, args.prompt_tokens).tolist() for _ in range(args.check_prompts)]
         for i, ids in enumerate([prompt, *extra]):
             for p in precisions:
-                a = tokens[f"vlmedge-{p}"][0] if i == 0 else vl[p].generate(ids, args.new_tokens, eos)["tokens"]
+                a = tokens[f"vlmedge-{p}"][0] if i == 0 else vworker.generate(p, ids, args.new_tokens, eos)["tokens"]
                 b = tokens[f"genai-{p}"][0] if i == 0 else worker.generate(p, ids, args.new_tokens)["tokens"]
                 checks[p].append({"prompt": i, **agreement(a, b), **({"vlmedge": a, "genai": b} if i == 0 else {})})
     finally:
         worker.close()
+        vworker.close()
     stable = {n: all(t == ts[0] for t in ts) for n, ts in tokens.items()}
 
     summary = {n: summarise(rs) for n, rs in results.items()}
@@ -490,11 +526,10 @@ def main() -> None:
                       "session_options": worker.info["session_options"], "search": "do_sample False, min_length = max_length = prompt + new",
                       "models": {p: {"dir": str(d), "files": folder_files(d), "builder": json.loads((d / "built-from.json").read_text())["command"],
                                      **graph_facts(d / genai_file(d))} for p, d in genai_dirs.items()}},
-            "vlmedge": {p: {"bundle": str(c.bundle), "target": c.pipe.manifest.target, "precision": c.pipe.manifest.precision.get("dtype"),
-                            "pool": c.pool, "backend": c.pipe.backend.summary,
-                            "decoder": {"bytes": (c.bundle / c.pipe.manifest.graphs["decoder"].file).stat().st_size,
-                                        **graph_facts(c.bundle / c.pipe.manifest.graphs["decoder"].file)}}
-                        for p, c in vl.items()},
+            "vlmedge": {p: {"bundle": str(b), "process": "one persistent subprocess (its bundles loaded once), JSON lines over pipes",
+                            **{k: v for k, v in vworker.info["bundles"][p].items() if k != "dims"},
+                            "decoder": {"bytes": (b / "decoder.onnx").stat().st_size, **graph_facts(b / "decoder.onnx")}}
+                        for p, b in bundles.items()},
         },
         "model": {"source": llama_info["smolvlm"], "params_lm": llama_info["params"], **llama_info["config"],
                   "tie_word_embeddings": llama_info["tie_word_embeddings"], "extraction_check": llama_info["check"]},

@@ -470,7 +470,7 @@ def llava_onevision(out: Path) -> Path:
         vision_config=dict(model_type="siglip_vision_model", hidden_size=40, intermediate_size=80, num_hidden_layers=2,
                            num_attention_heads=4, image_size=tile, patch_size=6, vision_use_head=False),
         text_config=dict(model_type="qwen2", vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
                          eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"], bos_token_id=None),
         image_token_index=vocab["<image>"], video_token_index=vocab["<video>"], image_grid_pinpoints=pinpoints,
         vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full", vision_feature_layer=-1,

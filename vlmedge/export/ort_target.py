@@ -12,6 +12,12 @@ dynamo-exported graphs, measured on `shapes-vlm` and the base ViT-GPT2 (onnxrunt
   the project's own pass (`vlmedge.export.attention_fusion`), into MultiHeadAttention, with the KV
   cache left as the graph's own.
 
+The decoder-only (prefix) contract's `decoder` gets its own pass (`vlmedge.export.decoder_fusion`):
+each layer's rotary embedding and grouped-query attention become RotaryEmbedding and
+GroupQueryAttention, and projections that read the same tensor (query/key/value, gate/up) one
+product. GroupQueryAttention takes a prompt after a past one row at a time, so the manifest gets
+`axes.prompt_batch` 1 and the runtime runs a batch's prompts row by row (steps stay batched).
+
 `vlmedge quantize --target onnxruntime` fuses the variant it has just written: a dynamic INT8
 (MatMulInteger) or MatMulNBits variant is ONNX Runtime's already but not yet fused; a bundle whose
 manifest records `validation.onnxruntime_target` is refused.
@@ -33,18 +39,23 @@ from typing import Callable
 
 from vlmedge.errors import ExportError, InputError, ValidationError, first_line
 from vlmedge.export.attention_fusion import FUSED_DOMAIN, fuse_attention
+from vlmedge.export.decoder_fusion import fuse_prefix_decoder, merge_projections
 from vlmedge.outdir import OutputDir
-from vlmedge.runtime.bundle import MANIFEST, TARGETS, load_bundle, sha256_file
+from vlmedge.runtime.bundle import MANIFEST, TARGETS, AxisRange, load_bundle, sha256_file
 
 ORT_TARGET = TARGETS[1]
 
 VALIDATE_IMAGES = 4
 
 
-def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention: bool = True) -> dict[str, int]:
+def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention: bool = True,
+               prefix_decoder: tuple[int, int] | None = None, notes: list[str] | None = None) -> dict[str, int]:
     """Write `src` with ONNX Runtime's transformer fusions applied to `dst` (and attention fused into
     MultiHeadAttention unless `attention` is False); returns the fused (contrib) node count per op
-    type."""
+    type. `prefix_decoder` (layers, positions): the graph is the prefix contract's decoder, whose
+    attention becomes GroupQueryAttention (vlmedge.export.decoder_fusion) and whose projections that
+    share an input are merged; what was left unfused is said in `notes`. num_heads and hidden_size
+    0: the optimizer reads them from the graph."""
     import logging
 
     import onnx
@@ -56,7 +67,16 @@ def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention
     try:
         graph = onnx.load(str(src))
         inputs = [copy.deepcopy(i) for i in graph.graph.input]
-        if attention:
+        if prefix_decoder is not None:
+            if attention:
+                done = fuse_prefix_decoder(graph, *prefix_decoder)
+                if done["left"] and notes is not None:
+                    reasons = sorted(set(done["left"].values()))
+                    notes.append(f"{len(done['left'])} layers left unfused ({'; '.join(reasons)})")
+            merged = merge_projections(graph)
+            if notes is not None and merged:
+                notes.append(f"{merged} projections merged into the products beside them")
+        elif attention:
             fuse_attention(graph)
         # opt_level 0: only the Python fusions, so the file stays independent of this machine's CPU
         # (ONNX Runtime applies its own graph optimizations again when it opens the graph)
@@ -126,13 +146,19 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
         graphs = {}
         for name, spec in m.graphs.items():
             log(f"{name}: fusing")
-            path = tmp / spec.file
-            fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden, attention)
+            path, notes = tmp / spec.file, []
+            decoder = (int(m.dims["decoder_layers"]), m.axes["total_len"].max) if (m.contract, name) == ("prefix", "decoder") else None
+            fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden, attention, decoder, notes)
             graphs[name] = replace(spec, sha256=sha256_file(path))
-            log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}")
+            log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}"
+                + "".join(f"; {n}" for n in notes))
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
         entry = {"source_sha256": {n: g.sha256 for n, g in m.graphs.items()}, "fused_nodes": fused}
-        draft = replace(m, graphs=graphs, target=ORT_TARGET)
+        axes = dict(m.axes)
+        if fused.get("decoder", {}).get("GroupQueryAttention") and m.contract == "prefix":
+            # ONNX Runtime's GroupQueryAttention takes a prompt after a past one row at a time
+            axes["prompt_batch"] = AxisRange(1, 1, 1)
+        draft = replace(m, graphs=graphs, target=ORT_TARGET, axes=axes)
         (tmp / MANIFEST).write_text(draft.to_json())
         log("validation: greedy tokens against the source bundle")
         requests = _sample_requests(m, validate_images)

@@ -38,25 +38,36 @@ class PrefixDecoder:
     """The decoding loop's view of the `decoder` graph: the prompt's embeddings run after a masked
     one-slot past, every later token is embedded and run with the cache."""
 
-    def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray):
+    def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray, prompt_rows: int | None = None):
+        """`prompt_rows`: the most rows one prompt call takes (the manifest's `axes.prompt_batch`, which
+        the ONNX Runtime target's fused attention sets to 1); later steps run the whole batch."""
         L = int(dims["decoder_layers"])
         self.backend = backend
         self.present, self.past = kv_names("present", L), kv_names("past", L)
         self.kv_shape = (int(dims["decoder_heads"]), 1, int(dims["decoder_head_dim"]))
         self.embeds, self.prompt_mask = embeds, mask
+        self.prompt_rows = prompt_rows
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         B = prompt.shape[0]
-        dtype = self.embeds.dtype
-        empty = np.zeros((B, *self.kv_shape), dtype=dtype)
         self.mask = np.concatenate([np.zeros((B, 1), dtype=np.int64), self.prompt_mask], 1)  # the hidden slot
         pos = positions(self.prompt_mask)
         self.next_pos = pos[:, -1:] + 1
-        feeds = {"inputs_embeds": self.embeds, "attention_mask": self.mask, "position_ids": pos}
+        step = self.prompt_rows or B
+        if step >= B:
+            logits, self.cache = self._prompt(self.embeds, self.mask, pos)
+            return logits
+        parts = [self._prompt(self.embeds[s : s + step], self.mask[s : s + step], pos[s : s + step]) for s in range(0, B, step)]
+        to_host = self.backend.to_host
+        self.cache = [np.concatenate([to_host(c[i]) for _, c in parts]) for i in range(len(self.present))]
+        return np.concatenate([logits for logits, _ in parts])
+
+    def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, list]:
+        empty = np.zeros((len(embeds), *self.kv_shape), dtype=embeds.dtype)
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
         feeds.update((n, empty) for n in self.past)
         out = self.backend.run("decoder", feeds, keep=self.present)
-        self.cache = [out[n] for n in self.present]
-        return _host_logits(out["logits"])
+        return _host_logits(out["logits"]), [out[n] for n in self.present]
 
     def expand(self, rows: np.ndarray) -> None:
         take = self.backend.take
@@ -273,7 +284,9 @@ class PrefixPipeline(Pipeline):
         if timings is not None:
             timings.preprocess += t1 - t0
             timings.encoder += time.perf_counter() - t1
-        return decode(PrefixDecoder(self.backend, self.manifest.dims, embeds, mask), ids, settings, timings)
+        rows = self.manifest.axes.get("prompt_batch")
+        return decode(PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None), ids, settings,
+                      timings)
 
     def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
