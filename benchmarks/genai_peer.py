@@ -377,7 +377,9 @@ class VlmedgeContender:
         embeds = np.array(pipe.backend.to_host(pipe.backend.run("embed", {"input_ids": prompt})["inputs_embeds"]))
         t_embed = time.perf_counter() - t0
         timings = Timings()
-        rows = decode(PrefixDecoder(pipe.backend, pipe.manifest.dims, embeds, mask), prompt, settings, timings)
+        one_row = pipe.manifest.axes.get("prompt_batch")  # the onnxruntime target: prompts row by row, cache in place
+        rows = decode(PrefixDecoder(pipe.backend, pipe.manifest.dims, embeds, mask, one_row.max if one_row else None),
+                      prompt, settings, timings)
         return {"tokens": rows[0], "prefill_s": t_embed + timings.first_token, "steps_s": list(timings.tokens)}
 
 

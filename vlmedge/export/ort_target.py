@@ -16,7 +16,8 @@ The decoder-only (prefix) contract's `decoder` gets its own pass (`vlmedge.expor
 each layer's rotary embedding and grouped-query attention become RotaryEmbedding and
 GroupQueryAttention, and projections that read the same tensor (query/key/value, gate/up) one
 product. GroupQueryAttention takes a prompt after a past one row at a time, so the manifest gets
-`axes.prompt_batch` 1 and the runtime runs a batch's prompts row by row (steps stay batched).
+`axes.prompt_batch` 1 and the runtime runs a batch's prompts row by row (steps stay batched), and
+keeps the cache in buffers that GroupQueryAttention updates in place.
 
 `vlmedge quantize --target onnxruntime` fuses the variant it has just written: a dynamic INT8
 (MatMulInteger) or MatMulNBits variant is ONNX Runtime's already but not yet fused; a bundle whose

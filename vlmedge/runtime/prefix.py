@@ -38,21 +38,29 @@ class PrefixDecoder:
     """The decoding loop's view of the `decoder` graph: the prompt's embeddings run after a masked
     one-slot past, every later token is embedded and run with the cache."""
 
+    ROOM = 64  # cache rows allocated past the prompt when the cache is updated in place (doubled when full)
+
     def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray, prompt_rows: int | None = None):
         """`prompt_rows`: the most rows one prompt call takes (the manifest's `axes.prompt_batch`, which
-        the ONNX Runtime target's fused attention sets to 1); later steps run the whole batch."""
+        the ONNX Runtime target's GroupQueryAttention sets to 1). Such a graph also updates the cache in
+        place: each layer's past and present are one buffer with room for the rows to come (on
+        backends that can write into a buffer), so a step writes one row instead of copying the cache."""
         L = int(dims["decoder_layers"])
         self.backend = backend
         self.present, self.past = kv_names("present", L), kv_names("past", L)
         self.kv_shape = (int(dims["decoder_heads"]), 1, int(dims["decoder_head_dim"]))
         self.embeds, self.prompt_mask = embeds, mask
         self.prompt_rows = prompt_rows
+        self.in_place = prompt_rows is not None and hasattr(backend, "run_into")
+        self.capacity = 0
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         B = prompt.shape[0]
         self.mask = np.concatenate([np.zeros((B, 1), dtype=np.int64), self.prompt_mask], 1)  # the hidden slot
         pos = positions(self.prompt_mask)
         self.next_pos = pos[:, -1:] + 1
+        if self.in_place:
+            self.capacity = self.mask.shape[1] + self.ROOM
         step = self.prompt_rows or B
         if step >= B:
             logits, self.cache = self._prompt(self.embeds, self.mask, pos)
@@ -60,11 +68,19 @@ class PrefixDecoder:
         parts = [self._prompt(self.embeds[s : s + step], self.mask[s : s + step], pos[s : s + step]) for s in range(0, B, step)]
         to_host = self.backend.to_host
         self.cache = [np.concatenate([to_host(c[i]) for _, c in parts]) for i in range(len(self.present))]
+        if self.in_place:
+            self.cache = [self.backend.buffer(c) for c in self.cache]
         return np.concatenate([logits for logits, _ in parts])
 
     def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, list]:
-        empty = np.zeros((len(embeds), *self.kv_shape), dtype=embeds.dtype)
+        heads, _, dh = self.kv_shape
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        if self.in_place:
+            cache = [self.backend.buffer(np.zeros((len(embeds), heads, self.capacity, dh), dtype=embeds.dtype)) for _ in self.past]
+            feeds.update(zip(self.past, cache))
+            out = self.backend.run_into("decoder", feeds, dict(zip(self.present, cache)), keep=self.present)
+            return _host_logits(out["logits"]), cache
+        empty = np.zeros((len(embeds), *self.kv_shape), dtype=embeds.dtype)
         feeds.update((n, empty) for n in self.past)
         out = self.backend.run("decoder", feeds, keep=self.present)
         return _host_logits(out["logits"]), [out[n] for n in self.present]
@@ -83,11 +99,26 @@ class PrefixDecoder:
         embeds = self.backend.run("embed", {"input_ids": ids.reshape(B, 1).astype(np.int64)})["inputs_embeds"]
         self.mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], 1)
         feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": self.next_pos}
+        if self.in_place and self.mask.shape[1] > self.capacity:
+            self._grow(max(self.mask.shape[1], 2 * self.capacity))
         feeds.update(zip(self.past, self.cache))
-        out = self.backend.run("decoder", feeds, keep=self.present)
-        self.cache = [out[n] for n in self.present]
+        if self.in_place:
+            out = self.backend.run_into("decoder", feeds, dict(zip(self.present, self.cache)), keep=self.present)
+        else:
+            out = self.backend.run("decoder", feeds, keep=self.present)
+            self.cache = [out[n] for n in self.present]
         self.next_pos = self.next_pos + 1
         return _host_logits(out["logits"])
+
+    def _grow(self, capacity: int) -> None:
+        """Move the in-place cache into buffers with room for `capacity` rows."""
+        to_host, grown = self.backend.to_host, []
+        for v in self.cache:
+            old = to_host(v)
+            new = np.zeros((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+            new[:, :, : old.shape[2]] = old
+            grown.append(self.backend.buffer(new))
+        self.cache, self.capacity = grown, capacity
 
 
 def _generation_tag():

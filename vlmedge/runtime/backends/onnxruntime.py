@@ -154,13 +154,16 @@ class _Runner:
             if name in fixed:
                 backend._bind_input(self.binding, graph, name, fixed[name])
 
-    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    def __call__(self, feeds: Mapping[str, Any], into: Mapping[str, Any] | None = None) -> dict[str, Any]:
         b = self.binding
         for name in self.varying:
             self.backend._bind_input(b, self.graph, name, feeds[name])
         b.clear_binding_outputs()  # fresh outputs: the previous step's present is this step's past
         for name in self.outputs:
-            b.bind_output(name, self.backend.device if name in self.keep else "cpu")
+            if into and name in into:
+                b.bind_ortvalue_output(name, into[name])
+            else:
+                b.bind_output(name, self.backend.device if name in self.keep else "cpu")
         self.session.run_with_iobinding(b)
         return {name: v if name in self.keep else v.numpy() for name, v in zip(self.outputs, b.get_outputs())}
 
@@ -234,6 +237,15 @@ class OrtBackend:
 
     def run(self, graph: str, feeds: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
         return _Runner(self, graph, {}, keep)(feeds)
+
+    def run_into(self, graph: str, feeds: Mapping[str, Any], into: Mapping[str, Any], keep: Collection[str] = ()) -> dict[str, Any]:
+        """`run` with the outputs named in `into` written into those values (from `buffer`): a KV cache
+        updated in place, its past and present one buffer (ONNX Runtime's GroupQueryAttention)."""
+        return _Runner(self, graph, {}, keep)(feeds, into)
+
+    def buffer(self, array: np.ndarray) -> Any:
+        """`array` as a value this backend keeps and `run_into` can write into."""
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def to_host(self, value: Any) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else value.numpy()
