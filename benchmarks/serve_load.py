@@ -14,12 +14,16 @@ What it does, in one run on the CPU with `shapes-vlm` (greedy captions of 5-obje
    highest concurrency bring memory to its steady state): requests per second, p50/p99
    latency, errors, mean batch size (from /metrics), and the server's resident memory at the start
    and the end of the level.
-3. Checks: at concurrency 32 batching gives >= 2x the throughput of batch-1; at concurrency 1 the
+3. Streams: at --stream-concurrency levels (1 and 32), that many clients stream captions through
+   `POST /v1/chat/completions` (stream=true) from the batching server: the time to the first piece
+   of text against the time to the whole answer, p50 and p99.
+4. Checks: at concurrency 32 batching gives >= 2x the throughput of batch-1; at concurrency 1 the
    batching server adds <= 2 ms to the in-process p50; RSS flat (grows < 10% from the first level's
    start to the last level's end); no
    errors below saturation (the queue limit, 64, is never reached by 64 clients).
 
 Run:  .venv/bin/python benchmarks/serve_load.py [--seconds 60] [--concurrency 1,8,32,64] [--json PATH]
+      .venv/bin/python benchmarks/serve_load.py --streams-only --seconds 10     # only step 3
 
 Needs the serve extra and aiohttp (which Ray Serve brings). The load generator shares the machine
 with the server: on a small CPU it takes part of the cores the server could use, for both
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -173,6 +178,49 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: f
             "mean_batch": (b1[0] - b0[0]) / calls if calls else float("nan"), "rss_start_mb": rss_start, "rss_end_mb": rss_end}
 
 
+async def stream_level(url: str, images: list[str], concurrency: int, seconds: float, warmup: float) -> dict:
+    """`concurrency` clients streaming chat completions back to back: seconds to the first piece of
+    text and to `data: [DONE]`, of streams that start after the warm-up."""
+    first: list[float] = []
+    whole: list[float] = []
+    errors: dict[str, int] = {}
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + seconds
+    conn = aiohttp.TCPConnector(limit=concurrency + 2)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async def client(k: int) -> None:
+            i = k
+            while time.perf_counter() < t_end:
+                body = {"stream": True, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": images[i % len(images)]}}]}]}
+                t = time.perf_counter()
+                t_first = None
+                status: Any = None
+                try:
+                    async with session.post(url + "/v1/chat/completions", json=body) as r:
+                        status = r.status
+                        async for line in r.content:
+                            if t_first is None and line.startswith(b"data: {") and b'"content": "' in line \
+                                    and b'"content": ""' not in line:
+                                t_first = time.perf_counter()
+                            if line.startswith(b"data: [DONE]"):
+                                break
+                except Exception as e:  # noqa: BLE001 - counted, reported
+                    status = type(e).__name__
+                if t >= t_start:
+                    if status == 200 and t_first is not None:
+                        first.append(t_first - t)
+                        whole.append(time.perf_counter() - t)
+                    else:
+                        errors[str(status)] = errors.get(str(status), 0) + 1
+                i += concurrency
+
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return {"concurrency": concurrency, "streams": len(first), "first_p50_ms": pct(first, 50) * 1000,
+            "first_p99_ms": pct(first, 99) * 1000, "whole_p50_ms": pct(whole, 50) * 1000,
+            "whole_p99_ms": pct(whole, 99) * 1000, "errors": errors}
+
+
 def start_server(bundle: str, args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "vlmedge.cli", "serve", bundle, "--port", str(port), *args]
@@ -202,8 +250,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="measured seconds per concurrency level")
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--stream-concurrency", default="1,32", help="levels of the streaming step ('' to skip it)")
+    ap.add_argument("--streams-only", action="store_true", help="run only the streaming step")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    stream_levels = [int(x) for x in args.stream_concurrency.split(",") if x]
 
     from vlmedge.runtime.pipeline import resolve_bundle
 
@@ -220,6 +271,19 @@ def main() -> None:
 
     print(f"bundle {bundle}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
           f"{args.seconds:g} s per level", flush=True)
+    images = ["data:image/png;base64," + json.loads(b)["image"] for b in bodies]
+    if args.streams_only:
+        proc, url = start_server(bundle, CONFIGS["batched"], work / "batched.log")
+        try:
+            rows = [asyncio.run(stream_level(url, images, c, args.seconds, 2.0)) for c in stream_levels]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        for r in rows:
+            _print_stream_row(r)
+        if args.json:
+            args.json.write_text(json.dumps({"seconds": args.seconds, "streams": rows}, indent=2) + "\n")
+        return
     servers = {name: start_server(bundle, extra, work / f"{name}.log") for name, extra in CONFIGS.items()}
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     try:
@@ -237,6 +301,10 @@ def main() -> None:
                 print(f"{name:8s} c={c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                       f"batch {r['mean_batch']:5.2f}  errors {r['errors'] or 0}  RSS {r['rss_start_mb']:.0f} -> "
                       f"{r['rss_end_mb']:.0f} MB", flush=True)
+        proc, url = servers["batched"]
+        streams = [asyncio.run(stream_level(url, images, c, args.seconds, 2.0)) for c in stream_levels]
+        for r in streams:
+            _print_stream_row(r)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
@@ -258,7 +326,13 @@ def main() -> None:
         print(f"check {k}: {v['value']:.3g} (target {v['target']}) {'OK' if v['ok'] else 'FAIL'}")
     if args.json:
         args.json.write_text(json.dumps({"seconds": args.seconds, "in_process": inproc, "results": results,
-                                         "checks": checks}, indent=2) + "\n")
+                                         "streams": streams, "checks": checks}, indent=2) + "\n")
+
+
+def _print_stream_row(r: dict) -> None:
+    print(f"streams  c={r['concurrency']:3d}: first text p50 {r['first_p50_ms']:7.2f} ms (p99 {r['first_p99_ms']:.2f}), "
+          f"whole answer p50 {r['whole_p50_ms']:7.2f} ms (p99 {r['whole_p99_ms']:.2f}); {r['streams']} streams, "
+          f"errors {r['errors'] or 0}", flush=True)
 
 
 if __name__ == "__main__":

@@ -497,6 +497,46 @@ _MIN_NEW = typer.Option(None, "--min-new-tokens", help="generate at least this m
 _LENGTH_PENALTY = typer.Option(None, "--length-penalty", help="beam search length penalty; default: the model's")
 _REPETITION = typer.Option(None, "--repetition-penalty", help="1.0: none; default: the model's")
 _NGRAM = typer.Option(None, "--no-repeat-ngram-size", help="0: off; default: the model's")
+_STREAM = typer.Option(False, "--stream", help="print the text as it is decoded (one beam: greedy or the model's sampling)")
+
+
+def _stream_images(task: str, bundle: str, images: list[str], question: str | None, gen: dict, device: str,
+                   max_pixels: int) -> None:
+    """Caption / answer each image, printing its text piece by piece as the model decodes it."""
+    from vlmedge.runtime.images import expand_paths, load_image
+
+    pipe = _open_pipeline(bundle, device, max_pixels, 1)
+    paths = expand_paths(images)
+    if not paths:
+        raise InputError(f"IMAGE: {' '.join(images)} matches no image files")
+    if question is not None:
+        pipe.question_ids([question])
+    errors = 0
+    for path in paths:
+        try:
+            img = load_image(path, max_pixels)
+        except VlmedgeError as e:  # a bad image is reported on its own line and the others still run
+            errors += 1
+            err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            continue
+        _print_stream(pipe.stream(img, question, **gen), f"{path}: " if len(paths) > 1 else "")
+    if errors:
+        raise typer.Exit(2)
+
+
+def _print_stream(pieces, head: str = "") -> None:
+    sys.stdout.write(head)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _no_stream_with(**given) -> None:
+    for flag, on in given.items():
+        if on:
+            raise InputError(f"--stream: prints text as it comes; it does not go with --{flag.replace('_', '-')}")
 
 
 def _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size) -> dict:
@@ -523,9 +563,14 @@ def caption(
     as_json: bool = typer.Option(False, "--json", help="print JSON: per image its caption and token ids, or its error"),
     out: Optional[Path] = typer.Option(None, "--out", help="write results to this JSONL instead; a rerun resumes where a stopped one ended"),
     ray: bool = typer.Option(False, "--ray", help="with --out: run on Ray Data across a cluster's workers, one pipeline per actor"),
+    stream: bool = _STREAM,
 ) -> None:
     """Caption images with a bundle (ONNX Runtime; no PyTorch needed)."""
     gen = _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size)
+    if stream:
+        _no_stream_with(json=as_json, out=out is not None, ray=ray)
+        _stream_images("caption", bundle, images, None, gen, device, max_pixels)
+        return
     if out is not None or ray:
         _caption_to_jsonl(bundle, images, out, ray, gen, device, batch_size, max_pixels)
         return
@@ -601,9 +646,14 @@ def vqa(
     batch_size: int = _BATCH,
     max_pixels: int = _PIXELS,
     as_json: bool = typer.Option(False, "--json", help="print JSON: per image its answer and token ids, or its error"),
+    stream: bool = _STREAM,
 ) -> None:
     """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
     gen = _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size)
+    if stream:
+        _no_stream_with(json=as_json)
+        _stream_images("vqa", bundle, [image], question, gen, device, max_pixels)
+        return
     _answer_images("vqa", bundle, [image], question, gen, device, batch_size, max_pixels, as_json)
 
 
@@ -618,13 +668,19 @@ def chat(
     device: str = _DEVICE,
     max_pixels: int = _PIXELS,
     as_json: bool = typer.Option(False, "--json", help="print JSON: the answer and its token ids"),
+    stream: bool = _STREAM,
 ) -> None:
     """One user turn (text and images) through a decoder-only bundle's chat template; prints the answer."""
+    if stream:
+        _no_stream_with(json=as_json)
     pipe = _open_pipeline(bundle, device, max_pixels, 1)
     if not hasattr(pipe, "chat"):
         raise InputError(f"{bundle}: chat needs a decoder-only bundle (manifest contract prefix); use caption or vqa")
     gen = _generation(beams, max_new_tokens, None, None, repetition_penalty, None)
     content = [{"type": "image", "image": i} for i in image or []] + [{"type": "text", "text": text}]
+    if stream:
+        _print_stream(pipe.stream_chat([{"role": "user", "content": content}], **gen))
+        return
     out = pipe.chat([{"role": "user", "content": content}], return_ids=True, **gen)
     if as_json:
         console.print_json(json.dumps({"bundle": str(pipe.bundle.path), "answer": out.text, "ids": list(out.ids)}))
@@ -663,6 +719,7 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="how long a batch waits for requests on their way in"),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests admitted at once; more get 429 with Retry-After"),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", min=0.001, help="largest request body, MB (413 above)"),
+    max_header_kb: float = typer.Option(32.0, "--max-header-kb", min=1, help="largest request header block, KiB (431 above)"),
     max_pixels: int = typer.Option(16_000_000, "--max-pixels", min=1, help="refuse images with more pixels than this (400)"),
     timeout: float = typer.Option(30.0, "--timeout", min=0.001, help="seconds before a request gets 504"),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="require Authorization: Bearer <the key this environment variable holds>"),
@@ -680,7 +737,8 @@ def serve(
     from vlmedge.serving.server import is_loopback, missing_extra
 
     options = ServeOptions(bundle=bundle, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024), max_pixels=max_pixels,
+                           max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                           max_header_bytes=int(max_header_kb * 1024), max_pixels=max_pixels,
                            timeout_s=timeout, api_key=api_key_from_env(api_key_env), threads=threads)
     options.check()
     if not is_loopback(host) and options.api_key is None:

@@ -312,11 +312,11 @@ def test_settings_the_runtime_cannot_apply_refuse_the_export_in_one_line():
     assert str(e.value).startswith("m/generation_config.json: generation_config.num_beam_groups = 2") and "\n" not in str(e.value)
 
 
-def test_do_sample_false_is_greedy_and_true_is_refused_in_one_line(shapes_pipe_for_sampling):
-    pipe, image = shapes_pipe_for_sampling
+def test_do_sample_false_is_greedy_and_sampling_with_beams_is_refused_in_one_line(shapes_pipe_for_sampling):
+    pipe, image = shapes_pipe_for_sampling  # sampling itself: tests/runtime/test_sampling.py
     assert pipe.caption(image, do_sample=False) == pipe.caption(image)
     with pytest.raises(InputError) as e:
-        pipe.caption(image, do_sample=True)
+        pipe.caption(image, do_sample=True, num_beams=3)
     assert "do_sample" in str(e.value) and "\n" not in str(e.value)
 
 

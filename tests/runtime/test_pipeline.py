@@ -72,8 +72,8 @@ def test_generation_limits(ort_pipe, world):
         ort_pipe.caption(img, max_new_tokens=60)
     with pytest.raises(InputError, match="num_beams"):
         ort_pipe.caption(img, num_beams=0)
-    with pytest.raises(InputError, match="unexpected keyword argument 'temperature'"):
-        ort_pipe.caption(img, temperature=0.7)
+    with pytest.raises(InputError, match="unexpected keyword argument 'typical_p'"):
+        ort_pipe.caption(img, typical_p=0.7)
 
 
 def test_question_errors(ort_pipe, world):

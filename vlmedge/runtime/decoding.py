@@ -7,6 +7,15 @@ generated_length ** length_penalty), continues with the best k unfinished ones, 
 `early_stopping` (True: k finished hypotheses; False: HF's heuristic; "never": only at the limit).
 So `num_beams=k` gives the tokens HF gives for the same logits.
 
+Sampling (`do_sample=True`, one row per item) applies HF's warpers after the processors, in HF's
+order (temperature, top_k, top_p, min_p, then renormalize_logits) and with its defaults (top_k 50),
+then draws each row's token from the softmax. Each row draws from its own numpy generator seeded by
+(`seed`, row): the same seed gives the same tokens, on any backend. The draws cannot equal torch's
+(another generator), only follow the same distribution.
+
+`Steps` is the greedy/sampling loop as an iterator of per-step tokens: `decode` drains it, a stream
+reads each step's tokens as they come, and a caller that leaves can `stop` its rows.
+
 The KV cache stays backend-resident: the loop only reads logits on the host and asks the backend
 to reorder cache rows when beams change.
 """
@@ -17,7 +26,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -52,7 +61,12 @@ class GenerationConfig:
     begin_suppress_tokens: list[int] | None = None
     remove_invalid_values: bool | None = None
     renormalize_logits: bool | None = None
-    do_sample: bool | None = None  # False: greedy or beam search, whatever the model's config asks; True is refused
+    do_sample: bool | None = None  # True: draw each token (one beam only); False: greedy or beam search
+    temperature: float | None = None  # sampling: logits divided by it (> 0)
+    top_k: int | None = None  # sampling: keep the k likeliest tokens (0: all; HF's default 50)
+    top_p: float | None = None  # sampling: keep the likeliest tokens whose probabilities sum to top_p
+    min_p: float | None = None  # sampling: drop tokens less likely than min_p x the likeliest one's probability
+    seed: int | None = None  # sampling: the same seed draws the same tokens (None: fresh entropy per call)
 
     def check(self) -> None:
         """Refuse options of the wrong type or range with one line naming the option: a bool is not
@@ -65,8 +79,10 @@ class GenerationConfig:
 
 
 # HF's global defaults (GenerationConfig._get_default_generation_params) for what the loop reads
-HF_DEFAULTS = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "min_length": 0, "min_new_tokens": 0}
-LIMITS = {"ids": 1 << 22, "count": 1 << 20, "list": 4096, "word": 64, "beams": 1024, "penalty": 1.0e4, "factor": 100.0}
+HF_DEFAULTS = {"num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "min_length": 0, "min_new_tokens": 0,
+               "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+LIMITS = {"ids": 1 << 22, "count": 1 << 20, "list": 4096, "word": 64, "beams": 1024, "penalty": 1.0e4, "factor": 100.0,
+          "seed": (1 << 64) - 1, "temperature": 1.0e4}
 
 
 def _ids(name: str, value: Any, many: bool, most: int) -> list[int]:
@@ -134,9 +150,14 @@ def check_options(opts: dict[str, Any]) -> None:
             _flag(name, v)
         elif name == "do_sample":
             _flag(name, v)
-            if v:
-                raise InputError("do_sample: True asks for sampling, which this runtime does not do; it decodes greedily "
-                                 "or with beam search (num_beams), as do_sample=False does")
+        elif name == "temperature":
+            _real(name, v, 0, LIMITS["temperature"], positive=True)
+        elif name == "top_k":
+            _count(name, v, 0, LIMITS["ids"])
+        elif name in ("top_p", "min_p"):
+            _real(name, v, 0, 1)
+        elif name == "seed":
+            _count(name, v, 0, LIMITS["seed"])
 
 
 def _show(value: Any) -> str:
@@ -172,6 +193,11 @@ class Settings:
     def max_length(self) -> int:
         return self.prompt_len + self.max_new
 
+    @property
+    def sample(self) -> bool:
+        """Draw tokens (do_sample) rather than take the likeliest."""
+        return self.options.get("do_sample") is True
+
 
 def resolve(config: GenerationConfig, defaults: dict[str, Any] | None, prompt_len: int, task_max_new: int,
             vocab: int | None = None) -> Settings:
@@ -206,6 +232,9 @@ def resolve(config: GenerationConfig, defaults: dict[str, Any] | None, prompt_le
             break
     eos = opts.get("eos_token_id")
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if opts["do_sample"] is True and opts["num_beams"] != 1:
+        raise InputError(f"do_sample: sampling draws one sequence per item; it cannot run with num_beams={opts['num_beams']} "
+                         "(pass num_beams=1, or do_sample=False for beam search)")
     return Settings(int(max_new), int(opts["num_beams"]), float(opts["length_penalty"]), opts["early_stopping"],
                     tuple(int(e) for e in eos if e is not None), opts, prompt_len, user_length)
 
@@ -216,7 +245,8 @@ class Processors:
 
     repetition_penalty, no_repeat_ngram_size, bad_words_ids, min_length, min_new_tokens,
     forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
-    suppress_tokens, begin_suppress_tokens, then renormalize_logits.
+    suppress_tokens, begin_suppress_tokens, then (sampling) temperature, top_k, top_p, min_p, and last
+    renormalize_logits.
 
     `seqs` is every row's decoder sequence so far, prompt included ([rows, cur_len]); greedy passes
     raw logits, beam search log-probabilities, as HF does. Unset settings cost nothing per token."""
@@ -242,6 +272,12 @@ class Processors:
         self.begin_suppress = np.asarray(o.get("begin_suppress_tokens") or [], dtype=np.int64)
         self.begin_index = P if (P > 1 or self.forced_bos is None) else P + 1
         self.renormalize = bool(o.get("renormalize_logits", False))
+        self.temperature = float(o.get("temperature", 1.0))
+        self.top_k = int(o.get("top_k") or 0)
+        self.top_p = float(o.get("top_p", 1.0))
+        self.min_p = None if o.get("min_p") is None else float(o["min_p"])
+        self.warp = settings.sample and (self.temperature != 1.0 or self.top_k != 0 or self.top_p < 1.0
+                                         or self.min_p is not None)
         # bad words: single tokens always banned; longer words grouped by prefix length
         eos_words = {(int(e),) for e in eos}
         words = [tuple(w) for w in (o.get("bad_words_ids") or []) if tuple(w) not in eos_words]
@@ -254,7 +290,8 @@ class Processors:
                            for m, ws in groups.items()]
         self.active = bool(self.rep != 1.0 or self.ngram > 0 or len(self.bad_single) or self.bad_groups or self.min_length
                            or self.min_new or self.forced_bos is not None or self.forced_eos is not None or self.inf_nan
-                           or self.decay is not None or len(self.suppress) or len(self.begin_suppress) or self.renormalize)
+                           or self.decay is not None or len(self.suppress) or len(self.begin_suppress) or self.renormalize
+                           or self.warp)
 
     def __call__(self, seqs: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Processed scores (a new array where anything changes; `scores` itself is not written)."""
@@ -298,9 +335,81 @@ class Processors:
             scores[:, self.suppress] = -np.inf
         if len(self.begin_suppress) and L == self.begin_index:
             scores[:, self.begin_suppress] = -np.inf
+        if self.warp:
+            if self.temperature != 1.0:
+                scores = temperature(scores, self.temperature)
+            if self.top_k != 0:
+                scores = top_k(scores, self.top_k)
+            if self.top_p < 1.0:
+                scores = top_p(scores, self.top_p)
+            if self.min_p is not None:
+                scores = min_p(scores, self.min_p)
         if self.renormalize:
             scores = _log_softmax(scores)
         return scores
+
+
+def temperature(scores: np.ndarray, t: float) -> np.ndarray:
+    """HF's TemperatureLogitsWarper: scores / t."""
+    return scores / np.float32(t)
+
+
+def top_k(scores: np.ndarray, k: int, keep: int = 1) -> np.ndarray:
+    """HF's TopKLogitsWarper: scores below the k-th largest of their row become -inf (ties stay)."""
+    k = min(max(k, keep), scores.shape[-1])
+    kth = np.partition(scores, -k, axis=-1)[:, -k:].min(-1, keepdims=True)
+    return np.where(scores < kth, np.float32(-np.inf), scores)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def top_p(scores: np.ndarray, p: float, keep: int = 1) -> np.ndarray:
+    """HF's TopPLogitsWarper (nucleus): in ascending order, tokens whose cumulative probability is at
+    most 1 - p become -inf; the `keep` likeliest always stay."""
+    order = np.argsort(scores, axis=-1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, -1)
+    cum = np.cumsum(_softmax(sorted_scores), axis=-1, dtype=np.float32)
+    drop = cum <= np.float32(1 - p)
+    drop[:, -keep:] = False
+    remove = np.zeros_like(drop)
+    np.put_along_axis(remove, order, drop, -1)
+    return np.where(remove, np.float32(-np.inf), scores)
+
+
+def min_p(scores: np.ndarray, p: float, keep: int = 1) -> np.ndarray:
+    """HF's MinPLogitsWarper: tokens whose probability is under p x the row's highest become -inf;
+    the `keep` likeliest always stay."""
+    probs = _softmax(scores)
+    remove = probs < np.float32(p) * probs.max(-1, keepdims=True)
+    np.put_along_axis(remove, _topk(probs, min(keep, probs.shape[-1])), False, -1)
+    return np.where(remove, np.float32(-np.inf), scores)
+
+
+def draw(scores: np.ndarray, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """One token per row from softmax(scores) (torch.multinomial's distribution), row b with rngs[b].
+    A row with no finite score (everything masked) takes its argmax, as there is nothing to draw."""
+    x = scores.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a row of -inf: nan, taken care of below
+        x = np.exp(x - x.max(-1, keepdims=True))
+    cdf = np.cumsum(x, axis=-1)
+    total = cdf[:, -1]
+    u = np.array([g.random() for g in rngs]) * total
+    out = (cdf > u[:, None]).argmax(-1)
+    bad = ~(np.isfinite(total) & (total > 0))
+    if bad.any():
+        out[bad] = scores[bad].argmax(-1)
+    return out
+
+
+def generators(seed: int | None, rows: int) -> list[np.random.Generator]:
+    """Row b's generator: seeded by (seed, b), so a row's draws do not depend on the others; fresh
+    entropy shared out to the rows when there is no seed."""
+    base = np.random.SeedSequence(seed) if seed is None else None
+    return [np.random.default_rng([seed, b] if seed is not None else base.spawn(1)[0]) for b in range(rows)]
 
 
 def repetition_penalty(seqs: np.ndarray, scores: np.ndarray, penalty: float) -> None:
@@ -435,16 +544,18 @@ def run(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids
 
 
 def decode(contract: Any, prompt: np.ndarray, settings: Settings, timings: Timings | None = None) -> list[list[int]]:
-    """Greedy or beam search over a contract object: `start(prompt) -> logits` runs the prompt
-    ([rows, P] ids, what the logits processors read as the sequence so far), `step(ids) -> logits`
-    one token per row, `expand(rows)` repeats rows for beams and `reorder(rows)` follows them. The
-    loop never learns which graphs stand behind it."""
+    """Greedy search, sampling or beam search over a contract object: `start(prompt) -> logits` runs
+    the prompt ([rows, P] ids, what the logits processors read as the sequence so far), `step(ids) ->
+    logits` one token per row, `expand(rows)` repeats rows for beams and `reorder(rows)` follows them.
+    The loop never learns which graphs stand behind it."""
+    if settings.num_beams == 1:
+        steps = Steps(contract, prompt, settings, timings)
+        for _ in steps:
+            pass
+        return steps.rows()
     t0 = time.perf_counter()
     logits = contract.start(prompt)
-    procs = Processors(settings)
-    if settings.num_beams == 1:
-        return _greedy(contract, logits, prompt, settings, procs, timings, t0)
-    return _beam(contract, logits, prompt, settings, procs, timings, t0)
+    return _beam(contract, logits, prompt, settings, Processors(settings), timings, t0)
 
 
 def _mark(timings: Timings | None, t0: float, first: bool) -> float:
@@ -457,25 +568,59 @@ def _mark(timings: Timings | None, t0: float, first: bool) -> float:
     return now
 
 
-def _greedy(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:
-    B, P = prompt.shape
-    max_new = s.max_new
-    seqs = np.zeros((B, P + max_new), dtype=np.int64)
-    seqs[:, :P] = prompt
-    eos = np.asarray(s.eos, dtype=np.int64)
-    lengths = np.full(B, max_new)
-    done = np.zeros(B, dtype=bool)
-    for step in range(max_new):
-        nxt = procs(seqs[:, : P + step], logits).argmax(-1)
-        seqs[:, P + step] = nxt
-        ended = ~done & (nxt[:, None] == eos).any(-1)  # np.isin costs more than a step of a small model
-        lengths[ended] = step + 1
-        done |= ended
-        t0 = _mark(timings, t0, step == 0)
-        if done.all() or step == max_new - 1:
-            break
-        logits = dec.step(nxt)
-    return [seqs[b, P : P + lengths[b]].tolist() if done[b] else seqs[b, P : P + step + 1].tolist() for b in range(B)]
+class Steps:
+    """Greedy search or sampling (one row per item) as an iterator: each step yields the token chosen
+    for every row ([rows] ids; a row already finished repeats its last token), `finished` says which
+    rows have ended (EOS or the length limit), `stop(rows)` ends rows whose caller has left, and
+    `rows()` is every row's generated ids once the iterator is spent (EOS included where produced)."""
+
+    def __init__(self, contract: Any, prompt: np.ndarray, settings: Settings, timings: Timings | None = None,
+                 context: np.ndarray | None = None):
+        assert settings.num_beams == 1, "beam search runs in _beam"
+        self.contract, self.prompt, self.settings, self.timings = contract, prompt, settings, timings
+        # tokens each row reads before its first (prompt without padding, and the states it attends to): usage counts
+        self.context = np.full(len(prompt), prompt.shape[1]) if context is None else np.asarray(context)
+        B, P = prompt.shape
+        self.seqs = np.zeros((B, P + settings.max_new), dtype=np.int64)
+        self.seqs[:, :P] = prompt
+        self.lengths = np.zeros(B, dtype=np.int64)  # generated tokens per row
+        self.finished = np.zeros(B, dtype=bool)
+        self.rngs = generators(settings.options.get("seed"), B) if settings.sample else None
+
+    def stop(self, rows: Sequence[int] | np.ndarray) -> None:
+        """End these rows now: they keep the tokens they have; when every row has ended, the loop ends."""
+        self.finished[np.asarray(rows, dtype=np.int64)] = True
+
+    def ids(self, row: int) -> list[int]:
+        """Row `row`'s generated ids so far."""
+        P = self.prompt.shape[1]
+        return self.seqs[row, P : P + self.lengths[row]].tolist()
+
+    def rows(self) -> list[list[int]]:
+        return [self.ids(b) for b in range(len(self.seqs))]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        s, dec, timings = self.settings, self.contract, self.timings
+        B, P = self.prompt.shape
+        eos = np.asarray(s.eos, dtype=np.int64)
+        procs = Processors(s)
+        t0 = time.perf_counter()
+        logits = dec.start(self.prompt)
+        for step in range(s.max_new):
+            scores = procs(self.seqs[:, : P + step], logits)
+            nxt = draw(scores, self.rngs) if self.rngs is not None else scores.argmax(-1)
+            live = ~self.finished
+            nxt = np.where(live, nxt, self.seqs[:, P + step - 1])
+            self.seqs[:, P + step] = nxt
+            self.lengths[live] = step + 1
+            self.finished |= live & (nxt[:, None] == eos).any(-1)  # np.isin costs more than a step of a small model
+            if step == s.max_new - 1:
+                self.finished[:] = True
+            t0 = _mark(timings, t0, step == 0)
+            yield nxt
+            if self.finished.all():
+                break
+            logits = dec.step(nxt)
 
 
 def _beam(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:

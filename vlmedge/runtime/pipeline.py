@@ -5,6 +5,9 @@
     pipe.caption(["a.png", "b.png"], num_beams=3)              # -> ["...", "..."]
     pipe.vqa("scene.png", "what color is the circle ?")        # -> "red"
     pipe.caption(images, return_ids=True)                      # -> [Generation(text, ids), ...]
+    pipe.caption("scene.png", do_sample=True, top_p=0.9, seed=1)  # sampled, reproducibly
+    for piece in pipe.stream("scene.png"):                     # the caption as it is decoded
+        print(piece, end="", flush=True)
 
 Generation options are named as in Hugging Face `generate`. A pipeline holds one ONNX Runtime
 session per graph and no per-call state, so one pipeline can serve several threads.
@@ -15,17 +18,19 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+import re
 import threading
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from vlmedge.errors import BundleError, InputError, VlmedgeError, first_line
 from vlmedge.runtime.backends import open_backend
 from vlmedge.runtime.bundle import Bundle, load_bundle
-from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, check_options, encode, resolve, run
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Steps, Timings, _Decoder, check_options, encode, resolve, run
 from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
 from vlmedge.runtime.preprocess import pixel_values
 
@@ -65,6 +70,66 @@ def _count(name: str, value: Any, least: int) -> int:
     if value < least:
         raise InputError(f"{name}: expected >= {least}, got {value}")
     return int(value)
+
+
+_SPACE = re.compile(r"\s")
+
+
+def _cjk(ch: str) -> bool:
+    """A character that ends a word by itself (CJK ideographs and kana, Hangul), as HF's TextStreamer reads them."""
+    return unicodedata.category(ch) == "Lo" and ord(ch) >= 0x2E80
+
+
+class TextStream:
+    """A row's generated ids -> new text, piece by piece. A piece ends before the last whitespace (the
+    word after it may still grow by a word piece) unless the text ends in a CJK character, and never in
+    an unfinished multi-byte character (U+FFFD); once the row has ended, its pieces join to the text
+    `Pipeline.decode` gives for the same ids."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
+        self.decode = decode  # ids -> text, special tokens skipped, not stripped
+        self.stop = tuple(s for s in stop if s)  # the text ends before the first of these; `stopped` says it did
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        """The new piece once `ids` (the row's ids so far) are decoded; `final`: the row has ended."""
+        if self.stopped:
+            return ""
+        text = self.decode(ids).lstrip()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, final, self.stopped = text[: min(hits)], True, True
+        if final:
+            text = text.strip()
+        else:
+            if not (text and _cjk(text[-1])):
+                spaces = [m.start() for m in _SPACE.finditer(text)]
+                text = text[: spaces[-1]].rstrip() if spaces else ""
+            text = text[: text.index("\ufffd")] if "\ufffd" in text else text
+            for s in self.stop:  # hold back what may be the start of a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k].rstrip()
+                        break
+        if not text.startswith(self.sent) or len(text) == len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def stream_pieces(steps: Steps, decode: Callable[[Sequence[int]], str], row: int = 0) -> Iterator[str]:
+    """The text pieces of one row of a decoding loop, each as soon as it is certain."""
+    text = TextStream(decode)
+    for _ in steps:
+        if steps.finished[row]:
+            break
+        piece = text.push(steps.ids(row))
+        if piece:
+            yield piece
+    piece = text.push(steps.ids(row), final=True)
+    if piece:
+        yield piece
 
 
 class Pipeline:
@@ -133,8 +198,12 @@ class Pipeline:
         return ids, mask
 
     def decode(self, ids: Sequence[int]) -> str:
+        return self.raw_text(ids).strip()
+
+    def raw_text(self, ids: Sequence[int]) -> str:
+        """Ids -> text with special tokens skipped and spaces as the tokenizer leaves them (what streams read)."""
         with self._tok_lock:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def encode(self, task: str, px: np.ndarray, questions: tuple[np.ndarray, np.ndarray] | None = None,
                backend=None) -> tuple[Any, np.ndarray]:
@@ -225,9 +294,8 @@ class Pipeline:
         out = self._run("vqa", imgs, qs, generation, return_ids, batch_size, timings)
         return out[0] if single else out
 
-    def _run(self, task, images, questions, generation, return_ids, batch_size, timings):
-        import time
-
+    def _config(self, task: str, generation: dict) -> GenerationConfig:
+        """The options of a call as a checked GenerationConfig (the task must be the bundle's)."""
         if task not in self.manifest.tasks:
             raise InputError(f"{self.bundle.path}: this bundle has no {task} task (it has {', '.join(self.tasks)})")
         try:
@@ -236,15 +304,66 @@ class Pipeline:
             raise InputError(f"{task}: {e}; options are {', '.join(GenerationConfig.__dataclass_fields__)}") from None
         # None leaves an option to its default only where it always meant that (lengths, EOS); elsewhere it is refused
         check_options({k: v for k, v in generation.items() if v is None and k not in ("max_new_tokens", "max_length", "eos_token_id")})
+        config.check()
+        return config
+
+    def _checked_settings(self, task: str, generation: dict) -> Settings:
+        settings = self.settings(task, self._config(task, generation))
+        if settings.num_beams > self.max_batch:
+            raise InputError(f"num_beams: {settings.num_beams} beams are over this bundle's batch maximum of "
+                             f"{self.max_batch} (axes.batch.max); use at most {self.max_batch}")
+        return settings
+
+    # -- step by step ------------------------------------------------------------------------
+    def stream(self, image, question: str | None = None, *, timings: Timings | None = None, **generation) -> Iterator[str]:
+        """The caption of one image (or, with a question, the answer) as text pieces while it is decoded,
+        greedily or by sampling (num_beams=1); the pieces join to what caption / vqa return. The image
+        is read and encoded before this returns, so bad input raises here, not at the first piece."""
+        task = self.caption_task if question is None else "vqa"
+        steps = self.generate_steps(task, [image], None if question is None else [question], timings=timings, **generation)
+        return stream_pieces(steps, self.raw_text)
+
+    def generate_steps(self, task: str, images: Sequence[Any], questions: Sequence[str] | None = None, *,
+                       timings: Timings | None = None, **generation) -> Steps:
+        """One batch (within the bundle's batch range) of caption or vqa, decoded greedily or by sampling,
+        as an iterator of steps (see decoding.Steps); `steps.rows()` are the ids once it is spent, and
+        `decode(ids)` their text."""
+        settings = self._checked_settings(task, generation)
+        if settings.num_beams != 1:
+            raise InputError(f"num_beams: {settings.num_beams}; token by token decoding follows one beam per "
+                             "item (pass num_beams=1)")
+        if self.manifest.tasks[task].get("postprocess", "text") != "text":
+            raise InputError(f"task: {task} gives regions, not text to stream; use run()")
+        if not images or len(images) > self.max_batch:
+            raise InputError(f"images: {len(images)}; a step-by-step batch holds 1 to {self.max_batch} (axes.batch.max)")
+        if questions is not None and len(questions) != len(images):
+            raise InputError(f"vqa: {len(images)} images but {len(questions)} questions; pass one of each per pair")
+        import time
+
+        t0 = time.perf_counter()
+        px = self.images(images)
+        q = self.question_ids(questions) if questions is not None else None
+        t1 = time.perf_counter()
+        states, mask = self.encode(task, px, q)
+        if timings is not None:
+            timings.preprocess += t1 - t0
+            timings.encoder += time.perf_counter() - t1
+        prompt = np.tile(np.asarray(self.manifest.tasks[task]["prompt_ids"], dtype=np.int64), (len(images), 1))
+        # tokens read before the first generated one: the prompt, the states attended to, and the image
+        # tokens a question's encoder read (a question's states hold the question's positions only)
+        image = int(self.manifest.dims.get("image_tokens", 0)) if q is not None else 0
+        return Steps(_Decoder(self.backend, self.layers, states, mask), prompt, settings, timings,
+                     context=prompt.shape[1] + mask.sum(1) + image)
+
+    def _run(self, task, images, questions, generation, return_ids, batch_size, timings):
+        import time
+
+        settings = self._checked_settings(task, generation)
         if not isinstance(return_ids, bool):
             raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
         if batch_size is not None:
             _count("batch_size", batch_size, 1)
         spec = self.manifest.tasks[task]
-        settings = self.settings(task, config)
-        if settings.num_beams > self.max_batch:
-            raise InputError(f"num_beams: {settings.num_beams} beams are over this bundle's batch maximum of "
-                             f"{self.max_batch} (axes.batch.max); use at most {self.max_batch}")
         if not images:
             return []
         # a decoder batch is (images x beams) rows and stays within the bundle's batch range

@@ -21,9 +21,9 @@ import numpy as np
 from vlmedge.errors import BundleError, InputError
 from vlmedge.runtime.backends import Backend
 from vlmedge.runtime.bundle import kv_names
-from vlmedge.runtime.decoding import GenerationConfig, Settings, Timings, _host_logits, check_options, decode, resolve
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Steps, Timings, _host_logits, check_options, decode, resolve
 from vlmedge.runtime.images import load_image
-from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many, pairs
+from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many, pairs, stream_pieces
 from vlmedge.runtime.processors import ImageInput, pack, process
 
 
@@ -239,6 +239,35 @@ class PrefixPipeline(Pipeline):
         conv, images = chat_messages(messages)
         return self._generate("vqa", [images], [conv], generation, return_ids, None, timings)[0]
 
+    def stream_chat(self, messages: list[dict], *, timings: Timings | None = None, **generation):
+        """`chat`'s answer as text pieces while it is decoded (greedily or by sampling; num_beams=1)."""
+        steps = self.generate_steps("vqa", [], conversations=[messages], timings=timings, **generation)
+        return stream_pieces(steps, self.raw_text)
+
+    def generate_steps(self, task: str, images: Sequence[Any], questions: Sequence[str] | None = None, *,
+                       conversations: Sequence[list[dict]] | None = None, timings: Timings | None = None,
+                       **generation) -> Steps:
+        """One batch of caption, vqa or (conversations: one list of messages per item, images in them) chat,
+        decoded greedily or by sampling, as an iterator of steps (see Pipeline.generate_steps)."""
+        config = self._config(task, generation)
+        beams = config.num_beams or self.manifest.tasks[task].get("generation", {}).get("num_beams", 1)
+        if beams != 1:
+            raise InputError(f"num_beams: {beams}; token by token decoding follows one beam per item (pass num_beams=1)")
+        if conversations is not None:
+            pairs_ = [chat_messages(m) for m in conversations]
+            convs, images = [c for c, _ in pairs_], [i for _, i in pairs_]
+        elif questions is None:
+            convs, images = [[user_turn(self.manifest.prompt["caption_instruction"])] for _ in images], [[i] for i in images]
+        else:
+            if len(questions) != len(images):
+                raise InputError(f"vqa: {len(images)} images but {len(questions)} questions; pass one of each per pair")
+            self.question_ids(questions)
+            convs, images = [[user_turn(q)] for q in questions], [[i] for i in images]
+        if not convs or len(convs) > self.max_batch:
+            raise InputError(f"images: {len(convs)}; a step-by-step batch holds 1 to {self.max_batch} (axes.batch.max)")
+        contract, ids, settings = self._batch(task, images, convs, config, timings)
+        return Steps(contract, ids, settings, timings, context=contract.prompt_mask.sum(1))
+
     def question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The questions' own ids (right-padded, with a mask); empty or non-text questions are refused."""
         rows = []
@@ -297,6 +326,10 @@ class PrefixPipeline(Pipeline):
         return inputs, rows
 
     def _one_batch(self, task, images, convs, config, timings):
+        return decode(*self._batch(task, images, convs, config, timings), timings)
+
+    def _batch(self, task, images, convs, config, timings) -> tuple[PrefixDecoder, np.ndarray, Settings]:
+        """The decoder over one batch's merged embeddings, its prompt ids and the settings they decode with."""
         t0 = time.perf_counter()
         inputs, rows = self.prompt_inputs(images, convs)
         width = max(map(len, rows))
@@ -316,8 +349,7 @@ class PrefixPipeline(Pipeline):
             timings.preprocess += t1 - t0
             timings.encoder += time.perf_counter() - t1
         rows = self.manifest.axes.get("prompt_batch")
-        return decode(PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None), ids, settings,
-                      timings)
+        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None), ids, settings
 
     def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""

@@ -9,6 +9,11 @@ requests are on their way in (admitted, still being read or decoded), it waits f
 with other options wait for a batch of their own. While a worker is busy, requests pile up and
 the next batch takes them all, so under load batches fill without waiting.
 
+Streams and OpenAI requests decode step by step (one beam): after each step, each row's new text goes
+to its request's `Sink`, a row whose client has left stops (when all have, the batch ends), and a row
+that ends (EOS, length, a stop string) tells its request at once, without waiting for the batch. A
+seeded sampling request runs alone, so its draws are those of the same call in process.
+
 Admission is bounded: at most `max_queue` requests are admitted (waiting or running); the next one
 gets `QueueFull` with a suggested Retry-After, so memory never grows with the offered load.
 """
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from vlmedge.runtime.decoding import Timings
-from vlmedge.runtime.pipeline import Generation, Pipeline
+from vlmedge.runtime.pipeline import Generation, Pipeline, TextStream
 from vlmedge.serving.inputs import Job
 
 
@@ -41,12 +46,38 @@ class Closing(Exception):
 
 
 @dataclass(frozen=True)
+class Answered:
+    """A step-by-step row's answer: its text and ids, the tokens it read, and why it ended."""
+
+    generation: Generation
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass(frozen=True)
 class Result:
     """A request's answer, with the seconds it spent per stage (model stages are its batch's)."""
 
     generation: Generation
     timings: dict[str, float]
     batch_size: int
+    prompt_tokens: int = 0  # step-by-step requests only
+    finish_reason: str = ""
+
+
+class Sink:
+    """A stream's channel from the model thread to its request: ("start", None) once its batch has
+    started, ("piece", text) as text is decoded, ("end", Answered) when its row ends. The request sets
+    `cancelled` when its client leaves; the model thread then stops the row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def put(self, kind: str, value: Any = None) -> None:
+        if not self.cancelled:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
 
 
 @dataclass
@@ -66,13 +97,17 @@ class Ticket:
 
     async def run(self, job: Job) -> Result:
         """Queue the job and wait for its batch; cancelling the wait takes it out of the queue."""
+        return await self.submit(job)
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue the job; the future is its Result (cancel it to take the job out of the queue)."""
         b = self._batcher
         self._submitted = True
         b._incoming -= 1
         fut = asyncio.get_running_loop().create_future()
         b._waiting.append(_Waiting(job, fut, time.perf_counter()))
         b._wake.set()
-        return await fut
+        return fut
 
     def release(self) -> None:
         if self._released:
@@ -138,8 +173,11 @@ class Batcher:
         return self._admitted
 
     def capacity(self, job: Job) -> int:
-        """Images per model call for this job's options: max_batch, and images x beams within the bundle's range."""
-        return max(1, min(self.max_batch, self.pipe.max_batch // max(1, job.config.num_beams)))
+        """Images per model call for this job's options: max_batch, and images x beams within the bundle's
+        range; one for a seeded sampling job (its draws must not depend on its place in a batch)."""
+        if job.config.do_sample and job.config.seed is not None:
+            return 1
+        return max(1, min(self.max_batch, self.pipe.max_batch // max(1, job.config.num_beams or 1)))
 
     # -- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,7 +211,9 @@ class Batcher:
 
     # -- scheduling --------------------------------------------------------------------------
     def _compatible(self, first: Job) -> list[_Waiting]:
-        return [w for w in self._waiting if w.job.task == first.task and w.job.config == first.config]
+        chat = first.conversation is not None
+        return [w for w in self._waiting if w.job.task == first.task and w.job.config == first.config
+                and (w.job.conversation is not None) == chat]
 
     async def _next_waiting(self) -> _Waiting:
         while True:
@@ -239,6 +279,9 @@ class Batcher:
                     continue
                 if isinstance(out, BaseException):
                     w.future.set_exception(out)
+                elif isinstance(out, Answered):
+                    w.future.set_result(Result(out.generation, {"queue": started - w.arrived, **stages}, len(batch),
+                                               out.prompt_tokens, out.finish_reason))
                 else:
                     w.future.set_result(Result(out, {"queue": started - w.arrived, **stages}, len(batch)))
         except BaseException as e:  # never leave a request without an answer
@@ -267,8 +310,10 @@ class Batcher:
                 outcomes.append(e)
         return outcomes, timings
 
-    def _call(self, jobs: list[Job], timings: Timings) -> list[Generation]:
+    def _call(self, jobs: list[Job], timings: Timings) -> list[Any]:
         task, config = jobs[0].task, {k: v for k, v in asdict(jobs[0].config).items() if v is not None}  # None: the model's
+        if any(j.sink is not None or j.stepwise or j.conversation is not None for j in jobs):
+            return self._call_steps(jobs, config, timings)
         images = [j.image for j in jobs]
         if task == "caption":
             return self.pipe.caption(images, return_ids=True, batch_size=len(jobs), timings=timings, **config)
@@ -276,4 +321,53 @@ class Batcher:
                              timings=timings, **config)
 
 
-__all__ = ["Batcher", "Closing", "QueueFull", "Result", "Ticket"]
+    def _call_steps(self, jobs: list[Job], config: dict, timings: Timings) -> list[Any]:
+        """The batch decoded step by step, each row's text sent to its sink as it comes. Whatever fails
+        before the first step raises (each job is then tried alone); what fails later is every unfinished
+        row's outcome, as its stream has begun."""
+        pipe = self.pipe
+        if jobs[0].conversation is not None:
+            steps = pipe.generate_steps(jobs[0].task, [], conversations=[j.conversation for j in jobs], timings=timings,
+                                        **config)
+        elif jobs[0].task == "caption":
+            steps = pipe.generate_steps(pipe.caption_task, [j.image for j in jobs], timings=timings, **config)
+        else:
+            steps = pipe.generate_steps("vqa", [j.image for j in jobs], [j.question for j in jobs], timings=timings, **config)
+        eos = set(steps.settings.eos)
+        texts = [TextStream(pipe.raw_text, j.stop) for j in jobs]
+        outcomes: list[Any] = [None] * len(jobs)
+        for j in jobs:
+            if j.sink is not None:
+                j.sink.put("start")
+
+        def end(b: int) -> None:
+            ids = steps.ids(b)
+            finish = "stop" if texts[b].stopped or (ids and ids[-1] in eos) else "length"
+            outcomes[b] = Answered(Generation(texts[b].sent, tuple(ids)), int(steps.context[b]), finish)
+            if jobs[b].sink is not None:
+                jobs[b].sink.put("end", outcomes[b])
+
+        try:
+            for _ in steps:
+                for b, j in enumerate(jobs):
+                    if outcomes[b] is not None:
+                        continue
+                    if j.sink is not None and j.sink.cancelled:  # its client left: free the row
+                        steps.stop([b])
+                        outcomes[b] = Closing()
+                        continue
+                    piece = texts[b].push(steps.ids(b), final=bool(steps.finished[b]))
+                    if piece and j.sink is not None:
+                        j.sink.put("piece", piece)
+                    if steps.finished[b] or texts[b].stopped:
+                        steps.stop([b])
+                        end(b)
+        except Exception as e:
+            return [e if o is None else o for o in outcomes]
+        for b in range(len(jobs)):  # rows the loop ended at once (all finished in its last step)
+            if outcomes[b] is None:
+                end(b)
+        return outcomes
+
+
+__all__ = ["Answered", "Batcher", "Closing", "QueueFull", "Result", "Sink", "Ticket"]

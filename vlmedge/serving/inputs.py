@@ -17,9 +17,30 @@ from vlmedge.runtime.decoding import GenerationConfig
 from vlmedge.runtime.images import open_checked, to_rgb
 
 try:  # pydantic comes with FastAPI (the serve extra); the batcher and offline runs do without it
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from typing import Annotated
+
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 except ImportError:  # pragma: no cover
     BaseModel = object  # type: ignore[assignment,misc]
+
+
+def _not_bool(value: Any) -> Any:
+    """JSON true is not a count (pydantic would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not true or false")
+    return value
+
+
+def load_json(body: bytes) -> Any:
+    """A request body as JSON; not JSON, nested too deep or a number too long to read is one line (a 400)."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"body: not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError("body: JSON nested too deep") from None
+    except ValueError as e:  # an integer of more digits than Python converts (int_max_str_digits)
+        raise InputError(f"body: a number in the JSON is too long ({str(e).splitlines()[0][:80]})") from None
 
 
 @dataclass(frozen=True)
@@ -30,22 +51,34 @@ class Job:
     image: Any  # RGB PIL image
     question: Optional[str]
     config: GenerationConfig
+    conversation: Optional[list] = None  # decoder-only chat: the messages, images in them (task "vqa", image None)
+    sink: Any = None  # a stream's Sink: each piece of text as it is decoded
+    stepwise: bool = False  # decoded step by step (one beam), for token counts and stop strings
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (OpenAI's stop)
 
 
 if BaseModel is not object:
+    Count = Annotated[int, BeforeValidator(_not_bool)]
 
     class GenerationOptions(BaseModel):
         """Generation options as in the Python API (`pipe.caption(..., num_beams=3)`), plus return_ids."""
 
         model_config = ConfigDict(extra="forbid")
-        max_new_tokens: Optional[int] = Field(None, ge=1, description="default: the bundle's")
+        max_new_tokens: Optional[Count] = Field(None, ge=1, description="default: the bundle's")
         # None: the model's own setting from the bundle (tasks.<task>.generation), as in the Python API
-        min_new_tokens: Optional[int] = Field(None, ge=0)
-        num_beams: Optional[int] = Field(None, ge=1, description="beam search width (1: greedy; default: the model's)")
+        min_new_tokens: Optional[Count] = Field(None, ge=0)
+        num_beams: Optional[Count] = Field(None, ge=1, description="beam search width (1: greedy; default: the model's)")
         length_penalty: Optional[float] = None
         early_stopping: Optional[Union[bool, Literal["never"]]] = None
-        eos_token_id: Optional[int] = None
+        eos_token_id: Optional[Count] = None
+        do_sample: Optional[bool] = Field(None, description="draw tokens (one beam) instead of taking the likeliest")
+        temperature: Optional[float] = Field(None, gt=0, description="sampling: divides the logits")
+        top_k: Optional[Count] = Field(None, ge=0, description="sampling: keep the k likeliest tokens (0: all; default 50)")
+        top_p: Optional[float] = Field(None, ge=0, le=1, description="sampling: nucleus mass")
+        min_p: Optional[float] = Field(None, ge=0, le=1, description="sampling: drop tokens under min_p x the likeliest")
+        seed: Optional[Count] = Field(None, ge=0, lt=1 << 64, description="sampling: the same seed, the same tokens")
         return_ids: bool = Field(False, description="also return the generated token ids")
+        stream: bool = Field(False, description="send the text as server-sent events while it is decoded (one beam)")
 
     class JsonRequest(GenerationOptions):
         """POST body as JSON: the image base64-encoded (PNG, JPEG, ...), the question for /v1/vqa."""
@@ -89,10 +122,7 @@ def _one_line(e: "ValidationError") -> str:
 
 def parse_json_body(body: bytes) -> tuple[bytes, Optional[str], dict]:
     """A JSON body -> (image bytes, question, generation options incl. return_ids)."""
-    try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"body: not valid JSON ({e})") from None
+    raw = load_json(body)
     if not isinstance(raw, dict):
         raise InputError(f"body: expected a JSON object, got {type(raw).__name__}")
     try:
@@ -119,4 +149,5 @@ def split_options(opts: dict) -> tuple[GenerationConfig, bool]:
     """Validated options -> (GenerationConfig, return_ids)."""
     opts = {k: v for k, v in opts.items() if v is not None}  # None: the model's own setting
     return_ids = bool(opts.pop("return_ids", False))
+    opts.pop("stream", None)
     return GenerationConfig(**opts), return_ids

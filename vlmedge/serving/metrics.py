@@ -9,7 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 # 1 ms .. 30 s: an edge caption is ~10 ms, a queued one under load a few hundred
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STAGES = ("decode_image", "queue", "preprocess", "encoder", "first_token", "decode", "model", "total")
-ERROR_KINDS = ("bad_input", "unauthorized", "too_large", "queue_full", "timeout", "unavailable", "internal")
+ERROR_KINDS = ("bad_input", "unauthorized", "not_found", "too_large", "queue_full", "timeout", "unavailable", "internal")
 
 
 class ServeMetrics:

@@ -21,6 +21,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for companions
     max_queue: int = 64  # requests admitted at once (waiting and running); more get 429
     max_body_bytes: int = 20 * 1024 * 1024
+    max_header_bytes: int = 32 * 1024  # request line and headers together; more gets 431
     max_pixels: int = DEFAULT_SERVE_MAX_PIXELS
     timeout_s: float = 30.0  # a request not answered by then gets 504
     api_key: str | None = None  # bearer token required on /v1/* and /metrics; None: no auth
@@ -31,7 +32,7 @@ class ServeOptions:
 
     def check(self) -> None:
         """Refuse settings that cannot work, one line naming the option."""
-        for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1), ("max_pixels", 1), ("workers", 1)):
+        for name, low in (("max_batch", 1), ("max_queue", 1), ("max_body_bytes", 1), ("max_header_bytes", 1024), ("max_pixels", 1), ("workers", 1)):
             if getattr(self, name) < low:
                 raise InputError(f"--{name.replace('_', '-')}: expected >= {low}, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

@@ -82,7 +82,7 @@ def app_builder(args: dict[str, Any]) -> Application:
     num_gpus = _parse(args.pop("num_gpus", None), float)
     key_env = args.pop("api_key_env", None)
     types = {"bundle": str, "device": str, "model_name": str, "api_key": str, "max_batch": int, "max_queue": int,
-             "max_body_bytes": int, "max_pixels": int, "threads": int, "workers": int, "max_wait_ms": float,
+             "max_body_bytes": int, "max_header_bytes": int, "max_pixels": int, "threads": int, "workers": int, "max_wait_ms": float,
              "timeout_s": float, "shared_threads": bool}
     known = {f.name for f in fields(ServeOptions)}
     unknown = sorted(set(args) - known)
@@ -98,15 +98,31 @@ def serve_ray(options: ServeOptions, host: str, port: int, replicas: int = 1, au
               num_cpus: Optional[float] = None, num_gpus: Optional[float] = None, address: Optional[str] = None,
               log=print) -> None:
     """Start (or join, with `address`) a Ray cluster, run the deployment behind Serve's proxy on
-    host:port, and block until Ctrl-C; then shut the application down."""
+    host:port, and block until Ctrl-C or SIGTERM; then shut the application down and stop what this
+    process started (a local Ray instance with its agents; a joined cluster is only left)."""
+    import signal
+
     import ray
 
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    app = deployment(options, replicas, autoscaling, num_cpus, num_gpus)
-    scale = f"autoscaling {json.dumps(autoscaling)}" if autoscaling else f"{replicas} replica(s)"
-    log(f"serving {options.bundle} on Ray Serve at http://{host}:{port} with {scale}; Ctrl-C to stop")
+    def stop(signum, frame):  # SIGTERM as Ctrl-C, so that the cleanup below runs
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler aborts the process
+        serve.start(http_options={"host": host, "port": port})
+        app = deployment(options, replicas, autoscaling, num_cpus, num_gpus)
+        scale = f"autoscaling {json.dumps(autoscaling)}" if autoscaling else f"{replicas} replica(s)"
+        log(f"serving {options.bundle} on Ray Serve at http://{host}:{port} with {scale}; Ctrl-C to stop")
         serve.run(app, name="vlmedge", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
     finally:
-        serve.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()  # stops the local instance this process started (raylet, GCS, agents)
+            signal.signal(signal.SIGTERM, previous)
