@@ -85,8 +85,16 @@ def _replicas() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::")]
 
 
+def _wait_for_replicas(n: int, timeout: float = 90.0) -> list[str]:
+    """The deployment's replicas once there are n of them (Serve replaces a killed one), or the last seen."""
+    deadline = time.monotonic() + timeout
+    while len(names := _replicas()) != n and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return names
+
+
 def test_two_replicas_answer_as_in_process(ray_server, pipe, scene_pngs):
-    assert len(_replicas()) == 2
+    assert len(_wait_for_replicas(2)) == 2  # (after the kill test, Serve has put the second one back)
     images = [s.image for s, _ in scene_pngs]
     q = "what color is the large square ?"
     with httpx.Client(base_url=ray_server, timeout=60) as c:
@@ -136,6 +144,8 @@ def test_a_replica_killed_under_load_drops_no_request(ray_server, pipe, scene_pn
     assert len(ok) > before_kill + 10  # the endpoint kept answering after the kill
     with httpx.Client(base_url=ray_server, timeout=60) as c:
         assert c.post("/v1/caption", json={"image": png_b64(scene_pngs[0][1])}).json()["text"] == expected[0]
+    replicas = _wait_for_replicas(2)  # Serve replaces the killed replica
+    assert len(replicas) == 2 and victim not in replicas
 
 
 def test_app_builder_reads_serve_run_arguments(shapes):
