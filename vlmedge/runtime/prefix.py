@@ -51,8 +51,9 @@ class PrefixDecoder:
         self.kv_shape = (int(dims["decoder_heads"]), 1, int(dims["decoder_head_dim"]))
         self.embeds, self.prompt_mask = embeds, mask
         self.prompt_rows = prompt_rows
-        self.in_place = prompt_rows is not None and hasattr(backend, "run_into")
+        self.in_place = prompt_rows is not None and hasattr(backend, "prepare_into")
         self.capacity = 0
+        self.runner, self.bound = None, None  # in place: the decoder with this cache's buffers bound once
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         B = prompt.shape[0]
@@ -101,10 +102,13 @@ class PrefixDecoder:
         feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": self.next_pos}
         if self.in_place and self.mask.shape[1] > self.capacity:
             self._grow(max(self.mask.shape[1], 2 * self.capacity))
-        feeds.update(zip(self.past, self.cache))
         if self.in_place:
-            out = self.backend.run_into("decoder", feeds, dict(zip(self.present, self.cache)), keep=self.present)
+            if self.runner is None or self.bound is not self.cache:  # new buffers: after the prompt, a reorder or growth
+                self.runner = self.backend.prepare_into("decoder", dict(zip(self.past, self.cache)), dict(zip(self.present, self.cache)))
+                self.bound = self.cache
+            out = self.runner(feeds)
         else:
+            feeds.update(zip(self.past, self.cache))
             out = self.backend.run("decoder", feeds, keep=self.present)
             self.cache = [out[n] for n in self.present]
         self.next_pos = self.next_pos + 1

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -242,6 +242,30 @@ class OrtBackend:
         """`run` with the outputs named in `into` written into those values (from `buffer`): a KV cache
         updated in place, its past and present one buffer (ONNX Runtime's GroupQueryAttention)."""
         return _Runner(self, graph, {}, keep)(feeds, into)
+
+    def prepare_into(self, graph: str, fixed: Mapping[str, Any], into: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+        """`run_into` with the inputs in `fixed` and the outputs in `into` bound once (a KV cache updated
+        in place, the same buffers every step): each call binds the other inputs, runs, and returns the
+        other outputs as numpy."""
+        session, binding = self.sessions[graph], self.sessions[graph].io_binding()
+        for name, value in fixed.items():
+            self._bind_input(binding, graph, name, value)
+        rest = [n for n in self._outputs[graph] if n not in into]
+        for name in rest:  # first: outputs come back in the order they were bound, rebinding keeps the place
+            binding.bind_output(name, "cpu")
+        for name, value in into.items():
+            binding.bind_ortvalue_output(name, value)
+        varying = [n for n in self._inputs[graph] if n not in fixed]
+
+        def call(feeds: Mapping[str, Any]) -> dict[str, Any]:
+            for name in varying:
+                self._bind_input(binding, graph, name, feeds[name])
+            for name in rest:
+                binding.bind_output(name, "cpu")
+            session.run_with_iobinding(binding)
+            return {name: v.numpy() for name, v in zip(rest, binding.get_outputs())}
+
+        return call
 
     def buffer(self, array: np.ndarray) -> Any:
         """`array` as a value this backend keeps and `run_into` can write into."""
