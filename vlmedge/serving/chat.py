@@ -156,36 +156,41 @@ async def chat_chunks(sink: Sink, future: asyncio.Future, id_: str, model: str, 
     error event (OpenAI's error object), which the openai client raises."""
     head = dict(id_=id_, model=model, created=created, fingerprint=fingerprint, with_usage=include_usage)
     yield sse(chunk(delta={"role": "assistant", "content": ""}, **head))
-    while True:
-        try:
-            kind, value = await next_event(sink, future)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            yield sse(on_error(e))
-            return
-        if kind == "piece":
+    async for kind, value in _events(sink, future, on_error):
+        if kind == "error":
+            yield sse(value)
+        elif kind == "piece":
             yield sse(chunk(delta={"content": value}, **head))
         elif kind == "end":
             yield sse(chunk(delta={}, finish=value.finish_reason, **head))
             if include_usage:
                 yield sse(chunk(delta=None, usage=usage(value.prompt_tokens, len(value.generation.ids)), **head))
             yield sse("[DONE]")
-            return
 
 
-async def native_chunks(sink: Sink, future: asyncio.Future, model: str, on_error) -> AsyncIterator[bytes]:
-    """The SSE body of a streamed /v1/caption or /v1/vqa: {"text": piece} events, then the whole answer
-    with "done": true (and its ids and token counts)."""
+async def _events(sink: Sink, future: asyncio.Future, on_error) -> AsyncIterator[tuple[str, Any]]:
+    """A streamed answer's ("piece", text) events up to its ("end", result); a failure becomes one
+    ("error", on_error(exception)) event that ends it."""
     while True:
         try:
             kind, value = await next_event(sink, future)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            yield sse(on_error(e))
+            yield "error", on_error(e)
             return
-        if kind == "piece":
+        yield kind, value
+        if kind == "end":
+            return
+
+
+async def native_chunks(sink: Sink, future: asyncio.Future, model: str, on_error) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed /v1/caption or /v1/vqa: {"text": piece} events, then the whole answer
+    with "done": true (and its ids and token counts)."""
+    async for kind, value in _events(sink, future, on_error):
+        if kind == "error":
+            yield sse(value)
+        elif kind == "piece":
             yield sse({"text": value})
         elif kind == "end":
             yield sse({"model": model, "text": value.generation.text, "ids": list(value.generation.ids), "done": True,
