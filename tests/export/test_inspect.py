@@ -8,3 +8,19 @@ def test_inspect_shows_every_shape_as_written(bundles, capsys):
     out = capsys.readouterr().out
     assert "[batch, 3, 64, 64]" in out  # pixel_values
     assert "[batch, 4, past_len, 32]" in out  # past.0.self.key
+
+
+def test_inspect_shows_the_weights_stored_more_than_once(bundles, capsys):
+    from vlmedge.export.inspect import weight_report
+    from vlmedge.runtime.bundle import load_bundle
+
+    path = bundles["shapes-vlm"][2]
+    report = weight_report(load_bundle(path))
+    # the cross-attention contract's init and step graphs each hold the decoder's weights (issue of its own)
+    init, step = report["graphs"]["decoder_init"], report["graphs"]["decoder_step"]
+    assert init["shared_bytes"] > 0.5 * step["weight_bytes"]
+    assert report["stored_bytes"] - report["unique_bytes"] == sum(b for _, _, b in report["shared"]) > 0
+    assert any(set(gs) >= {"decoder_init", "decoder_step"} for gs, _, _ in report["shared"])
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "weights by graph" in out and "stored more than once (" in out

@@ -9,6 +9,64 @@ from rich.table import Table
 from vlmedge.runtime.bundle import Bundle
 
 
+WEIGHT_MIN = 1024
+
+
+def weight_report(bundle: Bundle) -> dict:
+    """The bundle's bytes by graph and by weight: each graph's file and the bytes of its initializers,
+    and which weights are stored in more than one graph (the same bytes, found by content hash), so
+    what the bundle holds twice shows: {"graphs": {name: {file_bytes, weight_bytes, weights,
+    shared_bytes}}, "stored_bytes", "unique_bytes", "shared": [(graphs, tensors, bytes of the copies past
+    the first)]}. Weights are the
+    initializers of WEIGHT_MIN bytes or more (not the small constants every graph has)."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    where: dict[str, set[str]] = {}  # content hash -> graphs holding it
+    sizes: dict[str, int] = {}
+    graphs = {}
+    for name in bundle.manifest.graphs:
+        path = bundle.graph_path(name)
+        model = onnx.load(str(path))
+        held: dict[str, int] = {}
+        for init in model.graph.initializer:
+            raw = numpy_helper.to_array(init).tobytes()
+            if len(raw) < WEIGHT_MIN:
+                continue
+            key = hashlib.blake2b(raw, digest_size=16).hexdigest()
+            held[key] = len(raw)
+        for key, n in held.items():
+            where.setdefault(key, set()).add(name)
+            sizes[key] = n
+        graphs[name] = {"file_bytes": path.stat().st_size, "weight_bytes": sum(held.values()), "weights": len(held)}
+    for name, g in graphs.items():
+        g["shared_bytes"] = sum(sizes[k] for k, gs in where.items() if name in gs and len(gs) > 1)
+    groups: dict[tuple, list[int]] = {}
+    for key, gs in where.items():
+        if len(gs) > 1:
+            groups.setdefault(tuple(sorted(gs)), []).append(sizes[key] * (len(gs) - 1))  # the copies past the first
+    return {"graphs": graphs, "stored_bytes": sum(g["weight_bytes"] for g in graphs.values()),
+            "unique_bytes": sum(sizes.values()),
+            "shared": sorted(((gs, len(ns), sum(ns)) for gs, ns in groups.items()), key=lambda x: -x[2])}
+
+
+def print_weights(report: dict, console: Console) -> None:
+    t = Table(title="weights by graph")
+    for col in ("graph", "file", "weights", "tensors", "also in another graph"):
+        t.add_column(col, justify="left" if col == "graph" else "right")
+    for name, g in report["graphs"].items():
+        t.add_row(escape(name), _size(g["file_bytes"]), _size(g["weight_bytes"]), str(g["weights"]), _size(g["shared_bytes"]))
+    console.print(t)
+    stored, unique = report["stored_bytes"], report["unique_bytes"]
+    line = f"weights: {_size(stored)} stored, {_size(unique)} unique"
+    if stored > unique:
+        line += f"; {_size(stored - unique)} stored more than once (" + "; ".join(
+            f"{' and '.join(gs)}: {n} tensor{'s' if n > 1 else ''}, {_size(b)}" for gs, n, b in report["shared"]) + ")"
+    console.print(escape(line))
+
+
 def _shape(shape) -> str:
     return escape("[" + ", ".join(str(s) for s in shape) + "]")  # else rich reads [batch, 3, 64, 64] as markup
 
@@ -62,6 +120,7 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
                                 if split else "") + f", {proc['image_tokens']} {proc['image_token']} tokens per frame; "
                              f"caption instruction {m.prompt['caption_instruction']!r}"))
     prov = m.provenance
+    print_weights(weight_report(bundle), console)
     console.print(escape(f"source: {prov.get('source')} ({', '.join(f'{k} {v[:12]}' for k, v in prov.get('source_sha256', {}).items())}), "
                          f"{prov.get('exporter')}, torch {prov.get('torch')}"))
     if m.validation:
