@@ -74,3 +74,24 @@ def test_a_failing_start_is_an_error_not_a_stream(pipe, scene_pngs):
 
     err, events = asyncio.run(main())
     assert "over the model's maximum of 32" in str(err) and events == []
+
+
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event():
+    import json
+    import time
+
+    from vlmedge.serving.chat import native_chunks
+
+    async def run() -> list[bytes]:
+        sink = Sink(asyncio.get_running_loop())
+        future = asyncio.get_running_loop().create_future()  # a batch that never finishes
+        sink.put("piece", "a red")
+        parts, t0 = [], time.perf_counter()
+        async for part in native_chunks(sink, future, "m", lambda e: {"error": type(e).__name__}, deadline=t0 + 0.3):
+            parts.append(part)
+        assert 0.25 < time.perf_counter() - t0 < 5  # it waited for the deadline, not forever
+        return parts
+
+    parts = asyncio.run(run())
+    events = [json.loads(p.decode().removeprefix("data: ").strip()) for p in parts]
+    assert events == [{"text": "a red"}, {"error": "TimeoutError"}]

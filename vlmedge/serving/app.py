@@ -392,7 +392,7 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
                     job = dataclasses.replace(job, sink=Sink(asyncio.get_running_loop()), stepwise=True)
                     name = state["name"]
                     response = await _start_stream(ticket, job, deadline,
-                                                   lambda sink, fut, on_error: chat_api.native_chunks(sink, fut, name, on_error),
+                                                   lambda sink, fut, on_error: chat_api.native_chunks(sink, fut, name, on_error, deadline),
                                                    openai=False)
                     ticket = None  # the stream releases it
                     code = 200
@@ -484,7 +484,7 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
                     created, include = int(time.time()), req.include_usage
                     response = await _start_stream(
                         ticket, job, deadline, lambda sink, fut, on_error: chat_api.chat_chunks(
-                            sink, fut, id_, name, created, fingerprint, include, on_error), openai=True)
+                            sink, fut, id_, name, created, fingerprint, include, on_error, deadline), openai=True)
                     ticket = None  # the stream releases it
                     code = 200
                     return response

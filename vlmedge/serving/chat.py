@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -150,13 +151,13 @@ async def next_event(sink: Sink, future: asyncio.Future, timeout: Optional[float
 
 
 async def chat_chunks(sink: Sink, future: asyncio.Future, id_: str, model: str, created: int, fingerprint: str,
-                      include_usage: bool, on_error) -> AsyncIterator[bytes]:
+                      include_usage: bool, on_error, deadline: Optional[float] = None) -> AsyncIterator[bytes]:
     """The SSE body of a streamed chat completion: a role chunk, a chunk per piece of text, one with the
     finish reason, the usage chunk if asked, then `data: [DONE]`. A failure after the first chunk is an
     error event (OpenAI's error object), which the openai client raises."""
     head = dict(id_=id_, model=model, created=created, fingerprint=fingerprint, with_usage=include_usage)
     yield sse(chunk(delta={"role": "assistant", "content": ""}, **head))
-    async for kind, value in _events(sink, future, on_error):
+    async for kind, value in _events(sink, future, on_error, deadline):
         if kind == "error":
             yield sse(value)
         elif kind == "piece":
@@ -168,12 +169,15 @@ async def chat_chunks(sink: Sink, future: asyncio.Future, id_: str, model: str, 
             yield sse("[DONE]")
 
 
-async def _events(sink: Sink, future: asyncio.Future, on_error) -> AsyncIterator[tuple[str, Any]]:
-    """A streamed answer's ("piece", text) events up to its ("end", result); a failure becomes one
-    ("error", on_error(exception)) event that ends it."""
+async def _events(sink: Sink, future: asyncio.Future, on_error,
+                  deadline: Optional[float] = None) -> AsyncIterator[tuple[str, Any]]:
+    """A streamed answer's ("piece", text) events up to its ("end", result); a failure, or the request's
+    deadline (time.perf_counter) passing before the end, becomes one ("error", on_error(exception))
+    event that ends it."""
     while True:
         try:
-            kind, value = await next_event(sink, future)
+            timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            kind, value = await next_event(sink, future, timeout=timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -184,10 +188,11 @@ async def _events(sink: Sink, future: asyncio.Future, on_error) -> AsyncIterator
             return
 
 
-async def native_chunks(sink: Sink, future: asyncio.Future, model: str, on_error) -> AsyncIterator[bytes]:
+async def native_chunks(sink: Sink, future: asyncio.Future, model: str, on_error,
+                        deadline: Optional[float] = None) -> AsyncIterator[bytes]:
     """The SSE body of a streamed /v1/caption or /v1/vqa: {"text": piece} events, then the whole answer
     with "done": true (and its ids and token counts)."""
-    async for kind, value in _events(sink, future, on_error):
+    async for kind, value in _events(sink, future, on_error, deadline):
         if kind == "error":
             yield sse(value)
         elif kind == "piece":
