@@ -21,7 +21,7 @@ What it does:
    - vlmedge: `vlmedge.load(bundle, threads=T, shared_threads=True)` (as the CLI opens bundles: one
      process-wide pool of T intra-op threads) in its own persistent subprocess too (--vlmedge-worker,
      this venv, no torch imported), the prompt's embeddings from the bundle's `embed` graph,
-     then vlmedge's own loop: `decode(PrefixDecoder(...))` (the prompt call with the masked one-slot
+     then vlmedge's own loop: `decode(pipe.decoder(...))` (the prompt call with the masked one-slot
      past, then one `embed` + `decoder` call per token, IOBinding, cache kept as OrtValues).
    Per token = one decode step: the model run on the previous token plus choosing the next one
    (vlmedge: Timings.tokens; genai: each generate_next_token call after the first, which only picks the
@@ -366,7 +366,6 @@ class VlmedgeContender:
         import numpy as np
 
         from vlmedge.runtime.decoding import GenerationConfig, Timings, decode
-        from vlmedge.runtime.prefix import PrefixDecoder
 
         pipe = self.pipe
         prompt = np.asarray([ids], dtype=np.int64)
@@ -377,9 +376,7 @@ class VlmedgeContender:
         embeds = np.array(pipe.backend.to_host(pipe.backend.run("embed", {"input_ids": prompt})["inputs_embeds"]))
         t_embed = time.perf_counter() - t0
         timings = Timings()
-        one_row = pipe.manifest.axes.get("prompt_batch")  # the onnxruntime target: prompts row by row, cache in place
-        rows = decode(PrefixDecoder(pipe.backend, pipe.manifest.dims, embeds, mask, one_row.max if one_row else None),
-                      prompt, settings, timings)
+        rows = decode(pipe.decoder(embeds, mask), prompt, settings, timings)  # as the pipeline decodes
         return {"tokens": rows[0], "prefill_s": t_embed + timings.first_token, "steps_s": list(timings.tokens)}
 
 

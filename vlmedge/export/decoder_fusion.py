@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FUSED_DOMAIN = "com.microsoft"
-_BNSH = [0, 2, 1, 3]
+from vlmedge.export.attention_fusion import _BNSH, FUSED_DOMAIN
 
 
 @dataclass
@@ -166,12 +165,10 @@ def _tables(model, cos: str, sin: str, positions: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(c[:, :half], dtype=np.float32), np.ascontiguousarray(s[:, :half], dtype=np.float32)
 
 
-def _dims(ix: _Index, graph) -> dict:
-    shapes = {}
-    for v in graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        shapes[v.name] = dims
-    return shapes
+def _input_dims(graph) -> dict[str, list]:
+    """Each graph input's dimensions (None where symbolic)."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in graph.input}
 
 
 def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
@@ -181,7 +178,7 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
 
     g = model.graph
     ix = _Index(g)
-    inputs = _dims(ix, g)
+    inputs = _input_dims(g)
     matched, left = {}, {}
     for i in range(layers):
         got = _match_layer(ix, i)

@@ -162,7 +162,7 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
     from vlmedge.export.validate import _errors, judge
     from vlmedge.runtime.bundle import load_bundle
     from vlmedge.runtime.decoding import GenerationConfig
-    from vlmedge.runtime.prefix import PrefixDecoder, PrefixPipeline, user_turn
+    from vlmedge.runtime.prefix import PrefixPipeline, user_turn
 
     pipe = PrefixPipeline(load_bundle(bundle_dir), max_pixels=1 << 26)
     m = pipe.manifest
@@ -218,7 +218,7 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
                 ids[j, width - len(r):], mask[j, width - len(r):] = r, 1
             settings = pipe.settings(task, GenerationConfig(num_beams=k, max_new_tokens=max_new), width)
             embeds = pipe.embeddings(ids, [inputs[i] for i in idx])
-            return decode(PrefixDecoder(pipe.backend, m.dims, embeds, mask), ids, settings)
+            return decode(pipe.decoder(embeds, mask), ids, settings)
 
         def theirs(idx, k):
             return adapter.reference_generate_prefix([inputs[i] for i in idx], [rows[i] for i in idx],

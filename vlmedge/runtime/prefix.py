@@ -352,8 +352,13 @@ class PrefixPipeline(Pipeline):
         if timings is not None:
             timings.preprocess += t1 - t0
             timings.encoder += time.perf_counter() - t1
+        return self.decoder(embeds, mask), ids, settings
+
+    def decoder(self, embeds: np.ndarray, mask: np.ndarray) -> PrefixDecoder:
+        """The decoding loop's contract over merged prompt embeddings and their mask, as this bundle's
+        decoder takes prompts (`axes.prompt_batch`: rows per prompt call, and the cache in place)."""
         rows = self.manifest.axes.get("prompt_batch")
-        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None), ids, settings
+        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None)
 
     def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
