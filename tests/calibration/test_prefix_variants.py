@@ -69,3 +69,15 @@ def test_compare_measures_every_graph_of_the_contract(smolvlm, variants, tmp_pat
     text = json.dumps(report)
     for graph in ("vision_encoder", "embed", "decoder"):
         assert graph in text
+
+
+def test_compare_replays_prompts_on_the_onnxruntime_target(smolvlm, tmp_path):
+    # the target's decoder takes prompts one row at a time (axes.prompt_batch); compare replays FP32's
+    # recorded batches of prompts on it
+    from vlmedge.compare import compare_bundles
+    from vlmedge.export.ort_target import retarget
+
+    retarget(smolvlm, tmp_path / "ort", validate_images=2)
+    compare_bundles([smolvlm, tmp_path / "ort"], "synthetic:4", "cpu", tmp_path / "cmp", runs=2)
+    rows = json.loads((tmp_path / "cmp" / "report.json").read_text())["bundles"]
+    assert rows[1]["agreement"]["overall"] == 1.0

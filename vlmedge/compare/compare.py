@@ -128,7 +128,8 @@ def _measure(bundle: Bundle, label: str, data: EvalData, samples: list, device: 
         steps.stage("timing")
         lat = measure.latency(pipe, lat_task, lat_items, runs, WARMUP, steps.advance) if lat_task else None
         steps.stage("comparing graph outputs")
-        outs = measure.run_samples(pipe.backend, list(m.graphs), samples, steps.advance)
+        prompt_rows = m.axes["prompt_batch"].max if "prompt_batch" in m.axes else None
+        outs = measure.run_samples(pipe.backend, list(m.graphs), samples, steps.advance, prompt_rows)
         backend = pipe.backend.name
         del pipe
         gc.collect()

@@ -107,14 +107,29 @@ def record_graph_inputs(pipe: Pipeline, data: EvalData, tasks: Sequence[str]) ->
 
 
 def run_samples(backend: Backend, graphs: Sequence[str], samples: Sequence[tuple[str, Feeds]],
-                advance: Callable[[int], None] = lambda n: None) -> list[dict[str, np.ndarray] | None]:
-    """Every output of every recorded call, as numpy; None for a graph this bundle does not have."""
+                advance: Callable[[int], None] = lambda n: None,
+                prompt_rows: int | None = None) -> list[dict[str, np.ndarray] | None]:
+    """Every output of every recorded call, as numpy; None for a graph this bundle does not have.
+    `prompt_rows` (a decoder-only bundle's `axes.prompt_batch`): its decoder takes a prompt (more
+    than one position) that many rows at a time, so a recorded batch of prompts runs in slices."""
     outs: list[dict[str, np.ndarray] | None] = []
     for graph, feeds in samples:
-        # copies: a CPU output is a view into onnxruntime's buffer, which would keep the session's arena alive
-        outs.append({k: np.array(v) for k, v in backend.run(graph, feeds).items()} if graph in graphs else None)
+        if graph not in graphs:
+            outs.append(None)
+        elif prompt_rows and graph == "decoder" and feeds["inputs_embeds"].shape[1] > 1 and len(feeds["inputs_embeds"]) > prompt_rows:
+            B = len(feeds["inputs_embeds"])
+            parts = [_host(backend.run(graph, {k: v[s : s + prompt_rows] for k, v in feeds.items()}))
+                     for s in range(0, B, prompt_rows)]
+            outs.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        else:
+            outs.append(_host(backend.run(graph, feeds)))
         advance(1)
     return outs
+
+
+def _host(out: dict) -> dict[str, np.ndarray]:
+    # copies: a CPU output is a view into onnxruntime's buffer, which would keep the session's arena alive
+    return {k: np.array(v) for k, v in out.items()}
 
 
 def _error(ref: np.ndarray, out: np.ndarray) -> dict:
