@@ -45,20 +45,36 @@ def tokens_per_image(info: FamilyInfo) -> int:
     return frames_per_image(info) * info.dims.image_tokens
 
 
-def prefix_decls(info: FamilyInfo, newline: bool = False) -> list[GraphDecl]:
-    """`newline`: the vision graph also outputs the model's row-separator embedding (LLaVA-OneVision)."""
+def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, position_rows: int = 1) -> list[GraphDecl]:
+    """`newline`: the vision graph also outputs the model's row-separator embedding (LLaVA-OneVision);
+    `blocks`: the decoder also takes block_ids (PaliGemma, Gemma 3: parts of the prompt attend both ways);
+    `position_rows` 3: M-RoPE positions, position_ids[3, batch, seq_len]. A qwen2_vl processor's vision graph
+    takes patches of any grid (with their rotary rows and columns and the segment, image or window, each
+    attends within) and gives one row per image token."""
     d, p = info.dims, info.preprocessing
     L, H, dh, D = d.decoder_layers, d.decoder_heads, d.decoder_head_dim, d.encoder_hidden
     extra = (TensorDecl("image_newline", "float32", (D,)),) if newline else ()
+    block = (TensorDecl("block_ids", "int64", ("batch", "total_len")),) if blocks else ()
+    pos = ("batch", "seq_len") if position_rows == 1 else (position_rows, "batch", "seq_len")
+    if p.processor and p.processor["kind"] == "qwen2_vl":
+        q = p.processor
+        vision = GraphDecl("vision_encoder", (
+            TensorDecl("pixel_values", "float32", ("patches", 3 * q["temporal_patch_size"] * q["patch_size"] ** 2)),
+            TensorDecl("vision_position_ids", "int64", ("patches", 2)),
+            TensorDecl("vision_segment_ids", "int64", ("patches",)),
+            *((TensorDecl("vision_window_ids", "int64", ("patches",)),) if q.get("window") else ())),
+            (TensorDecl("image_embeds", "float32", ("image_rows", D)),))
+    else:
+        vision = GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)),),
+                           (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)), *extra))
     return [
-        GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)),),
-                  (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)), *extra)),
+        vision,
         GraphDecl("embed", (TensorDecl("input_ids", "int64", ("batch", "seq_len")),),
                   (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),)),
         GraphDecl("decoder",
                   (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),
                    TensorDecl("attention_mask", "int64", ("batch", "total_len")),
-                   TensorDecl("position_ids", "int64", ("batch", "seq_len")),
+                   TensorDecl("position_ids", "int64", pos), *block,
                    *kv("past", L, H, dh, "past_len")),
                   (TensorDecl("logits", "float32", ("batch", d.vocab_size)), *kv("present", L, H, dh, "total_len"))),
     ]
@@ -73,7 +89,13 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
         raise InputError(f"--max-length {max_length}: one image of this model takes up to {image} tokens; "
                          f"use at least {image + 16} (its tokens, the prompt's text and the answer)")
     total = min(info.dims.max_target_len, max_length or image + TEXT_ROOM) + 1  # + the hidden slot
+    p = info.preprocessing.processor
+    patches = {}
+    if p["kind"] == "qwen2_vl":  # one image's patches at most per vision call; image rows: its tokens
+        merge = int(p["merge_size"]) ** 2
+        patches = {"patches": (merge, min(16 * merge, image * merge), image * merge), "image_rows": (1, min(16, image), image)}
     return {
+        **patches,
         "batch": (1, 1, max_batch),
         "frames": (1, frames, max(frames, 2)),
         "seq_len": (1, min(image + 16, total - 2), total - 2),
@@ -94,25 +116,42 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
     info = adapter.info
     d = info.dims
     p = info.preprocessing
-    frames = torch.randn(2, 3, p.height, p.width)
+    if p.processor["kind"] == "qwen2_vl":  # two images of 2x4 and 4x2 patches, kept apart by the mask
+        from vlmedge.runtime.processors import ImageInput, vision_feeds
+
+        q = p.processor
+        dim = 3 * q["temporal_patch_size"] * q["patch_size"] ** 2
+        grids = [ImageInput(np.random.default_rng(i).standard_normal((8, dim), dtype=np.float32), "", grid=grid)
+                 for i, grid in enumerate([(1, 2, 4), (1, 4, 2)])]
+        feeds, _ = vision_feeds(grids, int(q["merge_size"]), int(q.get("window", 0)))
+        names = [t.name for t in prefix_decls(info)[0].inputs]
+        vision_args = tuple(torch.from_numpy(feeds[n]) for n in names)
+        vision_dyn = {n: {0: Dim.DYNAMIC} for n in names}
+    else:
+        vision_args, vision_dyn = (torch.randn(2, 3, p.height, p.width),), {"pixel_values": {0: Dim.DYNAMIC}}
     with torch.no_grad():
-        newline = isinstance(adapter.vision_encoder()(frames), tuple)
-    decls = {g.name: g for g in prefix_decls(info, newline)}
+        newline = isinstance(adapter.vision_encoder()(*vision_args), tuple)
+    decoder = adapter.decoder()
+    blocks = "block_ids" in decoder.inputs
+    rows = getattr(decoder, "position_rows", 1)
+    decls = {g.name: g for g in prefix_decls(info, newline, blocks, rows)}
     ranges = prefix_axes(info, options.max_batch, options.max_length)
     ids = torch.tensor([[1, 2, 3], [3, 2, 1]]) % d.vocab_size
     L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
     embeds = torch.randn(2, 3, d.encoder_hidden) * 0.02
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[:, 0] = 0
-    pos = torch.arange(3)[None].repeat(2, 1)
+    pos = torch.arange(3)[None].repeat(2, 1) if rows == 1 else torch.arange(3)[None, None].repeat(rows, 2, 1)
     past = [torch.zeros(2, H, 2, dh) for _ in range(2 * L)]
     auto = Dim.DYNAMIC  # the attention mask's length is past + seq: the tracer keeps the relation
+    block_args, block_dyn = ((torch.tensor([[-1, -1, 0, 0, -1], [-1, 0, 0, 1, 1]]),), {"block_ids": {0: auto, 1: auto}}) \
+        if blocks else ((), {})
     plan = [
-        ("vision_encoder", adapter.vision_encoder, (frames,), {"pixel_values": {0: auto}}),
+        ("vision_encoder", adapter.vision_encoder, vision_args, vision_dyn),
         ("embed", adapter.embed, (ids,), {"input_ids": {0: auto, 1: auto}}),
-        ("decoder", adapter.decoder, (embeds, mask, pos, *past),
-         {"inputs_embeds": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
-          "past": tuple([{0: auto, 2: auto}] * (2 * L))}),
+        ("decoder", adapter.decoder, (embeds, mask, pos, *block_args, *past),
+         {"inputs_embeds": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
+          "position_ids": {0: auto, 1: auto} if rows == 1 else {1: auto, 2: auto}, **block_dyn, "past": tuple([{0: auto, 2: auto}] * (2 * L))}),
     ]
     graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
     (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
@@ -177,9 +216,15 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
 
     # each graph against PyTorch on real inputs
     with torch.no_grad():
-        px = inputs[0][0].frames[: m.axes["frames"].max]
-        ref = adapter.vision_encoder()(torch.from_numpy(px))
-        got = pipe.backend.run("vision_encoder", {"pixel_values": px})
+        if pipe.patch_vision:  # the first two images in one call
+            from vlmedge.runtime.processors import vision_feeds
+
+            proc = m.preprocessing["processor"]
+            feeds, _ = vision_feeds([inputs[0][0], inputs[1][0]], int(proc["merge_size"]), int(proc.get("window", 0)))
+        else:
+            feeds = {"pixel_values": inputs[0][0].frames[: m.axes["frames"].max]}
+        ref = adapter.vision_encoder()(*(torch.from_numpy(feeds[t.name]) for t in m.graphs["vision_encoder"].inputs))
+        got = pipe.backend.run("vision_encoder", feeds)
         ref = ref if isinstance(ref, tuple) else (ref,)
         graphs["vision_encoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["vision_encoder"].outputs, ref)}
         ids = np.asarray([rows[0]], dtype=np.int64)
@@ -188,12 +233,16 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
         embeds = pipe.embeddings(ids, inputs[:1])
         mask = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
         mask[:, 0] = 0
-        pos = np.arange(ids.shape[1])[None]
         L = m.dims["decoder_layers"]
         past = [np.zeros((1, m.dims["decoder_heads"], 1, m.dims["decoder_head_dim"]), np.float32) for _ in range(2 * L)]
-        ref = adapter.decoder()(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(pos), *map(torch.from_numpy, past))
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
-        feeds.update(zip((t.name for t in m.graphs["decoder"].inputs[3:]), past))
+        contract = pipe.decoder(embeds, mask[:, 1:], ids, inputs[:1])
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": contract.prompt_positions}
+        blocks = contract.prompt_blocks
+        if blocks is not None:
+            feeds["block_ids"] = np.concatenate([np.full((1, 1), -1, np.int64), blocks], 1)
+        decoder = adapter.decoder()
+        ref = decoder(*(torch.from_numpy(feeds[n]) for n in decoder.inputs), *map(torch.from_numpy, past))
+        feeds.update(zip((t.name for t in m.graphs["decoder"].inputs if t.name.startswith("past.")), past))
         got = pipe.backend.run("decoder", feeds)
         graphs["decoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["decoder"].outputs, ref)}
     failures += judge(graphs, options.atol)
@@ -218,7 +267,7 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
                 ids[j, width - len(r):], mask[j, width - len(r):] = r, 1
             settings = pipe.settings(task, GenerationConfig(num_beams=k, max_new_tokens=max_new), width)
             embeds = pipe.embeddings(ids, [inputs[i] for i in idx])
-            return decode(pipe.decoder(embeds, mask), ids, settings)
+            return decode(pipe.decoder(embeds, mask, ids, [inputs[i] for i in idx]), ids, settings)
 
         def theirs(idx, k):
             return adapter.reference_generate_prefix([inputs[i] for i in idx], [rows[i] for i in idx],

@@ -17,6 +17,12 @@ one engine with two optimisation profiles from this graph (prompt: past_len 1; s
 
 Positions come in as an input, computed by the runtime from the attention mask as HF `generate`
 does for left-padded batches (cumulative sum of the mask, minus one).
+
+Families whose prompt attends to itself both ways (PaliGemma: the image and the text prefix; Gemma 3:
+each image's tokens) take one more decoder input, `block_ids[batch,total_len]`, aligned with the
+attention mask: -1 for a token that attends causally, and tokens that share an id >= 0 also see each
+other both ways (HF's `block_sequence_ids`). The graph builds "causal or same block" from it, then each
+layer kind's window (`BlockPrefixDecoder`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class PrefixDecoder(nn.Module):
     of GROUPED_MODEL_TYPES run with `grouped_attention` here (HF's reference keeps its eager
     attention: validation compares the two)."""
 
+    inputs = ("inputs_embeds", "attention_mask", "position_ids")  # the graph's inputs before the cache
+    position_rows = 1  # position_ids[batch, seq_len]; 3: position_ids[3, batch, seq_len] (M-RoPE)
+
     def __init__(self, lm: nn.Module, head: nn.Module):
         super().__init__()
         self.lm, self.head = lm, head
@@ -87,6 +96,59 @@ class PrefixDecoder(nn.Module):
         return (logits, *flat_kv((layer.keys, layer.values) for layer in out.cache.layers))
 
 
+class BlockPrefixDecoder(PrefixDecoder):
+    """The decoder of a family whose prompt holds blocks that attend both ways: one more input,
+    `block_ids[batch,total_len]` (see the module docstring), from which the graph builds each layer
+    kind's additive mask and hands the language model the masks ready (HF's Gemma 2 and Gemma 3 models
+    take a {layer kind: mask} mapping).
+
+    `window_over_blocks`: how a sliding layer's window meets the blocks, as the family's HF code composes
+    them: True, window AND (causal OR block) (Gemma 3); False, (window AND causal) OR block (PaliGemma).
+    `position_offset`: added to the positions the runtime computes (PaliGemma counts from 1).
+    `softcap`: the final logits' tanh soft-capping, where the model has one (Gemma 2)."""
+
+    inputs = ("inputs_embeds", "attention_mask", "position_ids", "block_ids")
+
+    def __init__(self, lm: nn.Module, head: nn.Module, window_over_blocks: bool, position_offset: int = 0,
+                 softcap: float | None = None):
+        super().__init__(lm, head)
+        self.window_over_blocks, self.position_offset, self.softcap = window_over_blocks, position_offset, softcap
+
+    def masks(self, inputs_embeds, attention_mask, block_ids):
+        S, T = inputs_embeds.shape[1], attention_mask.shape[1]
+        q = torch.arange(S, device=inputs_embeds.device) + (T - S)  # the queries' places among the keys
+        k = torch.arange(T, device=inputs_embeds.device)
+        causal = (k[None, :] <= q[:, None])[None]  # (1, S, T)
+        qb = block_ids[:, q, None]  # (B, S, 1): the queries' own blocks (a gather: shape inference follows it)
+        same = (qb == block_ids[:, None, :]) & (qb >= 0)  # (B, S, T)
+        keep = attention_mask[:, None, :] > 0
+        floor = torch.finfo(inputs_embeds.dtype).min
+
+        def additive(allowed):  # (B, 1, S, T): 0 where a key is seen, the dtype's minimum where not (as HF's eager mask)
+            return torch.where(allowed & keep, 0.0, floor).to(inputs_embeds.dtype)[:, None]
+
+        config = self.lm.config
+        masks = {"full_attention": additive(causal | same)}
+        window = getattr(config, "sliding_window", None)
+        if window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+            near = (k[None, :] > q[:, None] - window)[None]
+            masks["sliding_attention"] = additive((causal | same) & near if self.window_over_blocks else (causal & near) | same)
+        return masks
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, block_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        masks = self.masks(inputs_embeds, attention_mask, block_ids)
+        layered = len(masks) > 1 or getattr(self.lm.config, "layer_types", None) is not None
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=masks if layered else masks["full_attention"],
+                      position_ids=position_ids + self.position_offset, cache=DynamicCache(pair_kv(past)), use_cache=True,
+                      return_dict=True)
+        logits = self.head(out.last_hidden_state[:, -1])
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return (logits, *flat_kv((layer.keys, layer.values) for layer in out.cache.layers))
+
+
 class Embed(nn.Module):
     def __init__(self, table: nn.Module):
         super().__init__()
@@ -100,7 +162,8 @@ class Embed(nn.Module):
 def prefix_dims(decoder: nn.Module, width: int) -> dict:
     """Layers, KV heads, head size and vocabulary, measured from the decoder's own cache and logits
     after two positions with no past (grouped-query caches keep their KV-head count)."""
-    probe = decoder(torch.zeros(1, 2, width), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None])
+    blocks = (torch.full((1, 2), -1),) if "block_ids" in decoder.inputs else ()
+    probe = decoder(torch.zeros(1, 2, width), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None], *blocks)
     _, heads, _, head_dim = probe[1].shape
     return dict(decoder_layers=(len(probe) - 1) // 2, decoder_heads=int(heads), decoder_head_dim=int(head_dim),
                 vocab_size=int(probe[0].shape[-1]))
@@ -177,10 +240,7 @@ class HfPrefixAdapter:
         self.model = load_hf_model(getattr(transformers, self.architecture), source)
         self._tokenizer_json = tokenizer_json(source)
         self._weights = weight_files(source)
-        template = chat_template(source)
-        if template is None:
-            raise ModelLoadError(f"{source}: no chat template (chat_template.jinja, or chat_template in "
-                                 "processor_config.json / tokenizer_config.json); save the processor with the model")
+        template = self.prompt_template()
         image_cfg, proc_cfg = processor_settings(source)
         prep = self.preprocessing(image_cfg, proc_cfg)
         cfg = self.model.config
@@ -192,19 +252,14 @@ class HfPrefixAdapter:
         if eos_first is None:
             raise ModelLoadError(f"{source}/config.json: needs eos_token_id to generate")
         self.eos_id, self.pad_id = int(eos_first), int(pad)
-        with torch.no_grad():
-            frames = self.vision_encoder()(torch.zeros(1, 3, prep.height, prep.width))
-            frames = frames[0] if isinstance(frames, tuple) else frames  # (features, image_newline): LLaVA-OneVision
-        if frames.dim() != 3:
-            raise ModelLoadError(f"{source}: the vision graph gives {list(frames.shape)}; expected [frames, tokens, width]")
-        tokens, width = int(frames.shape[1]), int(frames.shape[2])
+        tokens, width = self.probe_vision(prep)
         if prep.processor["image_tokens"] != tokens:
             raise ModelLoadError(f"{source}: the processor writes {prep.processor['image_tokens']} image tokens per frame, "
                                  f"but the vision encoder gives {tokens}")
         max_pos = int(getattr(tc, "max_position_embeddings", 2048) or 2048)
         dims = ModelDims(**prefix_dims(self.decoder(), width), encoder_hidden=width, image_tokens=tokens,
                          max_target_len=max_pos)
-        image_token = prep.processor["image_token"]
+        image_token = prep.processor.get("prompt_token", prep.processor["image_token"])
         named = special_tokens(source)
         spec = lambda: TaskSpec("vision_encoder", (), self.eos_id, self.pad_id, 32, dict(generation))  # noqa: E731
         self.info = FamilyInfo(
@@ -212,12 +267,37 @@ class HfPrefixAdapter:
             tasks={"caption": spec(), "vqa": spec()}, contract="prefix",
             prompt={"chat_template": template, "image_token": image_token,
                     "image_token_id": int(self.model.config.image_token_id), "special_tokens": named,
-                    "caption_instruction": prompt or CAPTION_INSTRUCTION},
+                    "caption_instruction": prompt or self.caption_instruction, **self.prompt_rules()},
         )
 
     # -- what a family file gives -----------------------------------------------------------------
+    caption_instruction = CAPTION_INSTRUCTION  # caption's text when export is given no --prompt
+
+    def prompt_template(self) -> str:
+        """The jinja2 template that turns messages into the prompt's text: the model's chat template."""
+        template = chat_template(self.source)
+        if template is None:
+            raise ModelLoadError(f"{self.source}: no chat template (chat_template.jinja, or chat_template in "
+                                 "processor_config.json / tokenizer_config.json); save the processor with the model")
+        return template
+
+    def prompt_rules(self) -> dict:
+        """More of the manifest's `prompt`: `blocks` (how the runtime writes the decoder's block_ids: "prefix",
+        the whole prompt one block; "images", each image's tokens a block) and `add_special_tokens` (False: the
+        template writes every special token, the tokenizer none)."""
+        return {}
+
     def preprocessing(self, image_cfg: dict, proc_cfg: dict):
         raise NotImplementedError
+
+    @torch.no_grad()
+    def probe_vision(self, prep) -> tuple[int, int]:
+        """(image tokens per frame, width) of the vision graph, measured on one blank frame."""
+        frames = self.vision_encoder()(torch.zeros(1, 3, prep.height, prep.width))
+        frames = frames[0] if isinstance(frames, tuple) else frames  # (features, image_newline): LLaVA-OneVision
+        if frames.dim() != 3:
+            raise ModelLoadError(f"{self.source}: the vision graph gives {list(frames.shape)}; expected [frames, tokens, width]")
+        return int(frames.shape[1]), int(frames.shape[2])
 
     def vision_encoder(self) -> nn.Module:
         raise NotImplementedError
@@ -229,6 +309,10 @@ class HfPrefixAdapter:
     def pixel_inputs(self, inputs: list) -> dict:
         """HF `generate`'s image inputs for a batch: per item, its images (runtime.processors.ImageInput)."""
         raise NotImplementedError
+
+    def reference_inputs(self, ids, mask) -> dict:
+        """HF `generate`'s inputs beyond ids, mask and pixels that its processor would give (token_type_ids)."""
+        return {}
 
     # -- the contract ------------------------------------------------------------------------------
     def embed(self) -> nn.Module:
@@ -254,7 +338,7 @@ class HfPrefixAdapter:
         from vlmedge.models.hf import strip_prompt
 
         ids, mask = left_pad(rows, self.pad_id)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, **self.pixel_inputs(inputs),
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **self.pixel_inputs(inputs), **self.reference_inputs(ids, mask),
                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, **generation)
         eos = generation.get("eos_token_id", self.info.tasks["caption"].generation.get("eos_token_id", self.eos_id))
         return strip_prompt(out, ids.shape[1], eos)

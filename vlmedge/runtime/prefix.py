@@ -7,6 +7,17 @@ image's `<image>` replaced by its placeholder text, then tokenised (one BOS: a t
 it gets none from the tokenizer); the rows left-padded; `embed` on the ids; the image rows of the
 embeddings replaced by `vision_encoder`'s output in order (their count checked); then the one
 decoding loop over the `decoder` graph through `PrefixDecoder`.
+
+A decoder that takes `block_ids` (PaliGemma, Gemma 3: parts of the prompt attend to each other both
+ways) gets them from the manifest's `prompt.blocks` rule, written here in numpy (`block_ids`): "prefix",
+every prompt token in block 0; "images", each run of image tokens a block of its own; -1 for padding
+and for every generated token, which attends causally.
+
+A decoder whose `position_ids` has three rows (M-RoPE: Qwen2-VL) gets them as `get_rope_index` writes
+them (`mrope_positions`), and at each step the prompt's largest position plus one and counting, on all
+three rows (HF's rope_deltas). A vision graph that takes patches (Qwen2-VL) runs over several images at
+once, with each patch's rotary (row, col) and its image as a segment id that keeps the images apart (and
+for Qwen2.5-VL the patches in window order with their window ids; vlmedge.runtime.processors.vision_feeds).
 """
 
 from __future__ import annotations
@@ -24,7 +35,56 @@ from vlmedge.runtime.bundle import kv_names
 from vlmedge.runtime.decoding import GenerationConfig, Settings, Steps, Timings, _host_logits, check_options, decode, resolve
 from vlmedge.runtime.images import load_image
 from vlmedge.runtime.pipeline import Generation, Pipeline, _count, _many, pairs, stream_pieces
-from vlmedge.runtime.processors import ImageInput, pack, process
+from vlmedge.runtime.processors import ImageInput, pack, process, vision_feeds
+
+
+BLOCK_RULES = ("prefix", "images")  # manifest prompt.blocks: how the prompt's block_ids are written
+
+
+def block_ids(rule: str, ids: np.ndarray, mask: np.ndarray, image_token_id: int) -> np.ndarray:
+    """The decoder's block_ids for left-padded prompt ids: tokens that share an id >= 0 attend to each
+    other both ways, -1 attends causally (HF's `block_sequence_ids` from the processor's token_type_ids)."""
+    real = mask > 0
+    if rule == "prefix":  # PaliGemma: the image and the text prefix, one block
+        return np.where(real, 0, -1).astype(np.int64)
+    image = real & (ids == image_token_id)  # Gemma 3: each image's run of tokens
+    start = image & ~np.pad(image, ((0, 0), (1, 0)))[:, :-1]
+    return np.where(image, np.cumsum(start, axis=1) - 1, -1).astype(np.int64)
+
+
+def mrope_positions(ids: np.ndarray, mask: np.ndarray, grids: list[list[tuple[int, int, int]]], image_token_id: int,
+                    merge: int) -> np.ndarray:
+    """M-RoPE positions [3, batch, seq_len] of left-padded prompts, as Qwen2-VL's `get_rope_index` writes them:
+    text on all three rows, one after another; each run of image tokens at (t, row, col) of its image's merged
+    grid, offset by the position it starts at; the text after it from that position plus the grid's longer
+    side. `grids`: each row's images' (t, rows, cols) patch grids, in order. Padding gets 0."""
+    out = np.zeros((3, *ids.shape), dtype=np.int64)
+    for b in range(ids.shape[0]):
+        real = np.flatnonzero(mask[b] > 0)
+        image = ids[b, real] == image_token_id
+        pos, cur, at, left = [], 0, 0, iter(grids[b])
+        while at < len(real):
+            end = at
+            while end < len(real) and image[end] == image[at]:
+                end += 1
+            if not image[at]:
+                pos.append(np.broadcast_to(np.arange(end - at) + cur, (3, end - at)))
+                cur += end - at
+            else:
+                grid = next(left, None)
+                if grid is None:
+                    raise InputError(f"prompt {b}: more runs of image tokens than images")
+                t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+                run = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur
+                if run.shape[1] != end - at:
+                    raise InputError(f"prompt {b}: {end - at} image tokens for an image of {run.shape[1]}")
+                pos.append(run)
+                cur += max(h, w)
+            at = end
+        if pos:
+            out[:, b, real] = np.concatenate(pos, 1)
+    return out
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -40,16 +100,23 @@ class PrefixDecoder:
 
     ROOM = 64  # cache rows allocated past the prompt when the cache is updated in place (doubled when full)
 
-    def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray, prompt_rows: int | None = None):
+    def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray, prompt_rows: int | None = None,
+                 blocks: np.ndarray | None = None, prompt_positions: np.ndarray | None = None):
         """`prompt_rows`: the most rows one prompt call takes (the manifest's `axes.prompt_batch`, which
         the ONNX Runtime target's GroupQueryAttention sets to 1). Such a graph also updates the cache in
         place: each layer's past and present are one buffer with room for the rows to come (on
-        backends that can write into a buffer), so a step writes one row instead of copying the cache."""
+        backends that can write into a buffer), so a step writes one row instead of copying the cache.
+        `blocks`: the prompt's block_ids, for a decoder that takes them (None: it does not).
+        `prompt_positions`: the prompt's position_ids when they are not HF generate's (M-RoPE: [3, batch,
+        seq_len]); by default the cumulative mask minus one."""
         L = int(dims["decoder_layers"])
         self.backend = backend
         self.present, self.past = kv_names("present", L), kv_names("past", L)
         self.kv_shape = (int(dims["decoder_heads"]), 1, int(dims["decoder_head_dim"]))
-        self.embeds, self.prompt_mask = embeds, mask
+        self.embeds, self.prompt_mask, self.prompt_blocks = embeds, mask, blocks
+        self.prompt_positions = positions(mask) if prompt_positions is None else prompt_positions
+        self.rows = 3 if self.prompt_positions.ndim == 3 else None  # M-RoPE: every step feeds three equal rows
+        self.blocks = None
         self.prompt_rows = prompt_rows
         self.in_place = prompt_rows is not None and hasattr(backend, "prepare_into")
         self.capacity = 0
@@ -58,24 +125,30 @@ class PrefixDecoder:
     def start(self, prompt: np.ndarray) -> np.ndarray:
         B = prompt.shape[0]
         self.mask = np.concatenate([np.zeros((B, 1), dtype=np.int64), self.prompt_mask], 1)  # the hidden slot
-        pos = positions(self.prompt_mask)
-        self.next_pos = pos[:, -1:] + 1
+        if self.prompt_blocks is not None:
+            self.blocks = np.concatenate([np.full((B, 1), -1, dtype=np.int64), self.prompt_blocks], 1)
+        pos = self.prompt_positions
+        self.next_pos = pos[:, -1:] + 1 if self.rows is None else pos.max(axis=(0, 2))[:, None] + 1  # (B, 1)
+        at = (lambda s: pos[s]) if self.rows is None else (lambda s: pos[:, s])  # noqa: E731  rows of a batch
         if self.in_place:
             self.capacity = self.mask.shape[1] + self.ROOM
         step = self.prompt_rows or B
         if step >= B:
-            logits, self.cache = self._prompt(self.embeds, self.mask, pos)
+            logits, self.cache = self._prompt(self.embeds, self.mask, pos, self.blocks)
             return logits
-        parts = [self._prompt(self.embeds[s : s + step], self.mask[s : s + step], pos[s : s + step]) for s in range(0, B, step)]
+        parts = [self._prompt(self.embeds[s : s + step], self.mask[s : s + step], at(slice(s, s + step)),
+                              None if self.blocks is None else self.blocks[s : s + step]) for s in range(0, B, step)]
         to_host = self.backend.to_host
         self.cache = [np.concatenate([to_host(c[i]) for _, c in parts]) for i in range(len(self.present))]
         if self.in_place:
             self.cache = [self.backend.buffer(c) for c in self.cache]
         return np.concatenate([logits for logits, _ in parts])
 
-    def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, list]:
+    def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray, blocks: np.ndarray | None) -> tuple[np.ndarray, list]:
         heads, _, dh = self.kv_shape
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        if blocks is not None:
+            feeds["block_ids"] = blocks
         if self.in_place:
             cache = [self.backend.buffer(np.zeros((len(embeds), heads, self.capacity, dh), dtype=embeds.dtype)) for _ in self.past]
             feeds.update(zip(self.past, cache))
@@ -90,6 +163,8 @@ class PrefixDecoder:
         take = self.backend.take
         self.cache = [take(v, rows) for v in self.cache]
         self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+        if self.blocks is not None:
+            self.blocks = self.blocks[rows]
 
     def reorder(self, rows: np.ndarray) -> None:
         if not np.array_equal(rows, np.arange(len(rows))):
@@ -99,7 +174,11 @@ class PrefixDecoder:
         B = len(ids)
         embeds = self.backend.run("embed", {"input_ids": ids.reshape(B, 1).astype(np.int64)})["inputs_embeds"]
         self.mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], 1)
-        feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": self.next_pos}
+        pos = self.next_pos if self.rows is None else np.broadcast_to(self.next_pos[None], (self.rows, B, 1))
+        feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": np.ascontiguousarray(pos)}
+        if self.blocks is not None:  # a generated token attends causally
+            self.blocks = np.concatenate([self.blocks, np.full((B, 1), -1, dtype=np.int64)], 1)
+            feeds["block_ids"] = self.blocks
         if self.in_place and self.mask.shape[1] > self.capacity:
             self._grow(max(self.mask.shape[1], 2 * self.capacity))
         if self.in_place:
@@ -184,8 +263,9 @@ class ChatPrompt:
             raise InputError(f"prompt: {len(parts) - 1} image placeholders for {len(images)} images")
         text = parts[0] + "".join(img.text + part for img, part in zip(images, parts[1:]))
         bos = self.named.get("bos_token")
+        special = self.spec.get("add_special_tokens", not (bos and text.startswith(bos)))  # False: the template writes them
         with self.lock:
-            return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
+            return self.tokenizer.encode(text, add_special_tokens=bool(special)).ids
 
 
 def user_turn(question: str, images: int = 1) -> dict:
@@ -199,6 +279,26 @@ class PrefixPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.chat_prompt = ChatPrompt(self.manifest.prompt, self.tokenizer, self._tok_lock)
         self.max_frames = self.manifest.axes["frames"].max
+        self.block_rule = None
+        self.patch_vision = any(t.name == "vision_position_ids" for t in self.manifest.graphs["vision_encoder"].inputs)
+        self.mrope = any(t.name == "position_ids" and len(t.shape) == 3 for t in self.manifest.graphs["decoder"].inputs)
+        proc = self.manifest.preprocessing["processor"]
+        if (self.patch_vision or self.mrope) and proc["kind"] != "qwen2_vl":
+            raise BundleError(f"manifest.json preprocessing.processor.kind: {proc['kind']!r} does not go with a vision graph "
+                              "over patches or M-RoPE positions (qwen2_vl)")
+        if self.patch_vision and "patches" not in self.manifest.axes:
+            raise BundleError("manifest.json axes.patches: missing (the vision graph takes patches)")
+        if any(t.name == "block_ids" for t in self.manifest.graphs["decoder"].inputs):
+            rule = self.manifest.prompt.get("blocks")
+            if rule not in BLOCK_RULES:
+                raise BundleError(f"manifest.json prompt.blocks: {str(rule)!r:.40} is not one of {', '.join(BLOCK_RULES)} "
+                                  "(the decoder takes block_ids)")
+            self.block_rule = rule
+        for key in ("image_start", "image_end"):
+            if not isinstance(self.manifest.preprocessing["processor"].get(key, ""), str):
+                raise BundleError(f"manifest.json preprocessing.processor.{key}: expected text")
+        if not isinstance(self.manifest.prompt.get("add_special_tokens", True), bool):
+            raise BundleError("manifest.json prompt.add_special_tokens: expected true or false")
 
     def max_new_tokens(self, task: str, prompt_len: int = 0) -> int:
         """Tokens a prompt of this length leaves: the decoder's positions (axes.total_len, less the hidden slot)
@@ -352,13 +452,21 @@ class PrefixPipeline(Pipeline):
         if timings is not None:
             timings.preprocess += t1 - t0
             timings.encoder += time.perf_counter() - t1
-        return self.decoder(embeds, mask), ids, settings
+        return self.decoder(embeds, mask, ids, inputs), ids, settings
 
-    def decoder(self, embeds: np.ndarray, mask: np.ndarray) -> PrefixDecoder:
-        """The decoding loop's contract over merged prompt embeddings and their mask, as this bundle's
-        decoder takes prompts (`axes.prompt_batch`: rows per prompt call, and the cache in place)."""
+    def decoder(self, embeds: np.ndarray, mask: np.ndarray, ids: np.ndarray,
+                inputs: list[list[ImageInput]] | None = None) -> PrefixDecoder:
+        """The decoding loop's contract over merged prompt embeddings, their mask, ids and (M-RoPE) each row's
+        images, as this bundle's decoder takes prompts (`axes.prompt_batch`: rows per prompt call, and the
+        cache in place)."""
         rows = self.manifest.axes.get("prompt_batch")
-        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None)
+        image_id = self.manifest.prompt["image_token_id"]
+        blocks = None if self.block_rule is None else block_ids(self.block_rule, ids, mask, image_id)
+        pos = None
+        if self.mrope:
+            grids = [[img.grid for img in item] for item in (inputs or [[] for _ in ids])]
+            pos = mrope_positions(ids, mask, grids, image_id, int(self.manifest.preprocessing["processor"]["merge_size"]))
+        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None, blocks, pos)
 
     def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
@@ -367,6 +475,8 @@ class PrefixPipeline(Pipeline):
         images = [img for item in inputs for img in item]
         if not images:
             return embeds
+        if self.patch_vision:
+            return self._merge(ids, embeds, np.concatenate(self._patch_features(images)))
         px = np.concatenate([img.frames for img in images])
         outs = [self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames]})
                 for s in range(0, len(px), self.max_frames)]
@@ -376,7 +486,33 @@ class PrefixPipeline(Pipeline):
         for img in images:
             rows.append(pack(features[at : at + len(img.frames)], img, prep, newline))
             at += len(img.frames)
-        image = np.concatenate(rows)
+        return self._merge(ids, embeds, np.concatenate(rows))
+
+    def _patch_features(self, images: list[ImageInput]) -> list[np.ndarray]:
+        """Each image's embeddings from a vision graph over patches (Qwen2-VL): images grouped into calls of at
+        most axes.patches.max patches, kept apart in a call by their segment ids."""
+        proc = self.manifest.preprocessing["processor"]
+        limit, merge, window = self.manifest.axes["patches"].max, int(proc["merge_size"]), int(proc.get("window", 0))
+        groups, out = [[]], []
+        for img in images:
+            if len(img.frames) > limit:
+                raise InputError(f"image: {len(img.frames)} patches, over this bundle's maximum of {limit} (axes.patches)")
+            if sum(len(i.frames) for i in groups[-1]) + len(img.frames) > limit:
+                groups.append([])
+            groups[-1].append(img)
+        for group in groups:
+            feeds, restore = vision_feeds(group, merge, window)
+            features = self.backend.to_host(self.backend.run("vision_encoder", feeds)["image_embeds"])
+            features = features if restore is None else features[restore]
+            at = 0
+            for img in group:
+                n = len(img.frames) // (merge * merge)
+                out.append(features[at : at + n])
+                at += n
+        return out
+
+    def _merge(self, ids: np.ndarray, embeds: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """The embeddings with the image-token rows replaced by the images' rows, in order (their count checked)."""
         where = ids == self.manifest.prompt["image_token_id"]
         if int(where.sum()) != len(image):
             raise InputError(f"prompt: {int(where.sum())} image tokens for {len(image)} image embeddings; the text "

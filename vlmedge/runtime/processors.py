@@ -13,6 +13,16 @@ text that stands for the image in the prompt.
   grid reassembled, the padding removed, bilinearly downsampled past `max_tiles` tiles' worth, a
   newline embedding after each row, the base image's features first. In a prompt of several images
   each image is padded to a square with the mean colour instead, one frame, plus one newline.
+- `fixed` (PaliGemma, Gemma 3): resize to height x width (aspect not kept), one frame; `image_tokens`
+  placeholders, between `image_start` and `image_end` where the processor writes them (Gemma 3's
+  `\n\n<start_of_image>` ... `<end_of_image>\n\n`).
+- `qwen2_vl` (Qwen2-VL, Qwen2.5-VL): dynamic resolution. `smart_resize` to multiples of patch x merge
+  pixels between `min_pixels` and `max_pixels` (aspect kept), then the image cut into patches, each patch
+  repeated over the temporal patch and flattened, in merge-block order: the frames are
+  `[patches, 3 * T * P * P]`, and the grid (1, rows, cols) of patches goes with them; (rows x cols) /
+  merge^2 placeholders. `vision_feeds` writes what the vision graph takes for a group of images: the
+  patches, each patch's rotary (row, col), each patch's segment (its image: HF's cu_seqlens, one id per
+  patch), and for Qwen2.5-VL (`window` > 0) the patches in window order with each patch's window.
 - `idefics3` (Idefics3, SmolVLM, SmolVLM2): resize the longest edge, resize again to multiples of
   the tile size, split into rows x cols tiles plus a global image resized to one tile; each tile
   is written as `<fake_token_around_image><row_r_col_c><image>*n` and the global image as
@@ -31,9 +41,10 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from vlmedge.errors import InputError
 from vlmedge.runtime.preprocess import _RESAMPLE, normalize
 
-KINDS = ("clip", "idefics3", "anyres")
+KINDS = ("clip", "idefics3", "anyres", "fixed", "qwen2_vl")
 MAX_IMAGE_SIZE = 4096  # Idefics3's absolute cap on either side after its first resize
 
 
@@ -43,6 +54,7 @@ class ImageInput:
     text: str  # the image's placeholder text in the prompt
     size: tuple[int, int] = (0, 0)  # the original image's (height, width)
     multi: bool = False  # anyres: one of several images in its prompt (padded to a square, not tiled)
+    grid: tuple[int, int, int] = (0, 0, 0)  # qwen2_vl: (temporal, rows, cols) of patches (HF's image_grid_thw)
 
 
 def process(image: Image.Image, prep: Mapping[str, Any], multi: bool = False) -> ImageInput:
@@ -53,6 +65,10 @@ def process(image: Image.Image, prep: Mapping[str, Any], multi: bool = False) ->
         return _clip(image, prep, p)
     if p["kind"] == "anyres":
         return _anyres(image, prep, p, multi)
+    if p["kind"] == "fixed":
+        return _fixed(image, prep, p)
+    if p["kind"] == "qwen2_vl":
+        return _qwen2_vl(image, prep, p)
     return _idefics3(image, prep, p)
 
 
@@ -60,7 +76,7 @@ def pack(features: np.ndarray, image: ImageInput, prep: Mapping[str, Any], newli
     """The vision encoder's output for one image's frames ([frames, T, D]) -> the rows its
     placeholder tokens take ([tokens, D]), in the order the model puts them."""
     p = prep["processor"]
-    if p["kind"] != "anyres":
+    if p["kind"] != "anyres":  # qwen2_vl: the vision graph's rows of this image, already [tokens, D]
         return features.reshape(-1, features.shape[-1])
     if image.multi or len(features) == 1:
         return np.concatenate([features[0], newline[None].astype(features.dtype)])
@@ -106,6 +122,97 @@ def _clip(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> Im
     top, left = int((nh - ch) / 2.0), int((nw - cw) / 2.0)
     img = img.crop((left, top, left + cw, top + ch))
     return ImageInput(_frames([img], prep), p["image_token"] * int(p["image_tokens"]))
+
+
+def _fixed(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> ImageInput:
+    """SigLIP's processor (PaliGemma) and Gemma 3's without pan and scan: one frame of height x width."""
+    frame = _resize(img, int(prep["height"]), int(prep["width"]), prep["resample"])
+    text = p["image_token"] * int(p["image_tokens"])
+    return ImageInput(_frames([frame], prep), str(p.get("image_start", "")) + text + str(p.get("image_end", "")))
+
+
+# -- qwen2_vl (Qwen2-VL) ----------------------------------------------------------------------------
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize target: both sides multiples of `factor`, the area within [min_pixels, max_pixels],
+    the aspect ratio kept as closely as that allows (HF's `smart_resize`)."""
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"image: {width}x{height} px; Qwen2-VL takes aspect ratios up to 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _qwen2_vl(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> ImageInput:
+    patch, merge, temporal = int(p["patch_size"]), int(p["merge_size"]), int(p["temporal_patch_size"])
+    w0, h0 = img.size
+    h, w = smart_resize(h0, w0, patch * merge, int(p["min_pixels"]), int(p["max_pixels"]))
+    frame = _frames([_resize(img, h, w, prep["resample"])], prep)[0]  # (3, h, w)
+    gh, gw = h // patch, w // patch
+    x = frame.reshape(3, gh // merge, merge, patch, gw // merge, merge, patch).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal, patch, patch))  # the image is its own next frame
+    patches = np.ascontiguousarray(x.reshape(gh * gw, 3 * temporal * patch * patch), dtype=np.float32)
+    return ImageInput(patches, p["image_token"] * (gh * gw // (merge * merge)), (h0, w0), grid=(1, gh, gw))
+
+
+def _window_index(grid: tuple[int, int, int], merge: int, window: int) -> tuple[np.ndarray, list[int]]:
+    """Qwen2.5-VL's window order of one image's merged tokens and its windows' lengths in patches (HF's
+    `get_vision_window_index`): windows of `window` x `window` merged tokens, row by row, the last ones cut
+    short at the grid's edge."""
+    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+    index = np.arange(t * h * w).reshape(t, h, w)
+    ph, pw = window - h % window, window - w % window
+    padded = np.pad(index, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
+    nh, nw = (h + ph) // window, (w + pw) // window
+    padded = padded.reshape(t, nh, window, nw, window).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, window * window)
+    lengths = [int(n) * merge * merge for n in (padded != -100).sum(-1).ravel() if n]
+    flat = padded.ravel()
+    return flat[flat != -100], lengths
+
+
+def _segments(lengths: list[int]) -> np.ndarray:
+    """One id per row for runs of `lengths` rows (cu_seqlens, written per row): 0, 0, ..., 1, 1, ..."""
+    return np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+
+
+def vision_feeds(images: list[ImageInput], merge: int, window: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The qwen2_vl vision graph's inputs for these images run in one call, and the order that puts its output
+    rows back (None: already in order). `vision_position_ids`: each patch's (row, col) for the 2D rotary
+    embedding, in merge-block order (HF's `get_vision_position_ids`); `vision_segment_ids`: each patch's image
+    (frame), within which it attends (HF's cu_seqlens, one id per patch: the graph builds the mask from it).
+    `window` > 0 (Qwen2.5-VL: merged tokens per window side): the patches go window by window (HF's
+    window_index) and `vision_window_ids` gives each patch's window (HF's cu_window_seqlens), for the layers
+    that attend within windows; the output comes back in window order."""
+    px, pos, full, windows, order, base = [], [], [], [], [], 0
+    unit = merge * merge
+    for img in images:
+        t, h, w = img.grid
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = (h // merge, merge, w // merge, merge)
+        hw = np.stack([hh.reshape(block).transpose(0, 2, 1, 3).ravel(), ww.reshape(block).transpose(0, 2, 1, 3).ravel()], -1)
+        hw, frames = np.tile(hw, (t, 1)), img.frames
+        full += [h * w] * t  # each frame its own attention segment
+        if window:
+            index, lengths = _window_index(img.grid, merge, window)
+            rows = (index[:, None] * unit + np.arange(unit)).ravel()
+            hw, frames = hw[rows], frames[rows]
+            windows += lengths
+            order.append(index + base)
+            base += len(index)
+        px.append(frames)
+        pos.append(hw)
+    feeds = {"pixel_values": np.ascontiguousarray(np.concatenate(px), dtype=np.float32),
+             "vision_position_ids": np.concatenate(pos).astype(np.int64), "vision_segment_ids": _segments(full)}
+    if not window:
+        return feeds, None
+    feeds["vision_window_ids"] = _segments(windows)
+    return feeds, np.argsort(np.concatenate(order))
 
 
 def _rescale_to_max_len(h: int, w: int, max_len: int) -> tuple[int, int]:
