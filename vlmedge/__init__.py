@@ -18,7 +18,15 @@ __version__ = "0.1.0"
 
 
 def load(bundle, device: str = "cpu", **options):
-    """Open a bundle (or a built-in model's name) for captioning and VQA; see vlmedge.runtime.pipeline."""
+    """Open a bundle (or a built-in model's name) for captioning and VQA (vlmedge.runtime.pipeline), or a
+    dual-encoder bundle (CLIP, SigLIP) for embeddings and zero-shot classification (vlmedge.runtime.embedding)."""
+    from vlmedge.runtime.embedding import is_dual_encoder
+
+    if is_dual_encoder(bundle):
+        from vlmedge.runtime.bundle import load_bundle
+        from vlmedge.runtime.embedding import EmbeddingPipeline
+
+        return EmbeddingPipeline(load_bundle(bundle), device, **options)
     from vlmedge.runtime.pipeline import load as _load
 
     return _load(bundle, device, **options)

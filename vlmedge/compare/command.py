@@ -28,6 +28,14 @@ def compare_command(
         err_console.print(f"exporting the built-in model {name} once, to {path}", highlight=False)
 
     resolved = [resolve_bundle(b, on_export) for b in bundles]
+    if any(b.manifest.contract == "dual-encoder" for b in resolved):  # CLIP / SigLIP: vlmedge.compare.encoders
+        from vlmedge.compare.encoders import REPORT_FILES, compare_dual_encoders, print_report
+
+        with progress() as p:
+            report = compare_dual_encoders(resolved, eval_spec, device, out, runs, progress=p)
+        print_report(report, console)
+        console.print(f"report written to {out}: {', '.join(REPORT_FILES)}", highlight=False)
+        return
     with progress() as p:
         report = compare_bundles(resolved, eval_spec, device, out, progress=p, runs=runs, warn=warn,
                                  shared_threads=True)  # as the other commands run

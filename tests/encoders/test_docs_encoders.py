@@ -1,0 +1,40 @@
+"""docs/encoders.md runs as written: every `vlmedge` command of its bash blocks and every python block, in
+order, in a directory where `path/to/clip` is the tiny CLIP (tests/encoders/tiny.py), `photos/` holds test
+scenes and `query.png` is one more; the first command exports the bundle the others use. (Its `text` blocks,
+a server and curl, are not run; tests/encoders/test_serving.py covers them.)"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_docs import DOCS, blocks, commands
+
+pytest.importorskip("milvus_lite")
+
+
+@pytest.mark.slow
+def test_encoders_page_runs_as_written(encoder_models, tmp_path, monkeypatch):
+    from vlmedge.data.scenes import scenes
+
+    shutil.copytree(encoder_models["clip"], tmp_path / "path" / "to" / "clip")
+    (tmp_path / "photos").mkdir()
+    for i, s in enumerate(scenes("test", 400, 5)):
+        Image.fromarray(s.image).save(tmp_path / "photos" / f"scene-{i}.png")
+    Image.fromarray(next(scenes("test", 500, 1)).image).save(tmp_path / "query.png")
+    monkeypatch.chdir(tmp_path)
+    exe = str(Path(sys.executable).parent / "vlmedge")
+    ran = 0
+    for lang, code in blocks(DOCS / "encoders.md"):
+        if lang == "bash":
+            for cmd in commands(code):
+                r = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=600)
+                assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr[-2000:]}"
+                ran += 1
+        elif lang == "python":
+            exec(compile(code, "docs/encoders.md", "exec"), {})
+            ran += 1
+    assert ran == 9
