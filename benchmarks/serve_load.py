@@ -6,18 +6,21 @@ What it does, in one run on the CPU with `shapes-vlm` (greedy captions of 5-obje
 1. Server overhead: `Pipeline.caption(path)` in this process (PNG decode included) and the same
    caption posted to the batching server, one at a time, in alternating blocks of 16 back-to-back
    calls, p50 and p99 of each.
-2. Two servers, `vlmedge serve` with dynamic batching (--max-batch 16 --max-wait-ms 5) and with
-   batch-1 serving (--max-batch 1), child processes on free localhost ports, loaded in turn (never
-   both at once), level by level, so that both see the machine alike. At each concurrency, that many clients
+2. Servers (--configs): `vlmedge serve` with in-flight batching (--batching inflight: requests join
+   the running decode batch between steps), with dynamic batching (--batching static, the default,
+   --max-batch 16 --max-wait-ms 5: each batch runs to its end) and with batch-1 serving
+   (--max-batch 1), child processes on free localhost ports, loaded in turn (never two at once),
+   level by level, so that all see the machine alike. At each concurrency, that many clients
    (asyncio + aiohttp, one keep-alive connection each) post JSON requests with base64 PNGs back to
    back for --seconds (after a 2 s warm-up that is not counted; before the first level, 3 s at the
    highest concurrency bring memory to its steady state): requests per second, p50/p99
    latency, errors, mean batch size (from /metrics), and the server's resident memory at the start
    and the end of the level.
 3. Streams: at --stream-concurrency levels (1 and 32), that many clients stream captions through
-   `POST /v1/chat/completions` (stream=true) from the batching server: the time to the first piece
-   of text against the time to the whole answer, p50 and p99.
-4. Checks: at concurrency 32 batching gives >= 2x the throughput of batch-1; at concurrency 1 the
+   `POST /v1/chat/completions` (stream=true) from the in-flight and the static server: the time to
+   the first piece of text against the time to the whole answer, p50 and p99.
+4. Checks: at concurrency 32 static batching gives >= 2x the throughput of batch-1, and in-flight
+   batching at least static's throughput and a lower time to the first piece; at concurrency 1 the
    batching server adds <= 2 ms to the in-process p50; RSS flat (grows < 10% from the first level's
    start to the last level's end); no
    errors below saturation (the queue limit, 64, is never reached by 64 clients).
@@ -56,8 +59,12 @@ import aiohttp  # noqa: E402
 from vlmedge.data.scenes import scenes  # noqa: E402
 
 PAUSE = 0.05  # seconds between blocks of in-process and HTTP calls
+SHORT = 16  # --mixed: requests of at most this many tokens are the short ones
+MIXED = (4, 40)  # --mixed: forced answer lengths, spread over this range (the built-in model allows 47 tokens)
 BLOCK = 16  # calls per block
-CONFIGS = {"batched": ["--max-batch", "16", "--max-wait-ms", "5"], "batch-1": ["--max-batch", "1"]}
+CONFIGS = {"inflight": ["--max-batch", "16", "--batching", "inflight"],
+           "static": ["--max-batch", "16", "--max-wait-ms", "5", "--batching", "static"],
+           "batch-1": ["--max-batch", "1", "--batching", "static"]}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -129,9 +136,12 @@ async def _metric_sums(session: aiohttp.ClientSession, url: str) -> tuple[float,
     return s, c
 
 
-async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float, pid: int) -> dict:
-    """`concurrency` clients posting back to back; latencies of requests that start after the warm-up."""
+async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float, pid: int,
+                     lengths: list[int] | None = None) -> dict:
+    """`concurrency` clients posting back to back; latencies of requests that start after the warm-up.
+    `lengths`: each body's forced answer length (--mixed), to report the short requests apart."""
     lat: list[float] = []
+    short: list[float] = []
     errors: dict[str, int] = {}
     t_start = time.perf_counter() + warmup
     t_end = t_start + seconds
@@ -159,6 +169,8 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: f
                 if t >= t_start:
                     if status == 200:
                         lat.append(dt)
+                        if lengths and lengths[i % len(bodies)] <= SHORT:
+                            short.append(dt)
                     else:
                         errors[str(status)] = errors.get(str(status), 0) + 1
                 i += concurrency
@@ -175,6 +187,7 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, seconds: f
     calls = b1[1] - b0[1]
     return {"concurrency": concurrency, "requests": len(lat), "rps": len(lat) / seconds,
             "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "errors": errors,
+            "short_p50_ms": pct(short, 50) * 1000 if short else float("nan"),
             "mean_batch": (b1[0] - b0[0]) / calls if calls else float("nan"), "rss_start_mb": rss_start, "rss_end_mb": rss_end}
 
 
@@ -252,7 +265,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--stream-concurrency", default="1,32", help="levels of the streaming step ('' to skip it)")
     ap.add_argument("--streams-only", action="store_true", help="run only the streaming step")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"servers to load, of {', '.join(CONFIGS)}")
+    ap.add_argument("--mixed", action="store_true", help=f"requests ask for answers of {MIXED[0]} to {MIXED[1]} tokens "
+                    f"(min_new_tokens = max_new_tokens); the p50 of those of at most {SHORT} is reported apart")
     args = ap.parse_args()
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
     levels = [int(x) for x in args.concurrency.split(",")]
     stream_levels = [int(x) for x in args.stream_concurrency.split(",") if x]
 
@@ -268,41 +285,51 @@ def main() -> None:
         p.write_bytes(buf.getvalue())
         paths.append(p)
         bodies.append(json.dumps({"image": base64.b64encode(buf.getvalue()).decode()}).encode())
+    lengths = None
+    if args.mixed:  # the same images, each with a forced length: every length of the range in turn
+        lengths = [MIXED[0] + (i * 7) % (MIXED[1] - MIXED[0] + 1) for i in range(len(bodies) * 4)]
+        bodies = [json.dumps({**json.loads(bodies[i % len(bodies)]), "max_new_tokens": n, "min_new_tokens": n}).encode()
+                  for i, n in enumerate(lengths)]
 
     print(f"bundle {bundle}; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
           f"{args.seconds:g} s per level", flush=True)
     images = ["data:image/png;base64," + json.loads(b)["image"] for b in bodies]
+    streamed = [n for n in ("inflight", "static") if n in configs]
     if args.streams_only:
-        proc, url = start_server(bundle, CONFIGS["batched"], work / "batched.log")
-        try:
-            rows = [asyncio.run(stream_level(url, images, c, args.seconds, 2.0)) for c in stream_levels]
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        rows = []
+        for name in streamed:
+            proc, url = start_server(bundle, configs[name], work / f"{name}.log")
+            try:
+                rows += [{"server": name, **asyncio.run(stream_level(url, images, c, args.seconds, 2.0))} for c in stream_levels]
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
         for r in rows:
             _print_stream_row(r)
         if args.json:
             args.json.write_text(json.dumps({"seconds": args.seconds, "streams": rows}, indent=2) + "\n")
         return
-    servers = {name: start_server(bundle, extra, work / f"{name}.log") for name, extra in CONFIGS.items()}
-    results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    servers = {name: start_server(bundle, extra, work / f"{name}.log") for name, extra in configs.items()}
+    results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
-        proc, url = servers["batched"]
-        inproc = asyncio.run(paired(bundle, paths, bodies, url, min(args.seconds, 30.0)))
-        print(f"one at a time, in alternating blocks: in-process Pipeline.caption(path) p50 {inproc['in_process_p50_ms']:.2f} ms "
+        proc, url = next(iter(servers.values()))
+        inproc = None if lengths else asyncio.run(paired(bundle, paths, bodies, url, min(args.seconds, 30.0)))
+        if inproc:
+            print(f"one at a time, in alternating blocks: in-process Pipeline.caption(path) p50 {inproc['in_process_p50_ms']:.2f} ms "
               f"(p99 {inproc['in_process_p99_ms']:.2f}), over HTTP p50 {inproc['http_p50_ms']:.2f} ms "
               f"(p99 {inproc['http_p99_ms']:.2f}); {inproc['calls_each']} calls each", flush=True)
         for proc, url in servers.values():  # steady state first: arenas grow to the largest batch before memory is watched
             asyncio.run(load_level(url, bodies, max(levels), 3.0, 0.0, proc.pid))
         for c in levels:  # the two servers take turns, level by level, so both see the machine alike
             for name, (proc, url) in servers.items():
-                r = asyncio.run(load_level(url, bodies, c, args.seconds, 2.0, proc.pid))
+                r = asyncio.run(load_level(url, bodies, c, args.seconds, 2.0, proc.pid, lengths))
                 results[name].append(r)
-                print(f"{name:8s} c={c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                shorts = f"  short p50 {r['short_p50_ms']:7.2f} ms" if lengths else ""
+                print(f"{name:8s} c={c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms{shorts}  "
                       f"batch {r['mean_batch']:5.2f}  errors {r['errors'] or 0}  RSS {r['rss_start_mb']:.0f} -> "
                       f"{r['rss_end_mb']:.0f} MB", flush=True)
-        proc, url = servers["batched"]
-        streams = [asyncio.run(stream_level(url, images, c, args.seconds, 2.0)) for c in stream_levels]
+        streams = [{"server": name, **asyncio.run(stream_level(servers[name][1], images, c, args.seconds, 2.0))}
+                   for c in stream_levels for name in streamed]
         for r in streams:
             _print_stream_row(r)
     finally:
@@ -312,11 +339,22 @@ def main() -> None:
 
     by = {n: {r["concurrency"]: r for r in rows} for n, rows in results.items()}
     checks = {}
-    if 32 in levels:
-        ratio = by["batched"][32]["rps"] / by["batch-1"][32]["rps"]
+    if 32 in levels and {"static", "batch-1"} <= set(by):
+        ratio = by["static"][32]["rps"] / by["batch-1"][32]["rps"]
         checks["batching_speedup_c32"] = {"value": ratio, "target": ">= 2", "ok": ratio >= 2}
-    over = inproc["http_p50_ms"] - inproc["in_process_p50_ms"]
-    checks["server_overhead_p50_ms_c1"] = {"value": over, "target": "<= 2", "ok": over <= 2}
+    if 32 in levels and {"inflight", "static"} <= set(by):
+        ratio = by["inflight"][32]["rps"] / by["static"][32]["rps"]
+        checks["inflight_over_static_rps_c32"] = {"value": ratio, "target": ">= 1", "ok": ratio >= 1}
+    first = {(r["server"], r["concurrency"]): r["first_p50_ms"] for r in streams}
+    if ("inflight", 32) in first and ("static", 32) in first:
+        ratio = first[("inflight", 32)] / first[("static", 32)]
+        checks["inflight_over_static_first_piece_p50_c32"] = {"value": ratio, "target": "< 1", "ok": ratio < 1}
+    if inproc:
+        over = inproc["http_p50_ms"] - inproc["in_process_p50_ms"]
+        checks["server_overhead_p50_ms_c1"] = {"value": over, "target": "<= 2", "ok": over <= 2}
+    if lengths and 32 in levels and {"inflight", "static"} <= set(by):
+        ratio = by["inflight"][32]["short_p50_ms"] / by["static"][32]["short_p50_ms"]
+        checks["inflight_over_static_short_p50_c32"] = {"value": ratio, "target": "<= 0.5", "ok": ratio <= 0.5}
     for name, rows in results.items():
         growth = (rows[-1]["rss_end_mb"] - rows[0]["rss_start_mb"]) / rows[0]["rss_start_mb"]
         checks[f"rss_growth_{name}"] = {"value": growth, "target": "< 0.1", "ok": growth < 0.10}
@@ -330,7 +368,7 @@ def main() -> None:
 
 
 def _print_stream_row(r: dict) -> None:
-    print(f"streams  c={r['concurrency']:3d}: first text p50 {r['first_p50_ms']:7.2f} ms (p99 {r['first_p99_ms']:.2f}), "
+    print(f"streams {r['server']:8s} c={r['concurrency']:3d}: first text p50 {r['first_p50_ms']:7.2f} ms (p99 {r['first_p99_ms']:.2f}), "
           f"whole answer p50 {r['whole_p50_ms']:7.2f} ms (p99 {r['whole_p99_ms']:.2f}); {r['streams']} streams, "
           f"errors {r['errors'] or 0}", flush=True)
 

@@ -14,6 +14,12 @@ to its request's `Sink`, a row whose client has left stops (when all have, the b
 that ends (EOS, length, a stop string) tells its request at once, without waiting for the batch. A
 seeded sampling request runs alone, so its draws are those of the same call in process.
 
+In-flight batching (`inflight=True`, cross-attention bundles of schema 4): a request that decodes
+one row (greedy or sampling, plain or streamed) does not wait for a batch to form or to finish. It
+joins the running decode batch before its next step, up to `max_batch` rows, and leaves it when it
+ends (vlmedge.runtime.inflight). Each row keeps its own options, so requests with different options
+share the batch. Beam search, decoder-only chat and Florence-2's region tasks batch as above.
+
 Admission is bounded: at most `max_queue` requests are admitted (waiting or running); the next one
 gets `QueueFull` with a suggested Retry-After, so memory never grows with the offered load.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from vlmedge.runtime.decoding import Timings
+from vlmedge.runtime.inflight import Inflight
 from vlmedge.runtime.pipeline import Generation, Pipeline, TextStream
 from vlmedge.serving.inputs import Job
 
@@ -105,8 +113,10 @@ class Ticket:
         self._submitted = True
         b._incoming -= 1
         fut = asyncio.get_running_loop().create_future()
-        b._waiting.append(_Waiting(job, fut, time.perf_counter()))
-        b._wake.set()
+        w = _Waiting(job, fut, time.perf_counter())
+        if not b._join_flight(w):  # joins the running in-flight batch, or waits for a batch
+            b._waiting.append(w)
+            b._wake.set()
         return fut
 
     def release(self) -> None:
@@ -133,7 +143,7 @@ class Batcher:
 
     def __init__(self, pipe: Pipeline, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 64,
                  workers: int = 1, on_batch: Optional[Callable[[int, Timings], None]] = None,
-                 on_depth: Optional[Callable[[int], None]] = None):
+                 on_depth: Optional[Callable[[int], None]] = None, inflight: bool = False):
         self.pipe = pipe
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -149,6 +159,13 @@ class Batcher:
         self._closing = False
         self._task: Optional[asyncio.Task] = None
         self._running: set[asyncio.Task] = set()
+        manifest = getattr(pipe, "manifest", None)
+        # in-flight batching: the running batch's queue of joiners, guarded by a lock the model thread shares
+        self.inflight = inflight and manifest is not None and manifest.contract == "cross-attention" \
+            and not manifest.split_decoder
+        self._flight: deque[_Waiting] = deque()
+        self._flight_lock = threading.Lock()
+        self._flying = False  # an in-flight batch is running (it takes joiners until it empties)
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self) -> Ticket:
@@ -209,6 +226,162 @@ class Batcher:
                 w.future.set_exception(Closing())
         self._executor.shutdown(wait=True)
 
+    # -- in-flight batching ------------------------------------------------------------------
+    def _flies(self, job: Job) -> bool:
+        """Whether a job decodes in the in-flight batch: one row, text out, on a bundle that allows it."""
+        if not self.inflight or job.conversation is not None:
+            return False
+        try:
+            task = self.pipe.caption_task if job.task == "caption" else job.task
+            if self.pipe.manifest.tasks[task].get("postprocess", "text") != "text":
+                return False
+            options = {k: v for k, v in asdict(job.config).items() if v is not None}
+            return self.pipe.settings(task, self.pipe._config(task, options)).num_beams == 1
+        except Exception:  # options the pipeline refuses: the batch path says why
+            return False
+
+    def _join_flight(self, w: _Waiting) -> bool:
+        """Hand a job to the running in-flight batch; False if none runs or the job does not fly."""
+        if not self._flies(w.job):
+            return False
+        with self._flight_lock:
+            if not self._flying:
+                return False
+            self._flight.append(w)
+            return True
+
+    def _run_flight(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The in-flight batch, on a model thread: joiners run their prompts, every row steps, rows that
+        end (or whose client left) answer and leave; it returns when no row is left and none waits."""
+        pipe = self.pipe
+        fl = Inflight(pipe.backend, pipe.layers)
+        rows: dict[int, list] = {}  # key -> [waiting job, its text stream, its stages so far, most rows it ran with]
+        settle = lambda fut, value: loop.call_soon_threadsafe(_settle, fut, value)  # noqa: E731
+        while True:
+            with self._flight_lock:
+                joining = []
+                while self._flight and len(rows) + len(joining) < self.max_batch:
+                    joining.append(self._flight.popleft())
+                if not joining and not rows:
+                    self._flying = False
+                    return
+            for task, group in _by_task(w for w in joining if not w.future.done()):
+                self._join(fl, rows, task, group, settle)
+            for key in [k for k, (w, *_) in rows.items() if w.future.done() or (w.job.sink and w.job.sink.cancelled)]:
+                self._leave(fl, rows, key, Closing(), settle)  # timed out, or its client left
+            if not len(fl):
+                continue
+            started = time.perf_counter()
+            try:
+                tokens = fl.step()
+            except Exception as e:  # every running row fails with it; joiners start a fresh batch
+                for key in list(rows):
+                    settle(rows.pop(key)[0].future, e)
+                fl = Inflight(pipe.backend, pipe.layers)
+                continue
+            self._on_batch(len(fl), Timings())
+            for row in rows.values():
+                row[3] = max(row[3], len(fl))
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+            self._emit(fl, rows, tokens, settle)
+
+    def _join(self, fl: Inflight, rows: dict, task: str, group: list[_Waiting], settle) -> None:
+        pipe, t0 = self.pipe, time.perf_counter()
+        try:
+            name = pipe.caption_task if task == "caption" else task
+            px = pipe.images([w.job.image for w in group])
+            q = pipe.question_ids([w.job.question for w in group]) if task == "vqa" else None
+            t1 = time.perf_counter()
+            states, mask = pipe.encode(name, px, q)
+            t2 = time.perf_counter()
+            settings, seeds = [], []
+            for w in group:
+                options = {k: v for k, v in asdict(w.job.config).items() if v is not None}
+                settings.append(pipe._checked_settings(name, options))
+                seeds.append(w.job.config.seed)
+            keys = [id(w) for w in group]
+            prompt = pipe.manifest.tasks[name]["prompt_ids"]
+            # tokens read before the first generated one, as Pipeline.generate_steps counts them
+            image = int(pipe.manifest.dims.get("image_tokens", 0)) if q is not None else 0
+            context = [len(prompt) + int(m.sum()) + image for m in mask]
+            tokens = fl.add(keys, states, mask, prompt, settings, seeds, context)
+        except Exception as e:  # these requests fail; the rows running go on
+            for w in group:
+                settle(w.future, e)
+            return
+        t3 = time.perf_counter()
+        stages = {"start": t0, "preprocess": t1 - t0, "encoder": t2 - t1, "first_token": t3 - t2, "joined": t3}
+        for w in group:
+            rows[id(w)] = [w, TextStream(pipe.raw_text, w.job.stop), stages, len(fl)]
+            if w.job.sink is not None:
+                w.job.sink.put("start")
+        self._emit(fl, rows, tokens, settle)
+
+    def _emit(self, fl: Inflight, rows: dict, tokens: dict, settle) -> None:
+        """Each row's new text to its stream; rows that ended answer and leave."""
+        by_key = {r.key: r for r in fl.rows}
+        for key in tokens:
+            w, text, *_ = rows[key]
+            row = by_key[key]
+            piece = text.push(row.generated, final=row.finished)
+            if piece and w.job.sink is not None:
+                w.job.sink.put("piece", piece)
+            if row.finished or text.stopped:
+                ids = row.generated
+                finish = "stop" if text.stopped or (ids and ids[-1] in row.settings.eos) else "length"
+                self._leave(fl, rows, key, (text, ids, row.context, finish), settle)
+
+    def _leave(self, fl: Inflight, rows: dict, key: int, outcome, settle) -> None:
+        w, text, times, shared = rows.pop(key)
+        fl.remove([key])
+        if isinstance(outcome, BaseException):
+            settle(w.future, outcome)
+            return
+        text, ids, context, finish = outcome
+        now = time.perf_counter()
+        job = w.job
+        stages = {"queue": times["start"] - w.arrived, **{k: times[k] for k in ("preprocess", "encoder", "first_token")},
+                  "decode": now - times["joined"], "model": now - times["start"]}
+        if job.sink is not None or job.stepwise:
+            answered = Answered(Generation(text.sent, tuple(ids)), int(context), finish)
+            if job.sink is not None:
+                job.sink.put("end", answered)
+            settle(w.future, Result(answered.generation, stages, shared, answered.prompt_tokens, finish))
+        else:
+            settle(w.future, Result(Generation(self.pipe.decode(ids), tuple(ids)), stages, shared))
+
+    async def _start_flight(self, first: _Waiting) -> bool:
+        """With a worker slot held: start an in-flight batch with every waiting job that flies (the batch
+        keeps the slot until it empties). False if `first` does not fly."""
+        if not self._flies(first.job):
+            return False
+        joining = [w for w in self._waiting if self._flies(w.job)]
+        for w in joining:
+            self._waiting.remove(w)
+        loop = asyncio.get_running_loop()
+        with self._flight_lock:
+            self._flight.extend(joining)
+            self._flying = True
+
+        async def run() -> None:
+            try:
+                await loop.run_in_executor(self._executor, self._run_flight, loop)
+            except BaseException as e:  # never leave a request without an answer
+                with self._flight_lock:
+                    left, self._flying = list(self._flight), False
+                    self._flight.clear()
+                for w in left:
+                    _settle(w.future, e if isinstance(e, Exception) else RuntimeError(repr(e)))
+                if not isinstance(e, Exception):
+                    raise
+            finally:
+                self._slots.release()
+
+        task = loop.create_task(run())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return True
+
     # -- scheduling --------------------------------------------------------------------------
     def _compatible(self, first: Job) -> list[_Waiting]:
         chat = first.conversation is not None
@@ -243,6 +416,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next_waiting()
+            if await self._start_flight(first):
+                return
             cap = self.capacity(first.job)
             deadline = first.arrived + self.max_wait_s
             while len(self._compatible(first.job)) < cap and self._incoming > 0:
@@ -368,6 +543,23 @@ class Batcher:
             if outcomes[b] is None:
                 end(b)
         return outcomes
+
+
+def _settle(fut: asyncio.Future, value) -> None:
+    """A future's result, or its exception, unless it is done already (timed out, cancelled)."""
+    if fut.done():
+        return
+    if isinstance(value, BaseException):
+        fut.set_exception(value)
+    else:
+        fut.set_result(value)
+
+
+def _by_task(waiting) -> list[tuple[str, list[_Waiting]]]:
+    groups: dict[str, list[_Waiting]] = {}
+    for w in waiting:
+        groups.setdefault(w.job.task, []).append(w)
+    return list(groups.items())
 
 
 __all__ = ["Answered", "Batcher", "Closing", "QueueFull", "Result", "Sink", "Ticket"]

@@ -29,6 +29,7 @@ class ServeOptions:
     shared_threads: bool = True  # one ONNX Runtime thread pool for all graphs (a process that only serves)
     workers: int = 1  # model calls running at once (one is right for one device)
     model_name: str | None = None  # the id /v1/models reports (default: the bundle's directory name)
+    batching: str = "static"  # or "inflight": each batch runs to its end, or rows join the running batch between steps
 
     def check(self) -> None:
         """Refuse settings that cannot work, one line naming the option."""
@@ -37,6 +38,8 @@ class ServeOptions:
                 raise InputError(f"--{name.replace('_', '-')}: expected >= {low}, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise InputError(f"--max-wait-ms: expected >= 0, got {self.max_wait_ms}")
+        if self.batching not in ("inflight", "static"):
+            raise InputError(f"--batching: expected inflight or static, got {self.batching!r}")
         if self.timeout_s <= 0:
             raise InputError(f"--timeout: expected > 0 seconds, got {self.timeout_s}")
 
