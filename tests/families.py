@@ -487,3 +487,255 @@ def llava_onevision(out: Path) -> Path:
 
 
 PREFIX_FAMILIES["llava-onevision"] = ("LlavaOnevisionForConditionalGeneration", llava_onevision, "all")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Families whose prompt holds blocks that attend both ways (tests/export/test_block_families.py): PaliGemma
+# (a prefix-LM: no chat template, the processor writes the prompt and all of it is one block) and Gemma 3.
+
+
+def _gemma_tokenizer(out: Path, special: list[str], words: list[str], named: dict[str, str] | None = None):
+    """A word-level tokenizer over the scene world with Gemma's special ids (<pad>=0, <eos>=1, <bos>=2,
+    <unk>=3), a post-processor that writes <bos> (as Gemma's tokenizer.json does), and "\\n" / "\\n\\n" as
+    tokens of their own (Gemma's vocabulary has them; prompts end with or hold them). `named`: special tokens the
+    processor reads by name (Gemma 3's boi_token, eoi_token, image_token)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<pad>", "<eos>", "<bos>", "<unk>", *special, "\n", "\n\n", *words, *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    core.add_tokens([AddedToken("\n\n", normalized=False), AddedToken("\n", normalized=False)])
+    core.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", extra_special_tokens=named or special)
+    tok.save_pretrained(out)
+    return tok, vocab
+
+
+def _paligemma_like(out: Path, text: dict, seed: int) -> Path:
+    """A PaliGemma of `text` (a Gemma or Gemma 2 config): a SigLIP tower without its head (last hidden state,
+    every patch a token), a linear projector to the LM's width, tied embeddings (Gemma's, scaled by the square
+    root of the width), the <loc>/<seg> tokens, positions from 1; SigLIP's processor (30 px here, 0.5 / 0.5)
+    saved as PaliGemmaProcessor saves it (image_seq_length in the image processor), no chat template."""
+    import json
+
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipImageProcessorPil
+
+    extra = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
+    _, vocab = _gemma_tokenizer(out, ["<image>"], ["caption", "en", "es", "answer", *extra])
+    image, patch = 30, 6
+    cfg = PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=40, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image, patch_size=patch, vision_use_head=False),
+        text_config=dict(vocab_size=len(vocab), hidden_size=48, max_position_embeddings=1024,
+                         hidden_activation="gelu_pytorch_tanh", pad_token_id=0, eos_token_id=1, bos_token_id=2, **text),
+        image_token_index=vocab["<image>"], projection_dim=48, hidden_size=48, vocab_size=len(vocab),
+        tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    _perturb(model, std=0.2, seed=seed).save_pretrained(out)
+    ip = SiglipImageProcessorPil(size={"height": image, "width": image}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_cfg = {**ip.to_dict(), "image_seq_length": (image // patch) ** 2, "image_processor_type": "SiglipImageProcessor"}
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "PaliGemmaProcessor",
+                                                           "image_processor": image_cfg}, indent=2))
+    return out
+
+
+def paligemma(out: Path) -> Path:
+    """google/paligemma-3b-pt-224's shape: a Gemma LM with multi-query attention (4 query heads over 1 KV
+    head), head size set apart from width / heads, GeGLU, (1 + w) RMS norms; no windows, no soft-capping."""
+    text = dict(model_type="gemma", intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=16)
+    return _paligemma_like(out, text, seed=8)
+
+
+def paligemma2(out: Path) -> Path:
+    """google/paligemma2-3b-pt-224's shape: a Gemma 2 LM (alternating sliding-window and global layers,
+    grouped-query attention: 4 query heads over 2 KV heads, head size set apart from width / heads,
+    query_pre_attn_scalar = head size, attention logits soft-capped at 50, final logits at 30, GeGLU, (1 + w)
+    RMS norms before and after each block). The window (16) is shorter than any prompt, so the sliding layers'
+    window is exercised in the prompt, whose block reaches past it, and in the steps after it."""
+    text = dict(model_type="gemma2", intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    return _paligemma_like(out, text, seed=7)
+
+
+# name -> (architecture it covers, builder, task): prefix-LMs, no chat template
+PREFIX_LM_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "paligemma2": ("PaliGemmaForConditionalGeneration", paligemma2, "all"),
+    "paligemma": ("PaliGemmaForConditionalGeneration", paligemma, "all"),
+}
+
+
+GEMMA3_TEMPLATE = (  # google/gemma-3-4b-it's (the system turn folded into the first user turn, images as <start_of_image>)
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n{%- if messages[0]['content'] is string -%}\n"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n{%- else -%}\n"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n{%- endif -%}\n"
+    "{%- set loop_messages = messages[1:] -%}\n{%- else -%}\n{%- set first_user_prefix = \"\" -%}\n"
+    "{%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "{{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n{%- endif -%}\n"
+    "{%- if (message['role'] == 'assistant') -%}\n{%- set role = \"model\" -%}\n{%- else -%}\n"
+    "{%- set role = message['role'] -%}\n{%- endif -%}\n"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "{%- if message['content'] is string -%}\n{{ message['content'] | trim }}\n"
+    "{%- elif message['content'] is iterable -%}\n{%- for item in message['content'] -%}\n"
+    "{%- if item['type'] == 'image' -%}\n{{ '<start_of_image>' }}\n{%- elif item['type'] == 'text' -%}\n"
+    "{{ item['text'] | trim }}\n{%- endif -%}\n{%- endfor -%}\n{%- else -%}\n"
+    "{{ raise_exception(\"Invalid content type\") }}\n{%- endif -%}\n{{ '<end_of_turn>\n' }}\n{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n{{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
+
+
+def gemma3(out: Path) -> Path:
+    """google/gemma-3-4b-it's shape: a SigLIP tower without its head, its patches average-pooled to
+    `mm_tokens_per_image` (6x6 patches to 3x3 here, as 64x64 to 16x16), RMS-normed and projected; each image
+    written as "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n", its soft tokens attending to each
+    other both ways; a Gemma 3 LM: five sliding-window layers to one global (window 8 here, shorter than an
+    image's run and than every prompt), local and global rotary bases (the global one linearly scaled), q/k
+    norms, query_pre_attn_scalar, grouped-query attention (4 query heads over 2 KV heads), Gemma's scaled
+    embeddings, tied; <end_of_turn> and <eos> end a turn; the tokenizer writes BOS, and so does the template."""
+    import json
+
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
+
+    special = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    _, vocab = _gemma_tokenizer(out, special, ["user", "model"], named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                                        "image_token": "<image_soft_token>"})
+    image, patch, tokens = 36, 6, 9
+    cfg = Gemma3Config(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=40, intermediate_size=80, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image, patch_size=patch, vision_use_head=False),
+        text_config=dict(vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                         sliding_window=8, max_position_embeddings=1024,
+                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        mm_tokens_per_image=tokens, boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
+        image_token_index=vocab["<image_soft_token>"], tie_word_embeddings=True)
+    torch.manual_seed(9)
+    model = Gemma3ForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = [1, vocab["<end_of_turn>"]]
+    model.generation_config.pad_token_id = 0
+    _perturb(model, std=0.2, seed=9)
+    with torch.no_grad():  # smaller embeddings: the layers, not the tied table's echo of the last token, pick the next
+        model.model.language_model.embed_tokens.weight.mul_(0.2)
+    model.save_pretrained(out)
+    ip = Gemma3ImageProcessorPil(size={"height": image, "width": image}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                 do_pan_and_scan=False)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Gemma3Processor", "image_seq_length": tokens,
+                                                           "image_processor": ip.to_dict()}, indent=2))
+    (out / "chat_template.jinja").write_text(GEMMA3_TEMPLATE)
+    return out
+
+
+# name -> (architecture it covers, builder, task): every family whose prompt holds blocks that attend both ways
+BLOCK_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {**PREFIX_LM_FAMILIES,
+                                                                      "gemma3": ("Gemma3ForConditionalGeneration", gemma3, "all")}
+
+
+QWEN2_VL_TEMPLATE = (  # Qwen/Qwen2-VL-2B-Instruct's (images and videos counted off, a default system turn)
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or "
+    "'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
+    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen2_vl(out: Path) -> Path:
+    """Qwen/Qwen2-VL-2B-Instruct's shape: a ViT over 6 px patches here (14 in the checkpoint) with a temporal patch of 2
+    (an image is its own second frame), 2D rotary positions, 2x2 patch merging into the LM's width; a Qwen2 LM with
+    M-RoPE (three position rows; mrope_section split of the head, [2, 3, 3] here as [16, 24, 24] of 128), grouped-query
+    attention (3 query heads over 1 KV head), tied embeddings, no BOS; dynamic resolution: smart_resize between
+    min_pixels and max_pixels (4 to 16 merged tokens here), so images of different sizes have different grids."""
+    import json
+
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    _, vocab = _chat_tokenizer(out, "<|endoftext|>", "<|im_end|>", special + ["system", "user", "assistant", "You", "are", "a",
+                                                                             "helpful", "assistant."], add_bos=False)
+    patch, merge = 6, 2
+    cfg = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=48, num_heads=4, mlp_ratio=2, patch_size=patch,
+                           spatial_merge_size=merge, temporal_patch_size=2, hidden_act="quick_gelu"),
+        text_config=dict(vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1_000_000.0},
+                         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(10)
+    model = Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    _perturb(model, std=0.2, seed=10).save_pretrained(out)
+    factor = patch * merge
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                  size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor})
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor",
+                                                           "image_processor": ip.to_dict()}, indent=2))
+    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    return out
+
+
+# name -> (architecture it covers, builder, task): M-RoPE and dynamic resolution (tests/export/test_mrope_families.py)
+MROPE_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "qwen2-vl": ("Qwen2VLForConditionalGeneration", qwen2_vl, "all"),
+}
+
+
+def qwen2_5_vl(out: Path) -> Path:
+    """Qwen/Qwen2.5-VL-3B-Instruct's shape: as Qwen2-VL, with a vision tower of RMS norms and SwiGLU MLPs whose layers
+    attend within windows of merged tokens (window_size 24 px here: 2x2 merged tokens, as 112 px are 4x4 of 28) except
+    the full-attention layers (`fullatt_block_indexes`, every second layer here as every eighth in the checkpoint), the
+    patches reordered window by window and the merged tokens put back; an `out_hidden_size` projection to the LM."""
+    import json
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    _, vocab = _chat_tokenizer(out, "<|endoftext|>", "<|im_end|>", special + ["system", "user", "assistant", "You", "are", "a",
+                                                                             "helpful", "assistant."], add_bos=False)
+    patch, merge = 6, 2
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=48, patch_size=patch,
+                           spatial_merge_size=merge, temporal_patch_size=2, window_size=24, fullatt_block_indexes=[1, 3],
+                           hidden_act="silu"),
+        text_config=dict(vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1_000_000.0},
+                         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+                         pad_token_id=vocab["<|endoftext|>"]),
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"], tie_word_embeddings=True)
+    torch.manual_seed(11)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]
+    model.generation_config.pad_token_id = vocab["<|endoftext|>"]
+    _perturb(model, std=0.2, seed=11).save_pretrained(out)
+    factor = patch * merge
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                  size={"shortest_edge": 4 * factor * factor, "longest_edge": 16 * factor * factor})
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor",
+                                                           "image_processor": ip.to_dict()}, indent=2))
+    (out / "chat_template.jinja").write_text(QWEN2_VL_TEMPLATE)
+    return out
+
+
+MROPE_FAMILIES["qwen2.5-vl"] = ("Qwen2_5_VLForConditionalGeneration", qwen2_5_vl, "all")

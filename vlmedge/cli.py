@@ -258,6 +258,8 @@ def export(
 
     _quiet_export_logs()
     adapter = load_adapter(model, prompt)
+    if adapter.info.contract == "dual-encoder" and target != "tensorrt-portable":
+        raise InputError(f"--target {target}: dual-encoder bundles have the portable target only (their graphs have no decoder to fuse)")
     with _progress() as p:
         tasks: dict[str, object] = {}
 
@@ -278,7 +280,10 @@ def export(
             raise
         if "validation" in tasks:
             p.update(tasks["validation"], completed=1, description="validation [green]passed[/green]")
-    from vlmedge.export.inspect import print_validation
+    if manifest.contract == "dual-encoder":
+        from vlmedge.export.dual_encoder import print_validation
+    else:
+        from vlmedge.export.inspect import print_validation
 
     print_validation(manifest.validation, console)
     _apply_target(out, target)
@@ -304,7 +309,7 @@ def quantize(
     max_fallbacks: Optional[int] = typer.Option(None, "--max-fallbacks",
                                                 help="nodes returned to float at most (default: as many as the budget needs)"),
     block_size: int = typer.Option(32, "--block-size", help="weight-only: weights sharing a scale along the input axis: 32, 64 or 128"),
-    graphs: Optional[str] = typer.Option(None, "--graphs", help="weight-only: comma-separated graphs (default decoder_init,decoder_step)"),
+    graphs: Optional[str] = typer.Option(None, "--graphs", help="weight-only: comma-separated graphs (default: the decoder)"),
     lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="weight-only: quantize the LM head too"),
     fmt: str = typer.Option("qdq", "--format", help="weight-only: qdq (DequantizeLinear, TensorRT and ONNX Runtime) or matmulnbits (ONNX Runtime only)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
@@ -315,6 +320,21 @@ def quantize(
 
     check_out(out, force)
     _check_target(target)
+    from vlmedge.runtime.embedding import is_dual_encoder
+
+    if is_dual_encoder(bundle):  # CLIP / SigLIP: checked on zero-shot accuracy, recall and cosine (calibration.dual_encoder)
+        from vlmedge.calibration.dual_encoder import print_check, quantize_dual_encoder
+
+        if target != "tensorrt-portable":
+            raise InputError(f"--target {target}: dual-encoder bundles have the portable target only")
+
+        _quiet_export_logs()
+        with _progress() as p:
+            manifest = quantize_dual_encoder(bundle, out, precision, calib, held_out, method, (1.0 if budget is None else budget) / 100,
+                                             force, log=lambda s: p.console.print(s, highlight=False, markup=False))
+        print_check(manifest, precision, console)
+        console.print(f"bundle written to {out}")
+        return
     if method == "dynamic" and target != "onnxruntime":
         raise InputError("--method dynamic: ONNX Runtime's dynamic INT8 (MatMulInteger) does not run on TensorRT; "
                          "add --target onnxruntime, or calibrate (--method entropy) for the portable bundle")
@@ -407,7 +427,10 @@ def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> 
     from vlmedge.export.inspect import print_bundle
     from vlmedge.runtime.bundle import load_bundle
 
-    print_bundle(load_bundle(bundle), console)
+    loaded = load_bundle(bundle)
+    if loaded.manifest.contract == "dual-encoder":
+        from vlmedge.export.dual_encoder import print_bundle
+    print_bundle(loaded, console)
 
 
 def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, shared_threads: bool = True):
@@ -425,8 +448,13 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
 
     from vlmedge.console import note, warn
 
-    pipe = open_pipeline(resolve_bundle(bundle, on_export, on_wait), device, max_pixels=max_pixels, batch_size=batch_size,
-                         warn=warn, shared_threads=shared_threads)
+    loaded = resolve_bundle(bundle, on_export, on_wait)
+    if loaded.manifest.contract == "dual-encoder":  # CLIP / SigLIP: embeddings and classify, no generation
+        from vlmedge.runtime.embedding import EmbeddingPipeline
+
+        pipe = EmbeddingPipeline(loaded, device, max_pixels=max_pixels, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
+    else:
+        pipe = open_pipeline(loaded, device, max_pixels=max_pixels, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
     if device != "cpu":  # which onnxruntime (or TensorRT) runs, and on which providers
         note(getattr(pipe.backend, "summary", pipe.backend.name))
     return pipe
@@ -709,6 +737,18 @@ def _register_compare() -> None:
 _register_compare()
 
 
+def _register_encoders() -> None:
+    """classify, index, search: the dual-encoder bundles' commands (vlmedge.retrieval.commands)."""
+    from vlmedge.retrieval import commands
+
+    app.command("classify")(commands.classify)
+    app.command("index")(commands.index)
+    app.command("search")(commands.search)
+
+
+_register_encoders()
+
+
 @app.command()
 def serve(
     bundle: str = typer.Argument(..., help="bundle or engine directory, or a built-in model name"),
@@ -717,6 +757,8 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="requests per model call (images x beams stay within the bundle's range)"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="how long a batch waits for requests on their way in"),
+    batching: str = typer.Option("static", "--batching", help="static: each batch runs to its end; inflight: one-beam requests "
+                                 "join the running decode batch between steps (cross-attention bundles)"),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="requests admitted at once; more get 429 with Retry-After"),
     max_body_mb: float = typer.Option(20.0, "--max-body-mb", min=0.001, help="largest request body, MB (413 above)"),
     max_header_kb: float = typer.Option(32.0, "--max-header-kb", min=1, help="largest request header block, KiB (431 above)"),
@@ -739,7 +781,7 @@ def serve(
     options = ServeOptions(bundle=bundle, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
                            max_queue=max_queue, max_body_bytes=int(max_body_mb * 1024 * 1024),
                            max_header_bytes=int(max_header_kb * 1024), max_pixels=max_pixels,
-                           timeout_s=timeout, api_key=api_key_from_env(api_key_env), threads=threads)
+                           timeout_s=timeout, api_key=api_key_from_env(api_key_env), threads=threads, batching=batching)
     options.check()
     if not is_loopback(host) and options.api_key is None:
         err_console.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without an API key: anyone who "

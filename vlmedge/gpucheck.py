@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         check.part(f"{precision}: build TensorRT engines", lambda p=precision: build(p))
         for runtime in RUNTIMES:
             if runtime.endswith("cuda-graphs") and "/" in precision:
-                continue  # CUDA graphs replay the cross-attention contract's decoder_step only
+                continue  # CUDA graphs replay the cross-attention contract's decoder steps only
             check.part(f"{precision}: {runtime}", lambda p=precision, r=runtime: run(p, r))
 
     report["parts"] = check.parts

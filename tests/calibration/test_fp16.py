@@ -11,7 +11,7 @@ from vlmedge.calibration.fp16 import NO_KERNEL, REQUESTED, convert_for_cpu, cpu_
 from vlmedge.errors import InputError
 from vlmedge.export.samples import sample_inputs
 from vlmedge.runtime.backends.onnxruntime import OrtBackend
-from vlmedge.runtime.bundle import load_bundle
+from vlmedge.runtime.bundle import kv_names, load_bundle
 
 FAMILIES = ("blip-caption", "blip-vqa", "vit-gpt2", "vit-bert", "shapes-vlm")
 # max abs error / max(1, |FP32| max) over a graph's outputs. Measured (onnxruntime 1.32 CPU, 4
@@ -35,13 +35,19 @@ def _feeds(adapter, path) -> dict[str, dict[str, np.ndarray]]:
         feeds["text_encoder"] = {"question_ids": s.question_ids.numpy(), "question_mask": mask, "image_states": states}
         states = be.run("text_encoder", feeds["text_encoder"])["encoder_states"]
     prompt = m.tasks["vqa" if vqa else "caption"]["prompt_ids"]
-    feeds["decoder_init"] = {"input_ids": np.array([prompt] * len(px), dtype=np.int64), "encoder_states": states,
-                             "encoder_mask": mask}
-    init = be.run("decoder_init", feeds["decoder_init"])
-    step = {"input_ids": init["logits"].argmax(-1)[:, None].astype(np.int64), "encoder_mask": mask}
-    for t in m.graphs["decoder_step"].inputs[2:]:  # past.* from present.*, cross.* as they are
-        step[t.name] = init[t.name.replace("past", "present")]
-    feeds["decoder_step"] = step
+    feeds["cross_kv"] = {"encoder_states": states}
+    cross = be.run("cross_kv", feeds["cross_kv"])
+    B, n, L = len(px), len(prompt), m.dims["decoder_layers"]
+    empty = np.zeros((B, m.dims["decoder_heads"], 1, m.dims["decoder_head_dim"]), np.float32)
+    attention = np.concatenate([np.zeros((B, 1), np.int64), np.ones((B, n), np.int64)], 1)
+    first = be.run("decoder", {"input_ids": np.array([prompt] * B, dtype=np.int64), "attention_mask": attention,
+                               "position_ids": np.tile(np.arange(n), (B, 1)), "encoder_mask": mask, **cross,
+                               **{p: empty for p in kv_names("past", L)}})
+    # the decoder's feeds: a step after the prompt (past.* from present.*, cross.* as they are)
+    feeds["decoder"] = {"input_ids": first["logits"].argmax(-1)[:, None].astype(np.int64),
+                        "attention_mask": np.concatenate([attention, np.ones((B, 1), np.int64)], 1),
+                        "position_ids": np.full((B, 1), n), "encoder_mask": mask, **cross,
+                        **{p: first[p.replace("past", "present")] for p in kv_names("past", L)}}
     return {g: (onnx.load(str(bundle.graph_path(g))), f) for g, f in feeds.items()}
 
 
@@ -93,8 +99,9 @@ def test_every_graph_converts_and_matches_fp32(graphs, family, io_dtype):
 
 
 def _weighted(model, op):
+    """The first node of type `op` with a weight; None where the graph has none (cross_kv: no LayerNorm)."""
     inits = {t.name for t in model.graph.initializer}
-    return next(n.name for n in model.graph.node if n.op_type == op and any(x in inits for x in n.input))
+    return next((n.name for n in model.graph.node if n.op_type == op and any(x in inits for x in n.input)), None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,7 +110,7 @@ def test_kept_nodes_run_in_fp32(graphs, family):
         # a LayerNorm, a weight MatMul/Gemm and the node that makes the first output (renamed inside)
         producer = {y: n.name for n in model.graph.node for y in n.output}
         gemm = "Gemm" if any(n.op_type == "Gemm" for n in model.graph.node) else "MatMul"
-        keep = {_weighted(model, "LayerNormalization"), _weighted(model, gemm), producer[model.graph.output[0].name]}
+        keep = {_weighted(model, "LayerNormalization"), _weighted(model, gemm), producer[model.graph.output[0].name]} - {None}
         converted, kept = convert_for_cpu(model, keep_fp32=keep, io_dtype="float16")
         assert {n: kept[n] for n in keep} == {n: REQUESTED for n in keep}
         onnx.checker.check_model(converted, full_check=True)
@@ -113,7 +120,7 @@ def test_kept_nodes_run_in_fp32(graphs, family):
 
 
 def test_every_node_kept_is_fp32_inside(graphs):
-    model, feed = graphs["vit-gpt2"]["decoder_step"]
+    model, feed = graphs["vit-gpt2"]["decoder"]
     converted = to_fp16(model, keep_fp32=[n.name for n in model.graph.node], io_dtype="float16")
     onnx.checker.check_model(converted, full_check=True)
     assert all(t.data_type != TensorProto.FLOAT16 for t in converted.graph.initializer)

@@ -210,7 +210,7 @@ def test_fp16_variants_keep_accuracy_and_run(bundles, tmp_path):
     # float16 inputs and outputs: the KV cache crosses steps in half precision
     m16 = quantize_bundle(bundles["vit-gpt2"][2], tmp_path / "io16", QuantizeOptions(
         "fp16", calib="synthetic:9", held_out=3, io_dtype="float16"))
-    step = m16.graphs["decoder_step"]
+    step = m16.graphs["decoder"]
     assert {t.dtype for t in step.inputs if t.name.startswith("past.")} == {"float16"}
     fp32 = Pipeline(load_bundle(bundles["vit-gpt2"][2]))
     half = Pipeline(load_bundle(tmp_path / "io16"))

@@ -33,8 +33,8 @@ def variants(shapes, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def step_feeds(shapes):
-    """decoder_step inputs recorded from FP32 generation over a few validation scenes."""
-    return record_inputs(Pipeline(load_bundle(shapes)), synthetic(4))["decoder_step"]
+    """decoder inputs recorded from FP32 generation over a few validation scenes."""
+    return record_inputs(Pipeline(load_bundle(shapes)), synthetic(4))["decoder"]
 
 
 def _ids(pipe, imgs, qs):
@@ -49,21 +49,21 @@ def test_int4_and_int8_weight_only_run_and_agree_with_fp32(shapes, variants):
         m = load_bundle(variants / name).manifest
         p = m.precision
         assert (p["dtype"], p["bits"], p["method"], p["format"], p["block_size"]) == (f"{name}-wo", bits, method, fmt, 32)
-        assert p["graphs"] == ["decoder_init", "decoder_step"] and p["lm_head"] is False
+        assert p["graphs"] == ["decoder"] and p["lm_head"] is False
         # MatMulNBits is ONNX Runtime's own op: that bundle is an ONNX Runtime-target one, which build refuses
         assert m.target == ("onnxruntime" if fmt == "matmulnbits" else "tensorrt-portable")
-        assert p["accuracy"]["within_budget"] and p["nodes"]["decoder_step"] > 10 and p["nodes"]["vision_encoder"] == 0
+        assert p["accuracy"]["within_budget"] and p["nodes"]["decoder"] > 10 and p["nodes"]["vision_encoder"] == 0
         agree = wo.token_agreement(ref, _ids(Pipeline(load_bundle(variants / name)), imgs, qs))
         assert agree >= AGREEMENT_FLOOR, (name, agree)
 
 
 def test_qdq_form_is_block_quantized_int4_dequantize_feeding_matmul(shapes, variants):
-    model = onnx.load(str(variants / "int4" / "decoder_step.onnx"))
+    model = onnx.load(str(variants / "int4" / "decoder.onnx"))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
     inits = {i.name: i for i in model.graph.initializer}
     consumers = {x: n for n in model.graph.node for x in n.input}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dqs) == load_bundle(variants / "int4").manifest.precision["nodes"]["decoder_step"]
+    assert len(dqs) == load_bundle(variants / "int4").manifest.precision["nodes"]["decoder"]
     for n in dqs:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert attrs == {"axis": 0, "block_size": 32}
@@ -71,10 +71,10 @@ def test_qdq_form_is_block_quantized_int4_dequantize_feeding_matmul(shapes, vari
         assert w.data_type == onnx.TensorProto.INT4 and s.shape == (-(-w.dims[0] // 32), w.dims[1])
         assert consumers[n.output[0]].op_type == "MatMul" and consumers[n.output[0]].input[1] == n.output[0]
     # the LM head stays float; int8 weights in the MatMulNBits form are packed uint8
-    head = wo.weight_matmuls(onnx.load(str(shapes / "decoder_step.onnx")), lm_head=True).keys() - \
-        wo.weight_matmuls(onnx.load(str(shapes / "decoder_step.onnx")), lm_head=False).keys()
+    head = wo.weight_matmuls(onnx.load(str(shapes / "decoder.onnx")), lm_head=True).keys() - \
+        wo.weight_matmuls(onnx.load(str(shapes / "decoder.onnx")), lm_head=False).keys()
     assert head and all(n.op_type == "MatMul" for n in model.graph.node if n.name in head)
-    nbits = onnx.load(str(variants / "int8" / "decoder_step.onnx"))
+    nbits = onnx.load(str(variants / "int8" / "decoder.onnx"))
     mnb = [n for n in nbits.graph.node if n.op_type == "MatMulNBits"]
     assert mnb and all(onnx.helper.get_attribute_value(a) == 8 for n in mnb for a in n.attribute if a.name == "bits")
 
@@ -82,7 +82,7 @@ def test_qdq_form_is_block_quantized_int4_dequantize_feeding_matmul(shapes, vari
 def test_matmulnbits_form_equals_the_qdq_form(shapes, step_feeds):
     outs = {}
     for fmt in wo.FORMATS:
-        model, nodes = wo.quantize_model(onnx.load(str(shapes / "decoder_step.onnx")), 4, 64, "rtn", fmt, lm_head=True)
+        model, nodes = wo.quantize_model(onnx.load(str(shapes / "decoder.onnx")), 4, 64, "rtn", fmt, lm_head=True)
         assert nodes
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outs[fmt] = [sess.run(None, {i.name: f[i.name] for i in sess.get_inputs()}) for f in step_feeds[:4]]
@@ -92,7 +92,7 @@ def test_matmulnbits_form_equals_the_qdq_form(shapes, step_feeds):
 
 
 def test_gptq_layer_error_below_round_to_nearest(shapes, step_feeds):
-    model = onnx.load(str(shapes / "decoder_step.onnx"))
+    model = onnx.load(str(shapes / "decoder.onnx"))
     targets = dict(list(wo.weight_matmuls(model, lm_head=False).items())[:8])
     inputs = {n.name: n.input[0] for n in model.graph.node if n.name in targets}
     hs = wo.hessians(model, step_feeds, set(inputs.values()))
@@ -117,7 +117,7 @@ def test_bad_weight_only_options_are_one_line(shapes, tmp_path, capsys):
     out = tmp_path / "o"
     assert _cli(capsys, shapes, "--precision", "int4-wo", "--block-size", "48", "--out", out) == (
         2, "error: --block-size: 48 is not one of 32, 64, 128")
-    code, err = _cli(capsys, shapes, "--precision", "int4-wo", "--graphs", "decoder_init,lm", "--out", out)
+    code, err = _cli(capsys, shapes, "--precision", "int4-wo", "--graphs", "decoder,lm", "--out", out)
     assert code == 2 and err.startswith("error: --graphs: the bundle has no graph 'lm' (it has vision_encoder")
     assert _cli(capsys, shapes, "--precision", "int8-wo", "--method", "entropy", "--out", out) == (
         2, "error: --method: 'entropy' is not one of rtn, gptq (for int8-wo)")

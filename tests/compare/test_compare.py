@@ -42,12 +42,12 @@ def shapes(bundles):
 
 @pytest.fixture(scope="module")
 def perturbed(shapes, tmp_path_factory):
-    """The shapes bundle with noise on every decoder_step weight: same contract, different tokens."""
+    """The shapes bundle with noise on every decoder weight: same contract, different tokens."""
     import onnx
     from onnx import numpy_helper
 
     out = _copy(shapes, tmp_path_factory.mktemp("perturbed") / "shapes-perturbed")
-    path = out / "decoder_step.onnx"
+    path = out / "decoder.onnx"
     model = onnx.load(str(path))
     rng = np.random.default_rng(0)
     for init in model.graph.initializer:
@@ -56,7 +56,7 @@ def perturbed(shapes, tmp_path_factory):
             noisy = w + rng.normal(0.0, 0.5 * w.std(), w.shape).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(noisy, init.name))
     onnx.save(model, str(path))
-    _edit_manifest(out, lambda m: m["graphs"]["decoder_step"].update(sha256=sha256_file(path)))
+    _edit_manifest(out, lambda m: m["graphs"]["decoder"].update(sha256=sha256_file(path)))
     return out
 
 
@@ -78,13 +78,13 @@ def test_a_bundle_agrees_exactly_with_itself(same, shapes):
     assert [ref["label"], other["label"]] == ["shapes-vlm (1)", "shapes-vlm (2)"]
     assert other["agreement"] == {"caption": 1.0, "vqa": 1.0, "overall": 1.0}
     for b in (ref, other):
-        assert set(b["graphs"]) == {"vision_encoder", "text_encoder", "decoder_init", "decoder_step"}
+        assert set(b["graphs"]) == {"vision_encoder", "text_encoder", "cross_kv", "decoder"}
         assert b["graph_summary"]["max_abs_error"] == 0.0
         assert b["graph_summary"]["cosine"] == pytest.approx(1.0)
     assert ref["caption"] == other["caption"] and ref["vqa"] == other["vqa"]
     assert ref["caption"]["n"] == N and ref["vqa"]["n"] == report["eval"]["questions"] > N
     assert ref["caption"]["exact_match"] >= 0.9 and ref["vqa"]["accuracy"] >= 0.85
-    assert report["graph_samples"]["calls"]["decoder_step"] >= 3  # several steps, with longer caches
+    assert report["graph_samples"]["calls"]["decoder"] >= 3  # several steps, with longer caches
 
 
 def test_latency_size_and_memory_are_measured(same, shapes):
@@ -94,9 +94,8 @@ def test_latency_size_and_memory_are_measured(same, shapes):
     for stage in ("preprocess", "encoder", "first_token", "per_token", "whole"):
         assert 0 < lat[stage]["p50"] <= lat[stage]["p90"]
     assert lat["whole"]["p50"] > lat["encoder"]["p50"] + lat["first_token"]["p50"]
-    files = [shapes / f for f in ("vision_encoder.onnx", "text_encoder.onnx", "decoder_init.onnx",
-                                  "decoder_step.onnx", "tokenizer.json")]
-    assert b["size_bytes"] == sum(f.stat().st_size for f in files)
+    files = [shapes / f for g in ("vision_encoder", "text_encoder", "cross_kv", "decoder") for f in (f"{g}.onnx", f"{g}.onnx.data")]
+    assert b["size_bytes"] == sum(f.stat().st_size for f in [*files, shapes / "tokenizer.json"])
     if Path("/proc/self/clear_refs").exists():  # Linux
         assert b["peak_rss_bytes"] >= b["rss_before_bytes"] > 0
     else:
@@ -115,10 +114,10 @@ def test_perturbed_decoder_disagrees_only_where_it_changed(noisy):
     ref, other = noisy["bundles"]
     assert ref["agreement"]["overall"] == 1.0
     assert 0.0 < other["agreement"]["overall"] < 1.0
-    step = other["graphs"]["decoder_step"]["outputs"]
+    step = other["graphs"]["decoder"]["outputs"]
     assert step["logits"]["max_abs_error"] > 0 and step["logits"]["cosine"] < 1.0
     assert other["graph_summary"]["cosine"] < 1.0
-    for graph in ("vision_encoder", "text_encoder", "decoder_init"):  # untouched graphs, same inputs
+    for graph in ("vision_encoder", "text_encoder", "cross_kv"):  # untouched graphs, same inputs
         assert all(e["max_abs_error"] == 0.0 for e in other["graphs"][graph]["outputs"].values())
     assert other["caption"]["bleu4"] < ref["caption"]["bleu4"]
 
@@ -144,7 +143,7 @@ def test_report_files(same):
     assert on_disk["eval"] == report["eval"]
     md = (out / "report.md").read_text()
     assert "| bundle | precision | caption EM |" in md and "| shapes-vlm (2) | float32 |" in md
-    assert "## VQA accuracy by question type" in md and "| decoder_step |" in md
+    assert "## VQA accuracy by question type" in md and "| decoder |" in md
     assert f"![{', '.join(PANELS)}](plot.png)" in md
 
 

@@ -32,7 +32,7 @@ def test_profiles_cover_every_input_within_the_declared_axes(bundles, name):
                     assert lo == opt == hi == d
                 else:
                     assert (lo, opt, hi) == (m.axes[d].min, m.axes[d].opt, m.axes[d].max)
-    step = ps["decoder_step"]
+    step = ps["decoder"]
     past = step["past.0.self.key"]
     assert past["max"][0] == m.axes["batch"].max and past["max"][2] == m.axes["past_len"].max
 
@@ -52,9 +52,10 @@ def test_profile_overrides(bundles):
 
 def test_ort_tensorrt_ep_options(bundles, tmp_path):
     m = load_bundle(bundles["shapes-vlm"][2]).manifest
-    opts = ort_tensorrt_options(graph_profile(m, "decoder_step"), str(tmp_path))
-    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,encoder_mask:1x1,past.0.self.key:1x4x1x32")
-    assert "past.0.self.key:16x4x47x32" in opts["trt_profile_max_shapes"]
+    opts = ort_tensorrt_options(graph_profile(m, "decoder"), str(tmp_path))
+    assert opts["trt_profile_min_shapes"].startswith("input_ids:1x1,attention_mask:1x2,position_ids:1x1,encoder_mask:1x1,"
+                                                     "past.0.self.key:1x4x1x32")
+    assert "past.0.self.key:16x4x48x32" in opts["trt_profile_max_shapes"]  # 47 tokens and the hidden slot
     assert opts["trt_engine_cache_path"] == str(tmp_path) and opts["trt_engine_cache_enable"] == "True"
 
 
@@ -76,8 +77,8 @@ def test_engine_manifest_checks(bundles, tmp_path):
     with pytest.raises(BuildError, match="built for compute capability 8.7 \\(Orin\\), this GPU is 9.0; rebuild"):
         check_engine_manifest(em, m, "10.3.0", "9.0")
     changed = _engine_manifest(m)
-    changed["graphs"]["decoder_step"]["source_sha256"] = "0" * 64
-    with pytest.raises(BuildError, match="decoder_step.plan was built from a different decoder_step.onnx"):
+    changed["graphs"]["decoder"]["source_sha256"] = "0" * 64
+    with pytest.raises(BuildError, match="decoder.plan was built from a different decoder.onnx"):
         check_engine_manifest(changed, m, "10.3.0", "8.7")
     compatible = _engine_manifest(m, flags={"version_compatible": True, "hardware_compatible": True})
     check_engine_manifest(compatible, m, "10.8.0", "9.0")  # later 10.x, another Ampere+ GPU
@@ -315,5 +316,5 @@ def test_dla_is_checked_against_the_device_and_gets_static_shapes(bundles, tmp_p
     assert len(dla) == 1 and dla[0].DLA_core == 1 and "GPU_FALLBACK" in dla[0].flags
     shapes = dla[0].profiles[0].shapes["pixel_values"]
     assert shapes[0] == shapes[1] == shapes[2] == (1, 3, 64, 64)  # min = opt = max
-    assert em["graphs"]["vision_encoder"]["dla_core"] == 1 and em["graphs"]["decoder_step"]["dla_core"] is None
+    assert em["graphs"]["vision_encoder"]["dla_core"] == 1 and em["graphs"]["decoder"]["dla_core"] is None
     assert load_bundle(tmp_path / "e").manifest.axes["batch"] == AxisRange(1, 1, 1)

@@ -2,9 +2,10 @@
 (Token equality with PyTorch through the runtime is in tests/runtime/test_generation.py.)"""
 
 import onnx
+from onnx import numpy_helper
 import pytest
 
-from families import FAMILIES, PREFIX_FAMILIES
+from families import BLOCK_FAMILIES, FAMILIES, MROPE_FAMILIES, PREFIX_FAMILIES
 from vlmedge.models.registry import ARCHITECTURES
 from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
 
@@ -15,6 +16,9 @@ def test_every_architecture_has_a_tiny_family():
     covered = {arch for arch, _, _ in FAMILIES.values()} | {"ShapesVLM"}
     covered |= {"Florence2ForConditionalGeneration"}  # its tiny model and tests: tests/florence/
     covered |= {arch for arch, _, _ in PREFIX_FAMILIES.values()}  # decoder-only: tests/export/test_prefix_families.py
+    covered |= {arch for arch, _, _ in BLOCK_FAMILIES.values()}  # bidirectional blocks: tests/export/test_block_families.py
+    covered |= {arch for arch, _, _ in MROPE_FAMILIES.values()}  # M-RoPE: tests/export/test_mrope_families.py
+    covered |= {"CLIPModel", "SiglipModel", "Siglip2Model"}  # dual encoders: tests/encoders/tiny.py
     assert covered == set(ARCHITECTURES)
 
 
@@ -28,6 +32,18 @@ def test_export_validation_passed(bundles, name):
     for graph, outs in v["graphs"].items():
         for out, e in outs.items():
             assert e["max_abs"] <= 1e-4 * max(1.0, e["ref_max"]), (graph, out, e)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_weight_is_stored_once(bundles, name):
+    """The graph files hold each weight once: cross_kv the cross K/V projections, the decoder the
+    rest of the decoder (no graph per phase repeating it)."""
+    from vlmedge.export.inspect import weight_report
+
+    bundle = load_bundle(bundles[name][2])
+    report = weight_report(bundle)
+    data = sum((bundle.path / g.data).stat().st_size for g in bundle.manifest.graphs.values())
+    assert report["stored_bytes"] <= 1.05 * report["unique_bytes"] and data <= 1.05 * report["unique_bytes"], report
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -57,14 +73,15 @@ def test_graphs_match_the_manifest(bundles, name):
 
 
 def test_cross_kv_is_not_recomputed_per_step(bundles):
-    """The step graphs take cross K/V as inputs and hold no cross-attention key/value weights."""
+    """The decoder takes cross K/V as inputs: the cross K and V projections live only in cross_kv,
+    and the decoder's weights only in the decoder (the prompt and every step run the one graph)."""
     _, manifest, path = bundles["shapes-vlm"]
-    step = onnx.load(str(path / manifest.graphs["decoder_step"].file))
-    init = onnx.load(str(path / manifest.graphs["decoder_init"].file))
-    n_init = sum(1 for n in init.graph.node if n.op_type == "MatMul")
-    n_step = sum(1 for n in step.graph.node if n.op_type == "MatMul")
+    cross = onnx.load(str(path / manifest.graphs["cross_kv"].file))
+    decoder = onnx.load(str(path / manifest.graphs["decoder"].file))
     L = manifest.dims["decoder_layers"]
-    assert n_init - n_step >= 2 * L  # the cross K and V projections live only in decoder_init
+    assert sum(1 for n in cross.graph.node if n.op_type == "MatMul") == 2 * L
+    weights = lambda m: {numpy_helper.to_array(t).tobytes() for t in m.graph.initializer if len(t.raw_data) >= 1024}  # noqa: E731
+    assert weights(cross) and weights(decoder) and not weights(cross) & weights(decoder)
 
 
 def test_caption_prompt_is_part_of_the_bundle(tiny_models, tmp_path):

@@ -82,11 +82,11 @@ def test_export_and_inspect_from_the_cli(tmp_path):
     out = tmp_path / "bundle"
     code, _, r = run_cli("export", "shapes-vlm", "--out", out)
     assert code == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "tokenizer.json", "vision_encoder.onnx", "text_encoder.onnx",
-                                               "decoder_init.onnx", "decoder_step.onnx"}
+    graphs = ("vision_encoder", "text_encoder", "cross_kv", "decoder")
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "tokenizer.json", *(f"{g}.onnx{x}" for g in graphs for x in ("", ".data"))}
     code, _, r = run_cli("inspect", out)
     assert code == 0, r.stderr
-    for word in ("decoder_step", "past.0.self.key", "past_len", "validation", "passed"):
+    for word in ("decoder", "attention_mask", "past.0.self.key", "past_len", "validation", "passed"):
         assert word in r.stdout
 
 

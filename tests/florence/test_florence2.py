@@ -163,6 +163,20 @@ def test_cli_run_prints_boxes(flo, capsys):
     assert "not a task of this bundle" in capsys.readouterr().err
 
 
+def test_every_weight_is_stored_once_but_the_token_table(flo):
+    """One decoder graph: no weight twice between phases. Florence-2's language encoder and decoder
+    share one token embedding table (BART's `shared`), which both graphs hold: the one weight stored
+    twice."""
+    from vlmedge.export.inspect import weight_report
+    from vlmedge.runtime.bundle import load_bundle
+
+    bundle = load_bundle(flo["bundle"])
+    report = weight_report(bundle)
+    table = flo["model"].model.language_model.shared.weight.numel() * 4
+    assert report["shared"] == [(("decoder", "text_encoder"), 1, table)]
+    assert report["stored_bytes"] - report["unique_bytes"] == table
+
+
 def test_manifest_tasks_checked_and_old_bundles_load(flo):
     from vlmedge.errors import BundleError
     from vlmedge.runtime.bundle import parse_manifest

@@ -28,7 +28,7 @@ def test_concurrent_first_uses_share_one_export_and_a_broken_entry_heals(cli, bu
     monkeypatch.setenv("VLMEDGE_CACHE", cli.env["VLMEDGE_CACHE"])
     entry = cache_entry("shapes-vlm")
     shutil.copytree(bundles["shapes-vlm"][2], entry)
-    (entry / "decoder_step.onnx").unlink()  # half deleted: the manifest is there, a graph is not
+    (entry / "decoder.onnx").unlink()  # half deleted: the manifest is there, a graph is not
     scene = next(scenes("test", 0, 1))
     image = tmp_path / "scene.png"
     scene.pil().save(image)

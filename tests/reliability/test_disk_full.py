@@ -63,6 +63,7 @@ def test_quantize_onto_a_full_disk_is_one_line_and_keeps_the_old_variant(cli, bu
     args = ["quantize", src, "--out", out, "--precision", "fp16", "--calib", "synthetic:8", "--force"]
     assert cli(*args).returncode == 0
     old = tree(out)
+    _fill(small_disk)
 
     r = cli(*args)  # the new variant does not fit beside the old one
     assert r.returncode == 2, r.stderr

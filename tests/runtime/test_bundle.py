@@ -34,7 +34,7 @@ def _err(d) -> str:
 
 def test_loads(bundle_dir):
     b = load_bundle(bundle_dir)
-    assert set(b.manifest.graphs) == {"vision_encoder", "text_encoder", "decoder_init", "decoder_step"}
+    assert set(b.manifest.graphs) == {"vision_encoder", "text_encoder", "cross_kv", "decoder"}
     assert b.manifest.precision["dtype"] == "float32"
 
 
@@ -44,8 +44,8 @@ def test_unknown_schema_version(copy):
 
 
 def test_missing_graph_file(copy):
-    (copy / "decoder_step.onnx").unlink()
-    assert "decoder_step.onnx" in _err(copy)
+    (copy / "decoder.onnx").unlink()
+    assert "decoder.onnx" in _err(copy)
 
 
 def test_hash_mismatch(copy):

@@ -70,7 +70,7 @@ def test_bad_bundles(shapes, images, tmp_path, capsys):
     img = str(images[0] / "scene-0.png")
     missing = tmp_path / "missing"
     shutil.copytree(shapes, missing)
-    (missing / "decoder_step.onnx").unlink()
+    (missing / "decoder.onnx").unlink()
     schema = tmp_path / "schema"
     shutil.copytree(shapes, schema)
     m = json.loads((schema / "manifest.json").read_text())
@@ -79,7 +79,7 @@ def test_bad_bundles(shapes, images, tmp_path, capsys):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(shapes, corrupt)
     (corrupt / "vision_encoder.onnx").write_bytes(b"\x00garbage")
-    for bundle, words in [(missing, "decoder_step.onnx: missing"), (schema, "schema_version 99 is not supported"),
+    for bundle, words in [(missing, "decoder.onnx: missing"), (schema, "schema_version 99 is not supported"),
                           (corrupt, "sha256 does not match"), (tmp_path / "nope", "not a bundle directory")]:
         assert main(["caption", str(bundle), img]) == 2
         err = capsys.readouterr().err.strip()

@@ -36,10 +36,22 @@ def _rehash(graph: str):
     return edit
 
 
-def _swap_decoder_init(m, d):
-    """decoder_init's file replaced by decoder_step's ONNX, its hash rewritten to match."""
-    shutil.copy(d / "decoder_step.onnx", d / "decoder_init.onnx")
-    m["graphs"]["decoder_init"]["sha256"] = sha256_file(d / "decoder_init.onnx")
+def _swap_cross_kv(m, d):
+    """cross_kv's file replaced by decoder's ONNX, its hash rewritten to match."""
+    shutil.copy(d / "decoder.onnx", d / "cross_kv.onnx")
+    m["graphs"]["cross_kv"]["sha256"] = sha256_file(d / "cross_kv.onnx")
+
+
+def _tamper_weights(m, d):
+    with open(d / "decoder.onnx.data", "r+b") as f:
+        f.write(b"\x7f" * 16)  # the graph file is intact; its weights are not
+
+
+def _symlink_weights_out(m, d):
+    outside = d.parent / "weights.data"
+    shutil.copy(d / "decoder.onnx.data", outside)
+    (d / "decoder.onnx.data").unlink()
+    (d / "decoder.onnx.data").symlink_to(outside)
 
 
 def _symlink_tokenizer_out(m, d):
@@ -76,12 +88,15 @@ MANIFESTS = [
     ("traversal", _set("graphs.vision_encoder.file", "../vision_encoder.onnx"), "load", "graphs.vision_encoder.file"),
     ("traversal-deep", _set("tokenizer.file", "a/../../../etc/passwd"), "load", "tokenizer.file"),
     ("absolute", _set("tokenizer.file", "/etc/passwd"), "load", "tokenizer.file: '/etc/passwd' is an absolute path"),
-    ("nul-in-name", _set("graphs.decoder_step.file", "decoder_step.onnx\u0000x"), "load", "graphs.decoder_step.file"),
+    ("nul-in-name", _set("graphs.decoder.file", "decoder.onnx\u0000x"), "load", "graphs.decoder.file"),
     ("symlink-escape", _symlink_tokenizer_out, "load", "leads outside"),
-    ("swapped-graph", _swap_decoder_init, "open", "graphs.decoder_init.inputs"),
+    ("weights-tampered", _tamper_weights, "load", "decoder.onnx.data: sha256 does not match manifest.json graphs.decoder.data_sha256"),
+    ("weights-missing", lambda m, d: (d / "decoder.onnx.data").unlink(), "load", "decoder.onnx.data: missing"),
+    ("weights-symlink-escape", _symlink_weights_out, "load", "leads outside"),
+    ("swapped-graph", _swap_cross_kv, "open", "graphs.cross_kv.inputs"),
     ("wrong-dtype", _set("graphs.vision_encoder.inputs.0.dtype", "float16"), "open",
      "pixel_values is float32, but manifest.json graphs.vision_encoder.inputs[0].dtype says float16"),
-    ("wrong-fixed-dim", _set("graphs.decoder_step.inputs.2.shape.1", 8), "open", "graphs.decoder_step.inputs[2].shape says 8"),
+    ("wrong-fixed-dim", _set("graphs.decoder.inputs.4.shape.1", 8), "open", "graphs.decoder.inputs[4].shape says 8"),
     ("unknown-dtype", _set("graphs.vision_encoder.outputs.0.dtype", "complex128"), "load",
      "graphs.vision_encoder.outputs[0].dtype"),
     ("negative-dim", _set("dims.decoder_heads", -4), "load", "dims.decoder_heads"),
@@ -108,10 +123,10 @@ MANIFESTS = [
     ("pad-outside-vocab", _set("tasks.vqa.pad_id", 1000), "load", "tasks.vqa.pad_id"),
     ("unknown-task", _set("tasks.translate", {"encoder": "vision_encoder"}), "load", "tasks.translate"),
     ("undefined-axis", _drop_axis, "load", "axis 'past_len' is not defined"),
-    ("layers-mismatch", _fewer_layers, "load", "graphs.decoder_init.outputs"),
+    ("layers-mismatch", _fewer_layers, "load", "graphs.cross_kv.outputs"),
     ("lone-surrogate", _set("family", "\ud800"), "load", "family"),
     ("tokenizer-garbage", _garbage_tokenizer, "open", "tokenizer.json: not a tokenizer"),
-    ("sha-not-hex", _set("graphs.decoder_step.sha256", "zz"), "load", "graphs.decoder_step.sha256"),
+    ("sha-not-hex", _set("graphs.decoder.sha256", "zz"), "load", "graphs.decoder.sha256"),
 ]
 
 
@@ -162,12 +177,12 @@ def test_the_cli_says_one_line_and_exits_2(shapes, tmp_path, capsys, case):
 
 
 def test_the_cli_in_a_fresh_process_prints_no_traceback(shapes, tmp_path):
-    d = _make(shapes, tmp_path, _swap_decoder_init)
+    d = _make(shapes, tmp_path, _swap_cross_kv)
     r = subprocess.run([sys.executable, "-m", "vlmedge.cli", "caption", str(d), "scene.png"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "graphs.decoder_init.inputs" in lines[0] and "Traceback" not in r.stderr
+    assert len(lines) == 1 and "graphs.cross_kv.inputs" in lines[0] and "Traceback" not in r.stderr
 
 
 # -- engine directories -------------------------------------------------------------------------
@@ -201,7 +216,7 @@ def _edit_engines(d, fn):
 
 
 def _tamper(em, d):
-    with open(d / "decoder_step.plan", "ab") as f:
+    with open(d / "decoder.plan", "ab") as f:
         f.write(b"\0")
 
 
@@ -230,16 +245,16 @@ def _edel(path):
 
 
 ENGINE_DIRS = [
-    ("tampered-plan", _tamper, "decoder_step.plan: sha256 does not match engines.json graphs.decoder_step.sha256"),
+    ("tampered-plan", _tamper, "decoder.plan: sha256 does not match engines.json graphs.decoder.sha256"),
     ("plan-traversal", _eset("graphs.vision_encoder.file", "../vision_encoder.plan"), "graphs.vision_encoder.file"),
     ("plan-absolute", _eset("graphs.text_encoder.file", "/dev/zero"), "graphs.text_encoder.file"),
     ("plan-symlink-escape", _plan_symlink_out, "leads outside"),
-    ("plan-missing", lambda em, d: (d / "decoder_init.plan").unlink(), "decoder_init.plan: missing"),
+    ("plan-missing", lambda em, d: (d / "cross_kv.plan").unlink(), "cross_kv.plan: missing"),
     ("no-plan-hash", _edel("graphs.vision_encoder.sha256"), "graphs.vision_encoder.sha256: missing"),
     ("bad-version", _eset("tensorrt", "ten"), "tensorrt: 'ten' is not a version number"),
     ("cc-as-number", _eset("gpu.compute_capability", 8.7), "gpu.compute_capability"),
-    ("huge-profile", _eset("graphs.decoder_step.profile", {"x": {"min": [1], "opt": [1], "max": [10**30]}}),
-     "graphs.decoder_step.profile.x.max[0]"),
+    ("huge-profile", _eset("graphs.decoder.profile", {"x": {"min": [1], "opt": [1], "max": [10**30]}}),
+     "graphs.decoder.profile.x.max[0]"),
     ("flag-as-string", _eset("flags.version_compatible", "yes"), "flags.version_compatible"),
     ("unknown-graph", _eset("graphs.extra", {"file": "x.plan", "sha256": "0" * 64}), "graphs.extra"),
 ]
@@ -258,7 +273,7 @@ def test_a_sound_engine_directory_passes_and_the_cli_refuses_a_tampered_plan(eng
     _tamper(None, engine_dir)
     assert main(["caption", str(engine_dir), "scene.png"]) == 2  # refused before TensorRT is imported
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "decoder_step.plan: sha256 does not match" in err[0]
+    assert len(err) == 1 and "decoder.plan: sha256 does not match" in err[0]
 
 
 def test_engine_io_is_checked_against_the_manifest_as_tensorrt_reports_it(shapes):
@@ -267,13 +282,13 @@ def test_engine_io_is_checked_against_the_manifest_as_tensorrt_reports_it(shapes
     m = load_bundle(shapes).manifest
     io = lambda g: [[(t.name, t.dtype, tuple(-1 if isinstance(d, str) else d for d in t.shape)) for t in ts]  # noqa: E731
                     for ts in (m.graphs[g].inputs, m.graphs[g].outputs)]
-    ins, outs = io("decoder_init")
-    check_graph_io("decoder_init.plan", "decoder_init", m.graphs["decoder_init"], ins[:2], outs, unused_inputs_ok=True)
-    with pytest.raises(BundleError, match="decoder_init.plan: not the graph manifest.json describes for graphs.decoder_init.inputs"):
-        check_graph_io("decoder_init.plan", "decoder_init", m.graphs["decoder_init"], *io("decoder_step"), unused_inputs_ok=True)
+    ins, outs = io("decoder")
+    check_graph_io("decoder.plan", "decoder", m.graphs["decoder"], ins[:2], outs, unused_inputs_ok=True)
+    with pytest.raises(BundleError, match="decoder.plan: not the graph manifest.json describes for graphs.decoder.inputs"):
+        check_graph_io("decoder.plan", "decoder", m.graphs["decoder"], *io("cross_kv"), unused_inputs_ok=True)
     half = [(n, "float16" if dt == "float32" else dt, s) for n, dt, s in outs]
-    with pytest.raises(BundleError, match="logits is float16, but manifest.json graphs.decoder_init.outputs\\[0\\].dtype"):
-        check_graph_io("decoder_init.plan", "decoder_init", m.graphs["decoder_init"], ins, half)
+    with pytest.raises(BundleError, match="logits is float16, but manifest.json graphs.decoder.outputs\\[0\\].dtype"):
+        check_graph_io("decoder.plan", "decoder", m.graphs["decoder"], ins, half)
     with pytest.raises(BundleError, match="has rank 3"):
         check_graph_io("vision_encoder.plan", "vision_encoder", m.graphs["vision_encoder"],
                        [("pixel_values", "float32", (-1, 3, 64))], io("vision_encoder")[1])

@@ -22,7 +22,7 @@ def world():
 
 
 def test_tensorrt_provider_gets_the_bundles_precision(ort_pipe, tmp_path):
-    profile = graph_profile(ort_pipe.manifest, "decoder_step")
+    profile = graph_profile(ort_pipe.manifest, "decoder")
     fp32 = ort_tensorrt_options(profile, str(tmp_path))
     assert "trt_fp16_enable" not in fp32 and "trt_int8_enable" not in fp32
     assert ort_tensorrt_options(profile, str(tmp_path), "float16")["trt_fp16_enable"] == "True"
@@ -62,7 +62,7 @@ def test_refused_profiles_fall_back_with_one_line(shapes, ort_pipe, world, gpu_o
     messages = []
     pipe = vlmedge.load(shapes, device="tensorrt", warn=messages.append)
     assert len(messages) == 1, messages
-    assert "refused the manifest's profiles for vision_encoder, text_encoder, decoder_init, decoder_step" in messages[0]
+    assert "refused the manifest's profiles for vision_encoder, text_encoder, cross_kv, decoder" in messages[0]
     assert "has no explicit profile" in messages[0]
     assert [("trt_profile_min_shapes" in o) for o in seen] == [True, False] * 4  # then without profiles
     images = [s.image for s in world[0][:2]]

@@ -106,10 +106,10 @@ def test_corrupt_onnx_with_matching_hash_is_a_bundle_error(shapes, tmp_path):
 
     d = tmp_path / "b"
     shutil.copytree(shapes, d)
-    g = d / "decoder_step.onnx"
+    g = d / "decoder.onnx"
     g.write_bytes(g.read_bytes()[:1000])
     m = json.loads((d / "manifest.json").read_text())
-    m["graphs"]["decoder_step"]["sha256"] = sha256_file(g)
+    m["graphs"]["decoder"]["sha256"] = sha256_file(g)
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="decoder_step.onnx: onnxruntime cannot load this graph"):
+    with pytest.raises(BundleError, match="decoder.onnx: onnxruntime cannot load this graph"):
         vlmedge.load(d)

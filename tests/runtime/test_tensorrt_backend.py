@@ -111,11 +111,11 @@ def test_gather_plan_copies_runs_of_rows():
 
 def _pool(buffers=2):
     addresses = iter(range(1000, 100000, 1000))
-    return _Pool("decoder_step.present.0.self.key", 64, np.float32, lambda n: SimpleNamespace(ptr=next(addresses)),
+    return _Pool("decoder.present.0.self.key", 64, np.float32, lambda n: SimpleNamespace(ptr=next(addresses)),
                  buffers)
 
 
-def test_decoder_steps_ping_pong_between_two_buffers():
+def test_decoders_ping_pong_between_two_buffers():
     pool = _pool()
     cache = SimpleNamespace(ptr=1, dims=(1,))  # the first past comes from decoder_init's buffers
     written = []
@@ -412,7 +412,7 @@ def test_greedy_captions_match_onnxruntime_without_copying_the_cache(fake, ort_p
         assert pipe.caption(images, batch_size=batch, return_ids=True) == \
             ort_pipe.caption(images, batch_size=batch, return_ids=True)
     assert fake.device.counts["d2d"] == 0  # greedy: present becomes the next past by address alone
-    step = pipe.backend.engines["decoder_step"]
+    step = pipe.backend.engines["decoder"]
     assert all(len(step.pools[n].slots) == 2 for n in step.outputs if n.startswith("present."))
 
 
@@ -427,7 +427,7 @@ def test_beam_search_and_vqa_match_onnxruntime(fake, ort_pipe, world):
     assert pipe.vqa(images[:2], questions[:2], num_beams=2) == ort_pipe.vqa(images[:2], questions[:2], num_beams=2)
 
 
-def test_cuda_graphs_replay_decoder_steps_from_the_second_sequence_on(fake, ort_pipe, world):
+def test_cuda_graphs_replay_decoders_from_the_second_sequence_on(fake, ort_pipe, world):
     images = [s.image for s in world[0][:2]]
     pipe = fake.make(cuda_graph=True)
     expected = ort_pipe.caption(images, batch_size=2, return_ids=True)
@@ -482,7 +482,7 @@ def test_cuda_graph_capture_closes_and_clears_on_every_failure():
             cudaGraphInstantiateWithFlags=lambda g, f: (ok, "exe"))
 
     def failing():
-        raise BuildError("decoder_step: TensorRT could not run the engine")
+        raise BuildError("decoder: TensorRT could not run the engine")
 
     for end_error, destroyed in ((ok, [("destroy", 99)]), (invalid, [])):
         calls.clear()
@@ -584,15 +584,14 @@ def test_host_values_device_values_take_and_to_host(fake, ort_pipe, world):
     with pytest.raises(InputError, match="outside the engine's profile"):
         backend.run("vision_encoder", {"pixel_values": np.zeros((17, *px.shape[1:]), np.float32)})
     with pytest.raises(InputError, match="takes float32"):
-        backend.run("decoder_init", {"input_ids": np.zeros((1, 1), np.int64), "encoder_mask": np.ones((1, 4), np.int64),
-                                     "encoder_states": DeviceValue(kept.ptr, (1, 4, 128), np.dtype(np.int64), None)})
+        backend.run("cross_kv", {"encoder_states": DeviceValue(kept.ptr, (1, 4, 128), np.dtype(np.int64), None)})
 
 
 def test_engine_directory_problems_are_build_errors(fake):
-    (fake.dir / "decoder_step.plan").unlink()
-    with pytest.raises(BuildError, match="decoder_step.plan: missing"):
+    (fake.dir / "decoder.plan").unlink()
+    with pytest.raises(BuildError, match="decoder.plan: missing"):
         TensorRTBackend(fake.dir, fake.engines, fake.manifest)
-    (fake.dir / "decoder_step.plan").write_bytes(b"decoder_step")
+    (fake.dir / "decoder.plan").write_bytes(b"decoder")
     TensorRTBackend(fake.dir, {**fake.engines, "flags": {"version_compatible": True}}, fake.manifest)
     assert fake.trt.runtimes[-1].engine_host_code_allowed  # version-compatible plans carry their runtime
 

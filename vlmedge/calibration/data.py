@@ -176,7 +176,7 @@ def record_inputs(pipe, cs: CalibrationSet, batch_size: int = 8, step_stride: in
             q = pipe.question_ids([q for _, q in part]) if task == "vqa" else None
             states, mask = pipe.encode(task, px, q, backend=rec)
             generate(rec, layers, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(),
-                     min(spec["max_new_tokens"], pipe.max_new_tokens(task)))
+                     min(spec["max_new_tokens"], pipe.max_new_tokens(task)), split=m.split_decoder)
             if progress:
                 progress(len(part))
     return rec.by_graph()

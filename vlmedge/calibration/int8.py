@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from vlmedge.errors import InputError
+from vlmedge.export.graphs import copy_graph
 
 METHODS = ("entropy", "minmax", "percentile")
 DYNAMIC = "dynamic"
@@ -90,7 +90,7 @@ def quantize_graph(src: Path, dst: Path, method: str, cache: Path, feeds: Sequen
     excluded = set(exclude) | set(lm_head(model))
     nodes = [n for n in weight_nodes(model) if n not in excluded and (only is None or n in set(only))]
     if not nodes:
-        shutil.copyfile(src, dst)
+        copy_graph(src, dst)
         return []
     reader = None
     if not cache.is_file():
@@ -153,7 +153,7 @@ def quantize_graph_dynamic(src: Path, dst: Path, exclude: Iterable[str] = (), on
     wanted = None if only is None else set(only)
     nodes = [n for n in weight_nodes(model) if n not in excluded and (wanted is None or n in wanted) and op[n] != "Conv"]
     if not nodes:
-        shutil.copyfile(src, dst)
+        copy_graph(src, dst)
         return []
     gemm_as_matmul(model)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:

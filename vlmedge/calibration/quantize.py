@@ -34,7 +34,8 @@ from vlmedge.calibration.data import HELD_OUT, CalibrationSet, load_calibration,
 from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.backends.onnxruntime import session_options
-from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, load_bundle, sha256_file
+from vlmedge.export.graphs import copy_graph, save_graph
+from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, graph_hashes, load_bundle
 from vlmedge.runtime.pipeline import Pipeline, open_pipeline
 
 PRECISIONS = ("fp16", "int8", "int8-wo", "int4-wo")
@@ -55,7 +56,7 @@ class QuantizeOptions:
     held_out: int = HELD_OUT  # images kept aside for the accuracy check (a folder gives at most half)
     force: bool = False
     block_size: int = 32  # weight-only: weights sharing a scale along K
-    graphs: tuple[str, ...] | None = None  # weight-only: graphs quantized (default decoder_init, decoder_step)
+    graphs: tuple[str, ...] | None = None  # weight-only: graphs quantized (default: the decoder graphs)
     lm_head: bool = False  # weight-only: quantize the LM head too
     format: str = "qdq"  # weight-only: qdq (DequantizeLinear with block_size) or matmulnbits (onnxruntime)
 
@@ -139,14 +140,14 @@ class _Variant:
         for node, why in kept.items():
             if node not in keep:
                 self.excluded[graph].setdefault(node, why)
-        onnx.save(converted, str(dst))
+        save_graph(converted, dst)
         return [n for n in names if n not in keep and n not in kept]
 
     def _weight_only(self, graph: str, src: Path, dst: Path, skip: set, only) -> list[str]:
         from vlmedge.calibration import weight_only as wo
 
         if graph not in self.o.graphs:
-            shutil.copyfile(src, dst)
+            copy_graph(src, dst)
             return []
         o = self.o
         cache = self._wo_cache.setdefault(graph, {})
@@ -182,7 +183,7 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
         types = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name
                  for t in [*model.graph.input, *model.graph.output]}
         retype = lambda ts: tuple(TensorSpec(t.name, types.get(t.name, t.dtype), t.shape) for t in ts)  # noqa: E731
-        graphs[name] = GraphSpec(g.file, sha256_file(work / g.file), retype(g.inputs), retype(g.outputs))
+        graphs[name] = GraphSpec(g.file, inputs=retype(g.inputs), outputs=retype(g.outputs), **graph_hashes(work / g.file))
     # MatMulNBits (a contrib op) and MatMulInteger are ONNX Runtime's, not TensorRT's: `build` refuses them
     ort_only = precision.get("format") == "matmulnbits" or precision.get("method") == "dynamic"
     target = "onnxruntime" if ort_only else m.target

@@ -4,7 +4,7 @@ Decoding is memory-bound: every generated token reads every decoder weight once.
 weights in 8 or 4 bits (activations stay float) cuts the bytes read per token.
 
 - Which nodes: MatMul nodes whose weight (input B, shape [K, N]) is a 2-D float initializer, in the
-  graphs asked for (decoder_init and decoder_step by default). The LM head (the MatMul producing
+  graphs asked for (the decoder by default). The LM head (the MatMul producing
   `logits`) is optional.
 - Blocks: `block_size` consecutive weights along K (the input axis) of one output column share a
   scale, max |w| / qmax; zero-point 0 (symmetric); the last block of a K that the block size does not
@@ -36,7 +36,7 @@ PRECISIONS = {"int8-wo": 8, "int4-wo": 4}
 METHODS = ("rtn", "gptq")
 FORMATS = ("qdq", "matmulnbits")
 BLOCK_SIZES = (32, 64, 128)
-DEFAULT_GRAPHS = ("decoder_init", "decoder_step", "decoder")  # the decoders of either contract
+DEFAULT_GRAPHS = ("decoder", "decoder_init", "decoder_step")  # the decoder of either contract (and of schema 1 bundles)
 DAMP = 0.01  # GPTQ: fraction of the Hessian's mean diagonal added to it
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 products, what onnxruntime's own DQ -> MatMul fusion picks
 _LAZY = 128  # GPTQ: rows quantized between two updates of the rest (a multiple of every block size)
@@ -301,8 +301,10 @@ def quantize_graph(src: Path, dst: Path, bits: int, block: int, method: str, fmt
     """Write the weight-only model of the graph file `src` to `dst`; returns the quantized node names."""
     import onnx
 
+    from vlmedge.export.graphs import save_graph
+
     model, nodes = quantize_model(onnx.load(str(src)), bits, block, method, fmt, lm_head, feeds, exclude, only, cache)
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return nodes
 
 

@@ -24,7 +24,7 @@ from vlmedge.runtime.pipeline import Generation, Pipeline
 from vlmedge.runtime.recording import RecordingBackend
 
 SAMPLE_ITEMS = 2  # images captioned (and questions answered) as one batch while graph inputs are recorded
-STEPS_KEPT = (0, 1, 3, 7, 15, 31)  # decoder_step calls recorded per task: the first ones and longer caches
+STEPS_KEPT = (0, 1, 3, 7, 15, 31)  # decoder token steps recorded per task: the first ones and longer caches
 
 Feeds = dict[str, np.ndarray]
 
@@ -101,7 +101,7 @@ def record_graph_inputs(pipe: Pipeline, data: EvalData, tasks: Sequence[str]) ->
             states, mask = encode(rec, px, *pipe.question_ids([q.text for q in qs]))
         spec = pipe.manifest.tasks[task]
         generate(rec, pipe.layers, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(),
-                 min(spec["max_new_tokens"], pipe.max_new_tokens(task)))
+                 min(spec["max_new_tokens"], pipe.max_new_tokens(task)), split=pipe.manifest.split_decoder)
         samples += rec.feeds
     return samples
 
@@ -116,7 +116,7 @@ def run_samples(backend: Backend, graphs: Sequence[str], samples: Sequence[tuple
     for graph, feeds in samples:
         if graph not in graphs:
             outs.append(None)
-        elif prompt_rows and graph == "decoder" and feeds["inputs_embeds"].shape[1] > 1 and len(feeds["inputs_embeds"]) > prompt_rows:
+        elif prompt_rows and graph == "decoder" and "inputs_embeds" in feeds and feeds["inputs_embeds"].shape[1] > 1 and len(feeds["inputs_embeds"]) > prompt_rows:
             B = len(feeds["inputs_embeds"])
             parts = [_host(backend.run(graph, {k: v[s : s + prompt_rows] for k, v in feeds.items()}))
                      for s in range(0, B, prompt_rows)]
@@ -218,9 +218,8 @@ def latency(pipe: Pipeline, task: str, items: Sequence[Any], runs: int, warmup: 
 
 
 def size_on_disk(bundle: Bundle) -> int:
-    """Bytes of the bundle's graph files and tokenizer."""
-    files = [bundle.graph_path(n) for n in bundle.manifest.graphs] + [bundle.tokenizer_path]
-    return sum(f.stat().st_size for f in files)
+    """Bytes of the bundle's graph files (weights files included) and tokenizer."""
+    return sum(bundle.graph_bytes(n) for n in bundle.manifest.graphs) + bundle.tokenizer_path.stat().st_size
 
 
 def _release_free_memory() -> None:

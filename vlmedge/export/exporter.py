@@ -15,10 +15,10 @@ from typing import Callable
 
 from vlmedge import __version__
 from vlmedge.errors import ExportError, InputError, VlmedgeError, cause_chain, one_line, summary_line
-from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls
+from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls, save_graph
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.outdir import OutputDir
-from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, sha256_file
+from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, graph_hashes, sha256_file
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17  # LayerNormalization as one op
@@ -63,7 +63,7 @@ def _rename_axes(path: Path, decl: GraphDecl) -> None:
                 d.dim_param = w
             else:
                 d.dim_value = w
-    onnx.save(model, str(path))
+    save_graph(model, path)
 
 
 # torch.onnx.export wraps each failure in a banner of next steps; its first words say which step failed
@@ -176,9 +176,9 @@ def _stage_errors(export: Callable[..., Manifest]) -> Callable[..., Manifest]:
     return run
 
 
-def _spec(decl: GraphDecl, file: str, digest: str) -> GraphSpec:
+def _spec(decl: GraphDecl, path: Path) -> GraphSpec:
     t = lambda x: TensorSpec(x.name, x.dtype, tuple(x.shape))  # noqa: E731
-    return GraphSpec(file=file, sha256=digest, inputs=tuple(map(t, decl.inputs)), outputs=tuple(map(t, decl.outputs)))
+    return GraphSpec(file=path.name, inputs=tuple(map(t, decl.inputs)), outputs=tuple(map(t, decl.outputs)), **graph_hashes(path))
 
 
 def trace_plan(plan: list, decls: dict[str, GraphDecl], out: Path, opset: int,
@@ -194,7 +194,7 @@ def trace_plan(plan: list, decls: dict[str, GraphDecl], out: Path, opset: int,
         path = out / f"{name}.onnx"
         _trace(make(), args, decls[name], dyn, path, opset)
         timings[name] = round(time.perf_counter() - t0, 2)
-        graphs[name] = _spec(decls[name], path.name, sha256_file(path))
+        graphs[name] = _spec(decls[name], path)
         if on_graph:
             on_graph(name, "done")
     return graphs, timings
@@ -216,6 +216,10 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         raise InputError(f"--max-length {options.max_length}: expected 3 or more (prompt + generated tokens)")
     if options.opset < MIN_OPSET:
         raise InputError(f"--opset {options.opset}: vlmedge needs opset {MIN_OPSET} or newer (LayerNormalization)")
+    if adapter.info.contract == "dual-encoder":  # CLIP / SigLIP: two encoders, no decoder
+        from vlmedge.export.dual_encoder import export_dual_encoder
+
+        return export_dual_encoder(adapter, out, options, on_graph)
     tasks = select_tasks(adapter, task)
     if adapter.info.contract == "prefix":
         from vlmedge.export.prefix import export_prefix
@@ -241,7 +245,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         enc_max = ranges["encoder_len"][2]
         S = Dim("encoder_len", min=1, max=max(enc_max, 2))
         P = Dim("past_len", min=1, max=max(ranges["past_len"][2], 2))
-        T0 = Dim("prompt_len", min=1, max=max(ranges["prompt_len"][2], 2))
+        T = Dim("seq_len", min=1, max=max(ranges["seq_len"][2], 2))
         L = d.decoder_layers
         enc_states = image_states
         enc_mask = torch.ones(enc_states.shape[:2], dtype=torch.long)
@@ -255,20 +259,25 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         prompt = list(info.tasks[tasks[0]].prompt_ids)
         prompt_ids = torch.tensor([prompt + [prompt[-1]]] * 2 if len(prompt) < 2 else [prompt] * 2)
         with torch.no_grad():
-            init_out = adapter.decoder_init()(prompt_ids, enc_states, enc_mask)
-        past = list(init_out[1 : 1 + 2 * L])
-        cross = list(init_out[1 + 2 * L :])
+            cross = list(adapter.cross_kv()(enc_states))
+            # the example: the prompt after two cached slots (no dynamic size of 1), the first hidden
+            start = torch.zeros(2, d.decoder_heads, 1, d.decoder_head_dim)
+            n = prompt_ids.shape[1]
+            head = adapter.decoder()(prompt_ids, torch.tensor([[0] + [1] * n] * 2), torch.arange(n).repeat(2, 1), enc_mask,
+                                     *[start] * (2 * L), *cross)
+        past = list(head[1:])
+        example_mask = torch.tensor([[0] + [1] * (n + n)] * 2)
+        example_pos = torch.arange(n, n + n).repeat(2, 1)
 
         plan = [("vision_encoder", adapter.vision_encoder, (sample.pixel_values,), {"pixel_values": {0: B}})]
         if with_text:
             plan.append(("text_encoder", adapter.text_encoder, (sample.question_ids, sample.question_mask, image_states),
                          {"question_ids": {0: B, 1: Q}, "question_mask": {0: B, 1: Q}, "image_states": {0: B}}))
-        plan.append(("decoder_init", adapter.decoder_init, (prompt_ids, enc_states, enc_mask),
-                     {"input_ids": {0: B, 1: T0}, "encoder_states": {0: B, 1: S}, "encoder_mask": {0: B, 1: S}}))
-        step_ids = torch.tensor([[prompt[-1]]] * 2)
-        plan.append(("decoder_step", adapter.decoder_step, (step_ids, enc_mask, *past, *cross),
-                     {"input_ids": {0: B}, "encoder_mask": {0: B, 1: S},
-                      "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
+        plan.append(("cross_kv", adapter.cross_kv, (enc_states,), {"encoder_states": {0: B, 1: S}}))
+        auto = Dim.DYNAMIC  # the attention mask's length is past + seq: the tracer keeps the relation
+        plan.append(("decoder", adapter.decoder, (prompt_ids, example_mask, example_pos, enc_mask, *past, *cross),
+                     {"input_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: auto}, "position_ids": {0: B, 1: T},
+                      "encoder_mask": {0: B, 1: S}, "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
 
         graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
 

@@ -6,9 +6,12 @@ every dynamic axis carries the name the manifest and the TensorRT profiles use.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from vlmedge.models.base import FamilyInfo
+from vlmedge.runtime.bundle import DATA_SUFFIX
 from vlmedge.runtime.decoding import kv_names
 
 # Ranges of the named axes: (min, opt, max). Batch and lengths are dynamic; image size is fixed.
@@ -54,16 +57,16 @@ def graph_decls(info: FamilyInfo, image_width: int, with_text_encoder: bool) -> 
             (TensorDecl("encoder_states", "float32", ("batch", "question_len", d.encoder_hidden)),),
         ))
     graphs.append(GraphDecl(
-        "decoder_init",
-        (TensorDecl("input_ids", "int64", ("batch", "prompt_len")),
-         TensorDecl("encoder_states", "float32", ("batch", "encoder_len", d.encoder_hidden)),
-         TensorDecl("encoder_mask", "int64", ("batch", "encoder_len"))),
-        (TensorDecl("logits", "float32", ("batch", d.vocab_size)),
-         *kv("present", L, H, dh, "prompt_len"), *kv("cross", L, H, dh, "encoder_len")),
+        "cross_kv",
+        (TensorDecl("encoder_states", "float32", ("batch", "encoder_len", d.encoder_hidden)),),
+        kv("cross", L, H, dh, "encoder_len"),
     ))
+    # one graph for the prompt (after a one-slot past the mask hides) and every later token
     graphs.append(GraphDecl(
-        "decoder_step",
-        (TensorDecl("input_ids", "int64", ("batch", 1)),
+        "decoder",
+        (TensorDecl("input_ids", "int64", ("batch", "seq_len")),
+         TensorDecl("attention_mask", "int64", ("batch", "total_len")),
+         TensorDecl("position_ids", "int64", ("batch", "seq_len")),
          TensorDecl("encoder_mask", "int64", ("batch", "encoder_len")),
          *kv("past", L, H, dh, "past_len"), *kv("cross", L, H, dh, "encoder_len")),
         (TensorDecl("logits", "float32", ("batch", d.vocab_size)), *kv("present", L, H, dh, "total_len")),
@@ -85,12 +88,13 @@ def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX
     enc_min = [d.image_tokens if s.encoder == "vision_encoder" else d.image_tokens + 1 if s.image_prefix else 1 for s in specs]
     enc_max = [d.image_tokens if s.encoder == "vision_encoder" else q + d.image_tokens * s.image_prefix for s in specs]
     total_max = min(d.max_target_len, max_length or max(prompt + max_new, DEFAULT_MAX_LENGTH))
+    # past and total count the hidden slot the prompt runs after: positions go up to total_max - 1
     ranges = {
         "batch": (1, 1, max_batch),
-        "prompt_len": (1, prompt, max(prompt, 1)),
+        "seq_len": (1, 1, max(prompt, 1)),
         "encoder_len": (min(enc_min), max(enc_max), max(enc_max)),
-        "past_len": (1, min(16, total_max - 1), total_max - 1),
-        "total_len": (2, min(17, total_max), total_max),
+        "past_len": (1, min(17, total_max), total_max),
+        "total_len": (2, min(18, total_max + 1), total_max + 1),
     }
     if any(s.encoder == "text_encoder" for s in specs):
         prompts = [len(s.text_prompt_ids) for s in specs if s.text_prompt_ids]
@@ -99,3 +103,26 @@ def axis_ranges(info: FamilyInfo, tasks: list[str], max_batch: int = DEFAULT_MAX
         if prompts:  # the decoder attends to [image tokens; prompt]: that is its usual length
             ranges["encoder_len"] = (min(enc_min), min(max(enc_max), d.image_tokens + opt), max(enc_max))
     return ranges
+
+
+def save_graph(model, path: Path) -> None:
+    """Write an ONNX graph with its weights (initializers of 1 kB and more) in `<file>.data` beside it.
+    ONNX Runtime maps that file rather than copying every weight out of the parsed protobuf, so a
+    bundle opens faster and holds its weights once in memory (benchmarks/memory.py). The model's
+    initializers become references to that file (onnx's own conversion, in place)."""
+    import onnx
+
+    data = path.with_name(path.name + DATA_SUFFIX)
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    if data.is_file():  # onnx creates it owner-only; it is read like the graph file beside it
+        data.chmod(path.stat().st_mode & 0o777)
+
+
+def copy_graph(src: Path, dst: Path) -> None:
+    """Copy a graph file and its weights file, if it has one."""
+    shutil.copyfile(src, dst)
+    data = src.with_name(src.name + DATA_SUFFIX)
+    if data.is_file():
+        shutil.copyfile(data, dst.with_name(dst.name + DATA_SUFFIX))

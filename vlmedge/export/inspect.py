@@ -40,7 +40,7 @@ def weight_report(bundle: Bundle) -> dict:
         for key, n in held.items():
             where.setdefault(key, set()).add(name)
             sizes[key] = n
-        graphs[name] = {"file_bytes": path.stat().st_size, "weight_bytes": sum(held.values()), "weights": len(held)}
+        graphs[name] = {"file_bytes": bundle.graph_bytes(name), "weight_bytes": sum(held.values()), "weights": len(held)}
     for name, g in graphs.items():
         g["shared_bytes"] = sum(sizes[k] for k, gs in where.items() if name in gs and len(gs) > 1)
     groups: dict[tuple, list[int]] = {}
@@ -83,7 +83,7 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
     for col in ("graph", "file", "size", "tensor", "dtype", "shape"):
         t.add_column(col)
     for name, g in m.graphs.items():
-        size = bundle.graph_path(name).stat().st_size
+        size = bundle.graph_bytes(name)
         rows = [("in", x) for x in g.inputs] + [("out", x) for x in g.outputs]
         shown = rows if len(rows) <= 10 else rows[:6] + [("", None)] + rows[-2:]
         for i, (kind, x) in enumerate(shown):

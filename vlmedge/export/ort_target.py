@@ -42,7 +42,8 @@ from vlmedge.errors import ExportError, InputError, ValidationError, first_line
 from vlmedge.export.attention_fusion import FUSED_DOMAIN, fuse_attention
 from vlmedge.export.decoder_fusion import fuse_prefix_decoder, merge_projections
 from vlmedge.outdir import OutputDir
-from vlmedge.runtime.bundle import MANIFEST, TARGETS, AxisRange, load_bundle, sha256_file
+from vlmedge.export.graphs import save_graph
+from vlmedge.runtime.bundle import MANIFEST, TARGETS, AxisRange, graph_hashes, load_bundle
 
 ORT_TARGET = TARGETS[1]
 
@@ -90,7 +91,7 @@ def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int, attention
         # the bundle contract names them, so they stay
         del model.model.graph.input[:]
         model.model.graph.input.extend(inputs)
-    model.save_model_to_file(str(dst))
+    save_graph(model.model, dst)
     return dict(collections.Counter(n.op_type for n in model.model.graph.node if n.domain == FUSED_DOMAIN))
 
 
@@ -150,7 +151,7 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
             path, notes = tmp / spec.file, []
             decoder = (int(m.dims["decoder_layers"]), m.axes["total_len"].max) if (m.contract, name) == ("prefix", "decoder") else None
             fused[name] = fuse_graph(bundle.graph_path(name), path, heads, hidden, attention, decoder, notes)
-            graphs[name] = replace(spec, sha256=sha256_file(path))
+            graphs[name] = replace(spec, **graph_hashes(path))
             log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}"
                 + "".join(f"; {n}" for n in notes))
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)

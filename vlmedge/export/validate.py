@@ -58,16 +58,25 @@ def _graph_errors(adapter: Adapter, backend: OrtBackend, bundle, tasks, sample) 
         if m.tasks[texts[0]].get("image_prefix"):
             mask = torch.cat([torch.ones(img.shape[:2], dtype=torch.long), mask], 1)
     spec = m.tasks[texts[0] if texts else tasks[0]]
-    ids = torch.tensor([list(spec["prompt_ids"])] * px.shape[0])
-    init = check("decoder_init", adapter.decoder_init(), (ids, enc, mask),
-                 {"input_ids": ids.numpy(), "encoder_states": enc.numpy(), "encoder_mask": mask.numpy()})
-    L = m.dims["decoder_layers"]
-    past, cross = init[1 : 1 + 2 * L], init[1 + 2 * L :]
-    nxt = init[0].argmax(-1, keepdim=True)
-    feeds = {"input_ids": nxt.numpy(), "encoder_mask": mask.numpy()}
-    for t, v in zip(m.graphs["decoder_step"].inputs[2:], (*past, *cross)):
-        feeds[t.name] = v.numpy()
-    check("decoder_step", adapter.decoder_step(), (nxt, mask, *past, *cross), feeds)
+    cross = check("cross_kv", adapter.cross_kv(), (enc,), {"encoder_states": enc.numpy()})
+    B, n = px.shape[0], len(spec["prompt_ids"])
+    L, H, dh = m.dims["decoder_layers"], m.dims["decoder_heads"], m.dims["decoder_head_dim"]
+    kv_inputs = [t.name for t in m.graphs["decoder"].inputs[4:]]
+    decoder = adapter.decoder()
+
+    def run_decoder(ids, attention, pos, past):  # the prompt after the hidden slot, then a step: one graph, checked as one
+        args = (ids, attention, pos, mask, *past, *cross)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": attention.numpy(), "position_ids": pos.numpy(),
+                 "encoder_mask": mask.numpy(), **{k: v.numpy() for k, v in zip(kv_inputs, (*past, *cross))}}
+        return check("decoder", decoder, args, feeds)
+
+    attention = torch.tensor([[0] + [1] * n] * B)
+    first = run_decoder(torch.tensor([list(spec["prompt_ids"])] * B), attention, torch.arange(n).repeat(B, 1),
+                        [torch.zeros(B, H, 1, dh)] * (2 * L))
+    prompt_errors = out.pop("decoder")
+    run_decoder(first[0].argmax(-1, keepdim=True), torch.cat([attention, torch.ones(B, 1, dtype=torch.long)], 1),
+                torch.full((B, 1), n), list(first[1:]))
+    out["decoder"] = {k: max(e, prompt_errors[k], key=lambda x: x["max_abs"]) for k, e in out["decoder"].items()}
     return out
 
 

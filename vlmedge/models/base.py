@@ -1,7 +1,7 @@
 """What every model family exposes to export, calibration, the builder and the runtime.
 
 A family adapter wraps the original PyTorch model and hands out the canonical graphs
-(vision encoder, question encoder for VQA, decoder first step, decoder step with past), plus the
+(vision encoder, question encoder for VQA, cross-attention K/V, one decoder for prompt and steps), plus the
 facts the runtime needs (dimensions, preprocessing, tokenizer, special ids). Nothing downstream
 reads a family's raw config: `ModelDims` is computed once, here.
 """
@@ -98,9 +98,10 @@ class Adapter(Protocol):
 
     def text_encoder(self) -> Any: ...  # nn.Module: question_ids, question_mask, image_states -> encoder_states
 
-    def decoder_init(self) -> Any: ...  # nn.Module: input_ids, encoder_states, encoder_mask -> logits, present..., cross...
+    def cross_kv(self) -> Any: ...  # nn.Module: encoder_states -> cross... (every layer's cross-attention K/V)
 
-    def decoder_step(self) -> Any: ...  # nn.Module: input_ids, encoder_mask, past..., cross... -> logits, present...
+    def decoder(self) -> Any: ...  # nn.Module: input_ids, attention_mask, position_ids, encoder_mask, past..., cross...
+    #                                 -> logits, present... (the prompt after a hidden one-slot past, and every step)
 
     def tokenizer_json(self) -> str: ...  # Hugging Face `tokenizers` JSON; encode() adds the question's special tokens
 

@@ -16,7 +16,7 @@ from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
+    HfCrossKV, HfDecoder, HfDecoderInit, decoder_dims, image_size, load_hf_model, preprocessing, strip_prompt,
     tokenizer_json, vision_dims, weight_files,
 )
 
@@ -67,7 +67,7 @@ class _BlipBase:
                 q = torch.tensor([[self.bos_id]])
                 states = self.text_encoder()(q, torch.ones_like(q), states)
         dims = ModelDims(
-            **decoder_dims(self.decoder_init(), self.bos_id, states), encoder_hidden=int(states.shape[-1]),
+            **decoder_dims(HfDecoderInit(self.model.text_decoder), self.bos_id, states), encoder_hidden=int(states.shape[-1]),
             image_tokens=tokens, max_target_len=tc.max_position_embeddings,
             max_question_len=tc.max_position_embeddings if self.task == "vqa" else 0,
         )
@@ -93,11 +93,11 @@ class _BlipBase:
     def vision_encoder(self) -> nn.Module:
         return _Vision(self.model).eval()
 
-    def decoder_init(self) -> nn.Module:
-        return HfDecoderInit(self.model.text_decoder).eval()
+    def cross_kv(self) -> nn.Module:
+        return HfCrossKV(self.model.text_decoder, self.bos_id).eval()
 
-    def decoder_step(self) -> nn.Module:
-        return HfDecoderStep(self.model.text_decoder, self.info.dims.decoder_layers).eval()
+    def decoder(self) -> nn.Module:
+        return HfDecoder(self.model.text_decoder, self.info.dims.decoder_layers).eval()
 
     def tokenizer_json(self) -> str:
         return self._tokenizer_json

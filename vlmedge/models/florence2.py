@@ -20,7 +20,7 @@ from vlmedge.errors import ModelLoadError, read_json
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, image_processor_settings, load_hf_model, preprocessing, settings_file, strip_prompt,
+    HfCrossKV, HfDecoder, image_processor_settings, load_hf_model, preprocessing, settings_file, strip_prompt,
     tokenizer_json, weight_files,
 )
 
@@ -70,7 +70,7 @@ class _LmOutput:
 
 
 class _DecoderLM(nn.Module):
-    """The BART decoder and the LM head as one module with the causal-LM interface HfDecoderInit uses."""
+    """The BART decoder and the LM head as one module with the causal-LM interface HfDecoder and HfCrossKV use."""
 
     def __init__(self, model):
         super().__init__()
@@ -78,8 +78,8 @@ class _DecoderLM(nn.Module):
         self.lm_head = model.lm_head
 
     def forward(self, input_ids, encoder_hidden_states, encoder_attention_mask, cache, use_cache=True,
-                logits_to_keep=1, return_dict=True):
-        out = self.decoder(input_ids=input_ids, encoder_hidden_states=encoder_hidden_states,
+                logits_to_keep=1, return_dict=True, attention_mask=None):
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
                            encoder_attention_mask=encoder_attention_mask, cache=cache, use_cache=use_cache)
         return _LmOutput(self.lm_head(out.last_hidden_state[:, -logits_to_keep:]), out.cache)
 
@@ -176,11 +176,11 @@ class Florence2Adapter:
     def text_encoder(self) -> nn.Module:
         return _PromptEncoder(self.model).eval()
 
-    def decoder_init(self) -> nn.Module:
-        return HfDecoderInit(_DecoderLM(self.model)).eval()
+    def cross_kv(self) -> nn.Module:
+        return HfCrossKV(_DecoderLM(self.model), self.start_id).eval()
 
-    def decoder_step(self) -> nn.Module:
-        return HfDecoderStep(_DecoderLM(self.model), self.info.dims.decoder_layers).eval()
+    def decoder(self) -> nn.Module:
+        return HfDecoder(_DecoderLM(self.model), self.info.dims.decoder_layers).eval()
 
     def tokenizer_json(self) -> str:
         return self._tokenizer_json

@@ -1,14 +1,19 @@
 """What the Hugging Face families share: loading with clear errors, tokenizer and processor
 settings, and the decoder wrappers that hand HF's own cache the precomputed K/V.
 
-The decoder graphs call the original decoder module (BLIP's text decoder, GPT-2, BERT) with an
-`EncoderDecoderCache` built from the graph's inputs. A cache whose cross-attention part is
+The decoder graphs call the original decoder module (BLIP's text decoder, GPT-2, BERT, MBart, TrOCR)
+with an `EncoderDecoderCache` built from the graph's inputs. A cache whose cross-attention part is
 filled marks every layer as updated, so the HF attention reads the given cross K/V instead of
-projecting the encoder states again: the projections run once, in `decoder_init`.
+projecting the encoder states again: the projections run once per sequence, in `cross_kv`.
+
+One `decoder` graph serves the prompt and every later token (its weights are stored and loaded
+once): the prompt runs after a one-slot past that the attention mask hides, and positions come in
+as an input, since the model would count the hidden slot (`HfDecoder`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,15 +48,18 @@ class HfDecoderInit(nn.Module):
         return (out.logits[:, -1], *flat_kv(s), *flat_kv(c))
 
 
-class HfDecoderStep(nn.Module):
-    """One token after `past`; cross K/V come in as inputs and are never recomputed."""
+class HfDecoder(nn.Module):
+    """The cross-attention contract's one decoder graph: `input_ids` [B, S] after the cached self K/V
+    (`past`, P >= 1 slots; `attention_mask` [B, P + S] hides the slots that hold nothing), at
+    `position_ids` [B, S], with the cross K/V that `HfCrossKV` computed. Last-position logits and
+    the self K/V [B, H, P + S, D] for the next call."""
 
     def __init__(self, decoder: nn.Module, layers: int):
         super().__init__()
         self.dec = decoder
         self.n = layers
 
-    def forward(self, input_ids, encoder_mask, *kv):
+    def forward(self, input_ids, attention_mask, position_ids, encoder_mask, *kv):
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         n = self.n
@@ -60,10 +68,52 @@ class HfDecoderStep(nn.Module):
         # The decoder layers run cross-attention only when encoder states are given; with the
         # cache filled they use them for nothing but batch size, length and dtype of the mask.
         stand_in = encoder_mask[:, :, None].to(kv[0].dtype)
-        out = self.dec(input_ids=input_ids, encoder_hidden_states=stand_in, encoder_attention_mask=encoder_mask,
-                       cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
+        with given_positions(self.dec, position_ids) as extra:
+            out = self.dec(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=stand_in,
+                           encoder_attention_mask=encoder_mask, cache=cache, use_cache=True, logits_to_keep=1,
+                           return_dict=True, **extra)
         s, _ = _cache_kv(out.cache)
         return (out.logits[:, -1], *flat_kv(s))
+
+
+class HfCrossKV(nn.Module):
+    """Every layer's cross-attention K/V of the encoder states, once per sequence. The decoder runs one
+    start token to get them; the export keeps only what the K/V depend on (the K/V projections)."""
+
+    def __init__(self, decoder: nn.Module, start_id: int):
+        super().__init__()
+        self.init = HfDecoderInit(decoder)
+        self.start_id = start_id
+
+    def forward(self, encoder_states):
+        ids = torch.full(encoder_states.shape[:1] + (1,), self.start_id, dtype=torch.long, device=encoder_states.device)
+        mask = torch.ones(encoder_states.shape[:2], dtype=torch.long, device=encoder_states.device)
+        out = self.init(ids, encoder_states, mask)
+        return out[1 + (len(out) - 1) // 2 :]
+
+
+@contextmanager
+def given_positions(decoder: nn.Module, positions: torch.Tensor):
+    """Make `decoder` embed `positions` [B, S] instead of counting from its cache length. Decoders
+    that take `position_ids` get them (GPT-2, BERT, BLIP: the kwargs yielded); BART-style learned
+    tables (BART, MBart, TrOCR) and TrOCR's sinusoidal table, which count from the cache, are
+    patched for the call."""
+    patched = []
+    for m in decoder.modules():
+        kind = type(m).__name__
+        if kind.endswith("LearnedPositionalEmbedding") and hasattr(m, "offset"):
+            patched.append((m, lambda *a, m=m, **k: nn.Embedding.forward(m, positions + m.offset)))
+        elif kind.endswith("SinusoidalPositionalEmbedding") and hasattr(m, "padding_idx") and hasattr(m, "weights"):
+            # TrOCR: position i of an unpadded sequence is padding_idx + 1 + i
+            patched.append((m, lambda *a, m=m, **k: m.weights.index_select(0, (positions + m.padding_idx + 1).reshape(-1))
+                            .reshape(*positions.shape, -1).detach()))
+    for m, forward in patched:
+        m.forward = forward
+    try:
+        yield {} if patched else {"position_ids": positions}
+    finally:
+        for m, _ in patched:
+            del m.forward
 
 
 def load_hf_model(cls, path: str):

@@ -66,6 +66,36 @@ def _smolvlm(src: str, prompt: str | None = None) -> Adapter:
     return SmolVLMAdapter(src, prompt)
 
 
+def _dual_encoder(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.dual_encoder import DualEncoderAdapter
+
+    return DualEncoderAdapter(src, prompt)
+
+
+def _paligemma(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.paligemma import PaliGemmaAdapter
+
+    return PaliGemmaAdapter(src, prompt)
+
+
+def _gemma3(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.gemma3 import Gemma3Adapter
+
+    return Gemma3Adapter(src, prompt)
+
+
+def _qwen2_vl(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.qwen2_vl import Qwen2VLAdapter
+
+    return Qwen2VLAdapter(src, prompt)
+
+
+def _qwen2_5_vl(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.qwen2_vl import Qwen2_5_VLAdapter
+
+    return Qwen2_5_VLAdapter(src, prompt)
+
+
 # architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
 ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "ShapesVLM": _shapes,
@@ -77,6 +107,13 @@ ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "LlavaOnevisionForConditionalGeneration": _llava_onevision,
     "Idefics3ForConditionalGeneration": _idefics3,
     "SmolVLMForConditionalGeneration": _smolvlm,
+    "PaliGemmaForConditionalGeneration": _paligemma,
+    "Gemma3ForConditionalGeneration": _gemma3,
+    "Qwen2VLForConditionalGeneration": _qwen2_vl,
+    "Qwen2_5_VLForConditionalGeneration": _qwen2_5_vl,
+    "CLIPModel": _dual_encoder,  # the dual-encoder contract (models.dual_encoder)
+    "SiglipModel": _dual_encoder,
+    "Siglip2Model": _dual_encoder,
 }
 
 

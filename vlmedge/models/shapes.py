@@ -31,26 +31,25 @@ class _Text(nn.Module):
         return self.m.encode_question(question_ids, question_mask, image_states)
 
 
-class _DecoderInit(nn.Module):
+class _CrossKV(nn.Module):
     def __init__(self, m: ShapesVLM):
         super().__init__()
         self.dec = m.decoder
 
-    def forward(self, input_ids, encoder_states, encoder_mask):
-        cross = self.dec.cross_kv(encoder_states)  # computed once, handed to every step
-        logits, present = self.dec(input_ids, cross, encoder_mask, last_only=True)
-        return (logits[:, -1], *flat_kv(present), *flat_kv(cross))
+    def forward(self, encoder_states):
+        return tuple(flat_kv(self.dec.cross_kv(encoder_states)))  # computed once, handed to every step
 
 
-class _DecoderStep(nn.Module):
+class _Decoder(nn.Module):
     def __init__(self, m: ShapesVLM):
         super().__init__()
         self.dec = m.decoder
         self.n = len(m.decoder.layers)
 
-    def forward(self, input_ids, encoder_mask, *kv):
+    def forward(self, input_ids, attention_mask, position_ids, encoder_mask, *kv):
         past, cross = pair_kv(kv[: 2 * self.n]), pair_kv(kv[2 * self.n :])
-        logits, present = self.dec(input_ids, cross, encoder_mask, past, last_only=True)
+        logits, present = self.dec(input_ids, cross, encoder_mask, past, last_only=True, positions=position_ids,
+                                   attention_mask=attention_mask)
         return (logits[:, -1], *flat_kv(present))
 
 
@@ -83,11 +82,11 @@ class ShapesAdapter:
     def text_encoder(self) -> nn.Module:
         return _Text(self.model).eval()
 
-    def decoder_init(self) -> nn.Module:
-        return _DecoderInit(self.model).eval()
+    def cross_kv(self) -> nn.Module:
+        return _CrossKV(self.model).eval()
 
-    def decoder_step(self) -> nn.Module:
-        return _DecoderStep(self.model).eval()
+    def decoder(self) -> nn.Module:
+        return _Decoder(self.model).eval()
 
     def weight_files(self) -> list[Path]:
         return [self.model_dir / "model.safetensors"]

@@ -236,13 +236,19 @@ class TextDecoder(nn.Module):
         """Cross-attention K/V of every layer, computed once per sequence."""
         return [layer.cross_attn.project_kv(encoder_states) for layer in self.layers]
 
-    def forward(self, input_ids, cross_kv, encoder_mask, past=None, last_only: bool = False):
-        """input_ids (B, T) after `past` (P cached positions) -> logits (B, T or 1, V), present K/V."""
+    def forward(self, input_ids, cross_kv, encoder_mask, past=None, last_only: bool = False, positions=None,
+                attention_mask=None):
+        """input_ids (B, T) after `past` (P cached positions) -> logits (B, T or 1, V), present K/V.
+        `positions` (B, T) replace the count from P and `attention_mask` (B, P + T) hides cached slots
+        (the exported decoder runs the prompt after a hidden one-slot past)."""
         B, T = input_ids.shape
         P = 0 if past is None else past[0][0].shape[2]
-        pos = torch.arange(P, P + T, device=input_ids.device)
-        x = self.tok(input_ids) + self.pos(pos)[None]
+        pos = torch.arange(P, P + T, device=input_ids.device)[None] if positions is None else positions
+        x = self.tok(input_ids) + self.pos(pos)
         self_bias = _causal_bias(T, P, input_ids.device) if T > 1 else None
+        if attention_mask is not None:
+            keys = _padding_bias(attention_mask)
+            self_bias = keys if self_bias is None else self_bias + keys
         cross_bias = _padding_bias(encoder_mask)
         present = []
         for i, layer in enumerate(self.layers):

@@ -21,7 +21,7 @@ from vlmedge.errors import ModelLoadError
 from vlmedge.models.base import FamilyInfo, ModelDims, Preprocessing, TaskSpec
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
-    HfDecoderInit, HfDecoderStep, decoder_dims, image_processor_settings, image_size, load_hf_model, preprocessing,
+    HfCrossKV, HfDecoder, HfDecoderInit, decoder_dims, image_processor_settings, image_size, load_hf_model, preprocessing,
     processor_type, settings_file, strip_prompt, tokenizer_json, vision_dims, weight_files,
 )
 
@@ -90,7 +90,7 @@ class VisionEncoderDecoderAdapter:
         prep = fit_pad(source, prep)
         tokens, width = vision_dims(source, self.vision_encoder(), prep)
         dims = ModelDims(
-            **decoder_dims(self.decoder_init(), self.start_id, torch.zeros(1, tokens, width)),
+            **decoder_dims(HfDecoderInit(self.model.decoder), self.start_id, torch.zeros(1, tokens, width)),
             encoder_hidden=width, image_tokens=tokens, max_target_len=max_pos,
         )
         self.info = FamilyInfo(
@@ -106,11 +106,11 @@ class VisionEncoderDecoderAdapter:
     def text_encoder(self) -> nn.Module:
         raise NotImplementedError("VisionEncoderDecoderModel has no question encoder")
 
-    def decoder_init(self) -> nn.Module:
-        return HfDecoderInit(self.model.decoder).eval()
+    def cross_kv(self) -> nn.Module:
+        return HfCrossKV(self.model.decoder, self.start_id).eval()
 
-    def decoder_step(self) -> nn.Module:
-        return HfDecoderStep(self.model.decoder, self.info.dims.decoder_layers).eval()
+    def decoder(self) -> nn.Module:
+        return HfDecoder(self.model.decoder, self.info.dims.decoder_layers).eval()
 
     def tokenizer_json(self) -> str:
         return self._tokenizer_json

@@ -26,11 +26,13 @@ from vlmedge.runtime.schema import (
     Bool, Either, Free, Int, Invalid, List, Map, Nullable, Num, Obj, Str, check_generation, show,
 )
 
-SCHEMA_VERSION = 1  # cross-attention bundles
+SCHEMA_VERSION = 4  # cross-attention bundles: cross_kv and one decoder graph for the prompt and every step
+SPLIT_SCHEMA_VERSION = 1  # cross-attention bundles of vlmedge 0.1: decoder_init and decoder_step, each with the weights
 PREFIX_SCHEMA_VERSION = 2  # the first version with the prefix contract (decoder-only VLMs)
+READ_VERSIONS = (SPLIT_SCHEMA_VERSION, PREFIX_SCHEMA_VERSION, SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 CONTRACTS = ("cross-attention", "prefix")  # vlmedge.models.prefix describes the second
-GRAPH_NAMES = ("vision_encoder", "text_encoder", "decoder_init", "decoder_step", "embed", "decoder")
+GRAPH_NAMES = ("vision_encoder", "text_encoder", "cross_kv", "decoder", "decoder_init", "decoder_step", "embed")
 DTYPES = ("float32", "float16", "int64", "int32", "bool", "int8", "uint8")
 
 
@@ -47,6 +49,21 @@ class GraphSpec:
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    data_sha256: str | None = None  # the graph's weights, in `<file>.data` beside it (None: inside the graph file)
+
+    @property
+    def data(self) -> str | None:
+        """The file of the graph's weights, or None where the graph file holds them."""
+        return None if self.data_sha256 is None else self.file + DATA_SUFFIX
+
+
+DATA_SUFFIX = ".data"
+
+
+def graph_hashes(path: Path) -> dict[str, str | None]:
+    """GraphSpec's hashes of a written graph file: its own, and that of its weights file if it has one."""
+    data = path.with_name(path.name + DATA_SUFFIX)
+    return {"sha256": sha256_file(path), "data_sha256": sha256_file(data) if data.is_file() else None}
 
 
 @dataclass(frozen=True)
@@ -74,9 +91,17 @@ class Manifest:
     contract: str = "cross-attention"  # or "prefix" (decoder-only VLMs: vision_encoder, embed, decoder)
     prompt: dict[str, Any] = field(default_factory=dict)  # prefix: chat template, image token, caption instruction
 
+    @property
+    def split_decoder(self) -> bool:
+        """A cross-attention bundle of schema 1: decoder_init and decoder_step instead of cross_kv and decoder."""
+        return self.contract == CONTRACTS[0] and self.schema_version == SPLIT_SCHEMA_VERSION
+
     def to_json(self) -> str:
         d = asdict(self)
-        if self.contract == CONTRACTS[0]:  # cross-attention bundles read as before, by older vlmedge too
+        for g in d["graphs"].values():
+            if g["data_sha256"] is None:  # weights inside the graph file
+                del g["data_sha256"]
+        if self.contract == CONTRACTS[0]:  # the field's default: absent, as in the bundles of vlmedge 0.1
             del d["contract"], d["prompt"]
         return json.dumps(d, indent=2) + "\n"
 
@@ -121,7 +146,8 @@ _TENSOR = Obj({
     "shape": List(Either((int, Int(1, DIM_MAX)), (str, Str(max_len=64, what="an axis name")),
                          what="a positive int or an axis name"), min_len=0, max_len=8),
 })
-_GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)})
+_GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)},
+             optional={"data_sha256": SHA256})
 _IDS = Int(0, VOCAB_MAX - 1)
 # caption and vqa, or a task a family names by its own token (Florence-2: "<OD>", "<OCR>", ...)
 TASK_NAME = Str(pattern=r"caption|vqa|<[A-Z][A-Z_]{0,62}>", what="caption, vqa or a task token such as <OD>")
@@ -138,7 +164,7 @@ _TASK = Obj({
     "generation": Free(dict),  # checked by check_generation
 })
 _TOKEN_TEXT = Str(max_len=64, pattern=r"[^\s]{1,64}", what="a token's text")
-_PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3", "anyres")), "image_tokens": Int(1, 1 << 16), "image_token": _TOKEN_TEXT}, {
+_PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3", "anyres", "fixed", "qwen2_vl")), "image_tokens": Int(1, 1 << 16), "image_token": _TOKEN_TEXT}, {
     "shortest_edge": Int(1, 16384),  # clip
     "tile": Int(1, 16384), "longest_edge": Int(1, 16384), "split": Bool(),  # idefics3
     "grid_pinpoints": List(List(Int(1, 16384), 2, 2), 1, 256), "max_tiles": Int(1, 1024),  # anyres
@@ -183,7 +209,8 @@ def kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.self.{k}" for i in range(layers) for k in ("key", "value")]
 
 
-def canonical_io(graph: str, layers: int, contract: str = "cross-attention") -> tuple[dict[str, int], dict[str, int]]:
+def canonical_io(graph: str, layers: int, contract: str = "cross-attention",
+                 schema: int = SCHEMA_VERSION) -> tuple[dict[str, int], dict[str, int]]:
     """The inputs and outputs (name -> rank) the decoding loop feeds and reads for a graph."""
     kv = lambda prefix: {n: 4 for n in kv_names(prefix, layers)}  # noqa: E731  (batch, heads, length, head_dim)
     if contract == "prefix":
@@ -195,25 +222,44 @@ def canonical_io(graph: str, layers: int, contract: str = "cross-attention") -> 
         if graph not in prefix:
             raise Invalid(f"graphs.{graph}", "not a graph of the prefix contract (vision_encoder, embed, decoder)")
         return prefix[graph]
-    if graph in ("embed", "decoder"):
+    if graph == "embed":
         raise Invalid(f"graphs.{graph}", "a graph of the prefix contract, in a cross-attention bundle")
-    return {
+    encoders = {
         "vision_encoder": ({"pixel_values": 4}, {"image_states": 3}),
         "text_encoder": ({"question_ids": 2, "question_mask": 2, "image_states": 3}, {"encoder_states": 3}),
+    }
+    decoders = {
+        "cross_kv": ({"encoder_states": 3}, kv("cross")),
+        "decoder": ({"input_ids": 2, "attention_mask": 2, "position_ids": 2, "encoder_mask": 2, **kv("past"), **kv("cross")},
+                    {"logits": 2, **kv("present")}),
+    } if schema != SPLIT_SCHEMA_VERSION else {
         "decoder_init": ({"input_ids": 2, "encoder_states": 3, "encoder_mask": 2},
                          {"logits": 2, **kv("present"), **kv("cross")}),
         "decoder_step": ({"input_ids": 2, "encoder_mask": 2, **kv("past"), **kv("cross")}, {"logits": 2, **kv("present")}),
-    }[graph]
+    }
+    if graph not in {**encoders, **decoders}:
+        raise Invalid(f"graphs.{graph}", f"not a graph of schema_version {schema}'s cross-attention contract "
+                      f"({', '.join([*encoders, *decoders])})")
+    return {**encoders, **decoders}[graph]
 
 
 def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims: dict[str, int],
-                  prep: dict[str, Any], contract: str = "cross-attention") -> None:
+                  prep: dict[str, Any], contract: str = "cross-attention", schema: int = SCHEMA_VERSION) -> None:
     """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes."""
     for gname, g in graphs.items():
         w = f"graphs.{gname}"
-        want_in, want_out = canonical_io(gname, dims["decoder_layers"], contract)
+        want_in, want_out = canonical_io(gname, dims["decoder_layers"], contract, schema)
         if contract == "prefix" and gname == "vision_encoder" and any(t.name == "image_newline" for t in g.outputs):
             want_out = {**want_out, "image_newline": 1}  # LLaVA-OneVision's row separator, a constant of the model
+        if contract == "prefix" and gname == "decoder" and any(t.name == "block_ids" for t in g.inputs):
+            want_in = {**want_in, "block_ids": 2}  # PaliGemma, Gemma 3: blocks of the prompt that attend both ways
+        if contract == "prefix" and gname == "decoder" and any(t.name == "position_ids" and len(t.shape) == 3 for t in g.inputs):
+            want_in = {**want_in, "position_ids": 3}  # M-RoPE (Qwen2-VL): [3, batch, seq_len]
+        if contract == "prefix" and gname == "vision_encoder" and any(t.name == "vision_position_ids" for t in g.inputs):
+            want_in = {"pixel_values": 2, "vision_position_ids": 2, "vision_segment_ids": 1}  # Qwen2-VL: patches of any grid
+            if any(t.name == "vision_window_ids" for t in g.inputs):
+                want_in["vision_window_ids"] = 1  # Qwen2.5-VL: the windows its window layers attend within
+            want_out = {"image_embeds": 2}
         for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -238,7 +284,7 @@ def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims
                                   f"over {VOLUME_MAX:,}; the axes ranges are too large")
                 if t.name == "logits" and isinstance(t.shape[-1], int) and t.shape[-1] != dims["vocab_size"]:
                     raise Invalid(f"{tw}.shape[1]", f"logits has {t.shape[-1]} entries, but dims.vocab_size is {dims['vocab_size']}")
-                if t.name == "pixel_values":
+                if t.name == "pixel_values" and len(t.shape) == 4:
                     want_shape = (3, prep["height"], prep["width"])
                     for j, (s, expect) in enumerate(zip(t.shape[1:], want_shape), start=1):
                         if isinstance(s, int) and s != expect:
@@ -246,13 +292,14 @@ def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims
                                           f"(3, {prep['height']}, {prep['width']})")
 
 
-def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dict[str, int]) -> None:
+def _check_tasks(tasks: dict[str, dict], graphs: dict[str, GraphSpec], dims: dict[str, int], schema: int) -> None:
     vocab = dims["vocab_size"]
+    decoders = ["decoder_init", "decoder_step"] if schema == SPLIT_SCHEMA_VERSION else ["cross_kv", "decoder"]
     for tname, t in tasks.items():
         w = f"tasks.{tname}"
         if tname == "vqa" and t["encoder"] != "text_encoder":
             raise Invalid(f"{w}.encoder", "vqa runs through the text_encoder graph")
-        needed = ["vision_encoder", "decoder_init", "decoder_step"] + (["text_encoder"] if t["encoder"] == "text_encoder" else [])
+        needed = ["vision_encoder", *decoders] + (["text_encoder"] if t["encoder"] == "text_encoder" else [])
         for n in needed:
             if n not in graphs:
                 raise Invalid(w, f"needs graph {n!r}, which graphs does not list")
@@ -300,17 +347,22 @@ def _check_prefix(m: dict, graphs: dict[str, GraphSpec]) -> None:
 def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     """Check a decoded manifest against the schema and its cross-field rules; every error is one
     line naming the field."""
+    if isinstance(raw, dict) and raw.get("contract") == "dual-encoder":  # CLIP / SigLIP: its own schema
+        from vlmedge.runtime.embedding import parse_manifest as parse_dual_encoder
+
+        return parse_dual_encoder(raw, where)
     if isinstance(raw, dict) and "schema_version" in raw and type(raw["schema_version"]) is int \
-            and raw["schema_version"] not in (SCHEMA_VERSION, PREFIX_SCHEMA_VERSION):
-        newer = raw["schema_version"] > PREFIX_SCHEMA_VERSION
+            and raw["schema_version"] not in READ_VERSIONS:
+        newer = raw["schema_version"] > max(READ_VERSIONS)
         raise BundleError(f"{where}: schema_version {raw['schema_version']} is not supported (this vlmedge reads "
-                          f"{SCHEMA_VERSION} and {PREFIX_SCHEMA_VERSION}); "
+                          f"{', '.join(map(str, READ_VERSIONS))}); "
                           + ("upgrade vlmedge" if newer else "re-export the bundle"))
     prefix = isinstance(raw, dict) and raw.get("contract") == "prefix"
     try:
         m = (PREFIX_MANIFEST_SCHEMA if prefix else MANIFEST_SCHEMA).check(raw)
         graphs = {n: GraphSpec(g["file"], g["sha256"], *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-                                                               for t in g[k]) for k in ("inputs", "outputs")))
+                                                               for t in g[k]) for k in ("inputs", "outputs")),
+                               data_sha256=g.get("data_sha256"))
                   for n, g in m["graphs"].items()}
         axes = {}
         for name, a in m["axes"].items():
@@ -320,7 +372,10 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         if "batch" not in axes:
             raise Invalid("axes.batch", "missing (every graph's first axis)")
         contract = m.get("contract", CONTRACTS[0])
-        _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract)
+        if (contract == "prefix") != (m["schema_version"] == PREFIX_SCHEMA_VERSION):
+            raise Invalid("schema_version", f"{m['schema_version']} does not go with contract {contract} (the prefix "
+                          f"contract is schema {PREFIX_SCHEMA_VERSION}; cross-attention {SPLIT_SCHEMA_VERSION} or {SCHEMA_VERSION})")
+        _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract, m["schema_version"])
         prep, fit = m["preprocessing"], m["preprocessing"].get("resize_mode") == "fit_pad"
         extra = [k for k in FIT_PAD_KEYS if k in prep]
         if extra and not fit:
@@ -332,7 +387,7 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         else:
             if m.get("prompt") or m["preprocessing"].get("processor"):
                 raise Invalid("prompt" if m.get("prompt") else "preprocessing.processor", "only the prefix contract has one")
-            _check_tasks(m["tasks"], graphs, m["dims"])
+            _check_tasks(m["tasks"], graphs, m["dims"], m["schema_version"])
     except Invalid as e:
         raise BundleError(f"{where}: {e}") from None
     return Manifest(
@@ -392,6 +447,11 @@ class Bundle:
     def graph_path(self, name: str) -> Path:
         return self.path / self.manifest.graphs[name].file
 
+    def graph_bytes(self, name: str) -> int:
+        """Bytes of a graph on disk: its file and its weights file."""
+        g = self.manifest.graphs[name]
+        return sum((self.path / f).stat().st_size for f in (g.file, g.data) if f)
+
     @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest.tokenizer["file"]
@@ -427,6 +487,7 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     manifest = parse_manifest(read_json(mpath, BundleError, MANIFEST_MAX_BYTES), str(mpath))
     engines = (root / "engines.json").is_file()
     files = [(f"graphs.{n}.file", g.file, g.sha256) for n, g in manifest.graphs.items()]
+    files += [(f"graphs.{n}.data_sha256", g.data, g.data_sha256) for n, g in manifest.graphs.items() if g.data]
     files.append(("tokenizer.file", manifest.tokenizer["file"], manifest.tokenizer["sha256"]))
     for field_name, fname, digest in files:
         fpath = confined(root, fname, field_name)

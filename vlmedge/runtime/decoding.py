@@ -441,8 +441,8 @@ class Timings:
 
     preprocess: float = 0.0
     encoder: float = 0.0
-    first_token: float = 0.0  # decoder_init and the choice of the first token
-    tokens: list[float] = field(default_factory=list)  # every later step: decoder_step and the choice
+    first_token: float = 0.0  # the prompt through the decoder and the choice of the first token
+    tokens: list[float] = field(default_factory=list)  # every later step: the decoder and the choice
 
     @property
     def total(self) -> float:
@@ -486,7 +486,9 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 class _Decoder:
-    """The cross-attention contract: decoder_init / decoder_step with the cache kept on the backend."""
+    """The cross-attention contract: `cross_kv` once per sequence, then one `decoder` graph for the
+    prompt (after a one-slot past the attention mask hides) and for every later token, with the
+    cache kept on the backend."""
 
     def __init__(self, backend: Backend, layers: int, states: Any, mask: np.ndarray):
         self.backend = backend
@@ -494,6 +496,52 @@ class _Decoder:
         self.past = kv_names("past", layers)
         self.cross_names = kv_names("cross", layers)
         self.states, self.mask = states, mask
+
+    def start(self, prompt: np.ndarray) -> np.ndarray:
+        B, P = prompt.shape
+        self.cross = self.backend.run("cross_kv", {"encoder_states": self.states}, keep=self.cross_names)
+        first = self.backend.to_host(self.cross[self.cross_names[0]])  # heads, head size and dtype of the cache
+        empty = np.zeros((B, first.shape[1], 1, first.shape[3]), dtype=first.dtype)
+        self.attention = np.concatenate([np.zeros((B, 1), dtype=np.int64), np.ones((B, P), dtype=np.int64)], 1)
+        self.next_pos = P
+        self._step = None
+        feeds = {"input_ids": prompt.astype(np.int64, copy=False), "attention_mask": self.attention,
+                 "position_ids": np.tile(np.arange(P, dtype=np.int64), (B, 1)), **{n: empty for n in self.past}}
+        return self._run(feeds)
+
+    def _run(self, feeds: dict) -> np.ndarray:
+        if self._step is None:  # cross K/V and the encoder mask are bound once per sequence
+            self._step = self.backend.prepare("decoder", {"encoder_mask": self.mask, **self.cross}, keep=self.present)
+        out = self._step(feeds)
+        self.cache = [out[n] for n in self.present]
+        return _host_logits(out["logits"])
+
+    def expand(self, rows: np.ndarray) -> None:
+        """Repeat or reorder batch rows of the cache, the cross K/V and the masks."""
+        take = self.backend.take
+        self.cache = [take(v, rows) for v in self.cache]
+        self.cross = {n: take(v, rows) for n, v in self.cross.items()}
+        self.mask, self.attention = self.mask[rows], self.attention[rows]
+        self._step = None
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Beam reordering: only the self-attention cache changes (beams of one item share cross K/V, and
+        every row has the same length)."""
+        if not np.array_equal(rows, np.arange(len(rows))):
+            self.cache = [self.backend.take(v, rows) for v in self.cache]
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        B = len(ids)
+        self.attention = np.concatenate([self.attention, np.ones((B, 1), dtype=np.int64)], 1)
+        feeds = {"input_ids": ids.reshape(B, 1).astype(np.int64), "attention_mask": self.attention,
+                 "position_ids": np.full((B, 1), self.next_pos, dtype=np.int64)}
+        feeds.update(zip(self.past, self.cache))
+        self.next_pos += 1
+        return self._run(feeds)
+
+
+class _SplitDecoder(_Decoder):
+    """The cross-attention contract of schema 1 bundles: decoder_init / decoder_step, the cache kept on the backend."""
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         out = self.backend.run("decoder_init", {"input_ids": prompt, "encoder_states": self.states, "encoder_mask": self.mask},
@@ -511,11 +559,6 @@ class _Decoder:
         self.mask = self.mask[rows]
         self._step = None
 
-    def reorder(self, rows: np.ndarray) -> None:
-        """Beam reordering: only the self-attention cache changes (beams of one item share cross K/V)."""
-        if not np.array_equal(rows, np.arange(len(rows))):
-            self.cache = [self.backend.take(v, rows) for v in self.cache]
-
     def step(self, ids: np.ndarray) -> np.ndarray:
         if self._step is None:  # cross K/V and the mask are bound once per sequence
             self._step = self.backend.prepare("decoder_step", {"encoder_mask": self.mask, **self.cross}, keep=self.present)
@@ -528,19 +571,25 @@ class _Decoder:
 
 def generate(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], eos_id: int,
              config: GenerationConfig, max_new_tokens: int, timings: Timings | None = None,
-             defaults: dict[str, Any] | None = None) -> list[list[int]]:
+             defaults: dict[str, Any] | None = None, split: bool = False) -> list[list[int]]:
     """Generated ids per row, EOS included where it was produced, prompt excluded. `defaults` are
     the task's generation settings (manifest `tasks.<task>.generation`); `config` overrides them;
-    `eos_id` and `max_new_tokens` are the task's EOS and length where neither says otherwise."""
+    `eos_id` and `max_new_tokens` are the task's EOS and length where neither says otherwise.
+    `split`: a schema 1 bundle (Manifest.split_decoder)."""
     settings = resolve(config, {"eos_token_id": eos_id, **(defaults or {})}, len(prompt_ids), max_new_tokens)
-    return run(backend, layers, states, mask, prompt_ids, settings, timings)
+    return run(backend, layers, states, mask, prompt_ids, settings, timings, split)
+
+
+def cross_decoder(backend: Backend, layers: int, states: Any, mask: np.ndarray, split: bool = False):
+    """The decoding loop's contract object for a cross-attention bundle (`split`: schema 1's two decoder graphs)."""
+    return (_SplitDecoder if split else _Decoder)(backend, layers, states, mask)
 
 
 def run(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], settings: Settings,
-        timings: Timings | None = None) -> list[list[int]]:
+        timings: Timings | None = None, split: bool = False) -> list[list[int]]:
     """The decoding loop with resolved settings (see `resolve`), on the cross-attention contract."""
     prompt = np.tile(np.asarray(prompt_ids, dtype=np.int64), (mask.shape[0], 1))
-    return decode(_Decoder(backend, layers, states, mask), prompt, settings, timings)
+    return decode(cross_decoder(backend, layers, states, mask, split), prompt, settings, timings)
 
 
 def decode(contract: Any, prompt: np.ndarray, settings: Settings, timings: Timings | None = None) -> list[list[int]]:
@@ -623,13 +672,13 @@ class Steps:
             logits = dec.step(nxt)
 
 
-def _beam(dec: _Decoder, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:
+def _beam(dec: Any, logits, prompt, s: Settings, procs: Processors, timings, t0) -> list[list[int]]:
     k, lp, es, max_new = s.num_beams, s.length_penalty, s.early_stopping, s.max_new
     B, P = prompt.shape
     K = 2 * k  # candidates kept per item: enough to continue k beams even if k of them end in EOS
     V = logits.shape[-1]
     eos = np.asarray(s.eos, dtype=np.int64)
-    dec.expand(np.repeat(np.arange(B), k))  # decoder_init ran once per item; its beams start identical
+    dec.expand(np.repeat(np.arange(B), k))  # the prompt ran once per item; its beams start identical
     logits = np.repeat(logits, k, axis=0)
     top_k_slot = np.arange(K) < k
     run_seq = np.zeros((B, k, P + max_new), dtype=np.int64)

@@ -30,7 +30,7 @@ import numpy as np
 from vlmedge.errors import BundleError, InputError, VlmedgeError, first_line
 from vlmedge.runtime.backends import open_backend
 from vlmedge.runtime.bundle import Bundle, load_bundle
-from vlmedge.runtime.decoding import GenerationConfig, Settings, Steps, Timings, _Decoder, check_options, encode, resolve, run
+from vlmedge.runtime.decoding import GenerationConfig, Settings, Steps, Timings, check_options, cross_decoder, encode, resolve, run
 from vlmedge.runtime.images import DEFAULT_MAX_PIXELS, load_image
 from vlmedge.runtime.preprocess import pixel_values
 
@@ -226,11 +226,13 @@ class Pipeline:
 
     def max_new_tokens(self, task: str) -> int:
         """The longest generation the bundle allows: within the model's positions and the declared
-        total_len range (the last step attends to prompt + max_new_tokens - 1 positions)."""
+        total_len range (the last step attends to prompt + max_new_tokens - 1 positions, and the
+        hidden slot the prompt runs after where the bundle has one decoder graph)."""
         prompt = len(self.manifest.tasks[task]["prompt_ids"])
         limit = int(self.manifest.dims["max_target_len"]) - prompt
         if "total_len" in self.manifest.axes:
-            limit = min(limit, self.manifest.axes["total_len"].max - prompt + 1)
+            slot = 0 if self.manifest.split_decoder else 1
+            limit = min(limit, self.manifest.axes["total_len"].max - prompt + 1 - slot)
         return limit
 
     def settings(self, task: str, config: GenerationConfig | None = None) -> Settings:
@@ -352,7 +354,7 @@ class Pipeline:
         # tokens read before the first generated one: the prompt, the states attended to, and the image
         # tokens a question's encoder read (a question's states hold the question's positions only)
         image = int(self.manifest.dims.get("image_tokens", 0)) if q is not None else 0
-        return Steps(_Decoder(self.backend, self.layers, states, mask), prompt, settings, timings,
+        return Steps(cross_decoder(self.backend, self.layers, states, mask, self.manifest.split_decoder), prompt, settings, timings,
                      context=prompt.shape[1] + mask.sum(1) + image)
 
     def _run(self, task, images, questions, generation, return_ids, batch_size, timings):
@@ -379,7 +381,7 @@ class Pipeline:
             if timings is not None:
                 timings.preprocess += t1 - t0
                 timings.encoder += t2 - t1
-            rows = run(self.backend, self.layers, states, mask, spec["prompt_ids"], settings, timings)
+            rows = run(self.backend, self.layers, states, mask, spec["prompt_ids"], settings, timings, self.manifest.split_decoder)
             for ids in rows:
                 text = self.decode(ids) if spec.get("postprocess", "text") == "text" else self.task_text(task, ids)
                 results.append(Generation(text, tuple(ids)) if return_ids else text)
@@ -404,12 +406,14 @@ def _usable(path: Path) -> bool:
 
 
 def cache_entry(name: str) -> Path:
-    """The cache directory of a built-in model's bundle: one per weights and vlmedge version."""
+    """The cache directory of a built-in model's bundle: one per weights, vlmedge version and bundle
+    schema (an entry an older layout wrote is exported again in today's)."""
     from vlmedge import __version__
     from vlmedge.models.checkpoint import BUILTIN_MODELS, WEIGHTS
+    from vlmedge.runtime.bundle import SCHEMA_VERSION
 
     digest = hashlib.sha256((BUILTIN_MODELS[name] / WEIGHTS).read_bytes()).hexdigest()[:12]
-    return cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}"
+    return cache_dir() / "bundles" / f"{name}-{digest}-v{__version__}-s{SCHEMA_VERSION}"
 
 
 def builtin_bundle(name: str, on_export=None, on_wait=None) -> Path:

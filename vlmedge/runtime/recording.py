@@ -15,8 +15,8 @@ Feeds = dict[str, np.ndarray]
 
 class RecordingBackend:
     def __init__(self, backend: Backend, keep_step: Callable[[int], bool] = lambda i: True):
-        """`keep_step(i)` says whether the i-th decoder_step call (from 0) is recorded; every other
-        graph's calls always are."""
+        """`keep_step(i)` says whether the i-th token step of the decoder (from 0) is recorded; every
+        other call (the prompt, the encoders) always is."""
         self.backend, self.keep_step = backend, keep_step
         self.name = backend.name
         self.feeds: list[tuple[str, Feeds]] = []  # (graph, feeds) in call order
@@ -29,7 +29,7 @@ class RecordingBackend:
         return out
 
     def _record(self, graph: str, feeds) -> None:
-        if graph == "decoder_step" or (graph == "decoder" and feeds["inputs_embeds"].shape[1] == 1):  # a token step
+        if graph == "decoder_step" or (graph == "decoder" and _tokens(feeds) == 1):  # a token step
             self._steps += 1
             if not self.keep_step(self._steps - 1):
                 return
@@ -53,3 +53,9 @@ class RecordingBackend:
 
     def take(self, value, rows):
         return self.backend.take(value, rows)
+
+
+def _tokens(feeds) -> int:
+    """Tokens a decoder call runs: input_ids (cross-attention) or inputs_embeds (prefix), [batch, seq_len, ...]."""
+    ids = feeds["input_ids"] if "input_ids" in feeds else feeds["inputs_embeds"]
+    return int(ids.shape[1])

@@ -37,6 +37,7 @@ from vlmedge.errors import InputError, VlmedgeError, first_line
 from vlmedge.runtime.decoding import GenerationConfig
 from vlmedge.runtime.pipeline import Pipeline
 from vlmedge.serving import chat as chat_api
+from vlmedge.serving import embeddings as embeddings_api
 from vlmedge.serving import protocol
 from vlmedge.serving.batcher import Batcher, Closing, QueueFull, Sink, Ticket
 from vlmedge.serving.inputs import (
@@ -53,7 +54,7 @@ from vlmedge.serving.inputs import (
 from vlmedge.serving.metrics import ServeMetrics
 from vlmedge.serving.options import ServeOptions
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/embeddings")
 _CODES = {"unauthorized": "invalid_api_key", "queue_full": "rate_limit_exceeded", "not_found": "model_not_found",
           "timeout": "timeout", "too_large": "request_too_large"}
 
@@ -127,12 +128,20 @@ def open_pipeline(options: ServeOptions, warn=None) -> Pipeline:
     """The pipeline the options name (a bundle, an engine directory or a built-in model)."""
     from vlmedge.runtime.pipeline import open_pipeline as open_bundle, resolve_bundle
 
-    return open_bundle(resolve_bundle(options.bundle), options.device, options.threads, max_pixels=options.max_pixels,
+    bundle = resolve_bundle(options.bundle)
+    if bundle.manifest.contract == "dual-encoder":  # CLIP / SigLIP: /v1/embeddings and /v1/classify (serving.embeddings)
+        from vlmedge.runtime.embedding import EmbeddingPipeline
+
+        return EmbeddingPipeline(bundle, options.device, options.threads, max_pixels=options.max_pixels,
+                                 batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
+    return open_bundle(bundle, options.device, options.threads, max_pixels=options.max_pixels,
                        batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
 
 
 def model_summary(pipe: Pipeline, name: str) -> dict[str, Any]:
     """What /v1/models says of the bundle: its family, tasks, precision, limits and source."""
+    if getattr(pipe, "contract", None) == "dual-encoder":
+        return embeddings_api.model_summary(pipe, name, __version__)
     m = pipe.manifest
     return {
         "id": name, "object": "model", "created": int(pipe.bundle.path.stat().st_mtime), "owned_by": "vlmedge",
@@ -187,9 +196,10 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
             state["pipe"] = await run_in_threadpool(open_pipeline, options)
         pipe = state["pipe"]
         state["name"] = options.model_name or pipe.bundle.path.name
-        batcher = Batcher(pipe, options.max_batch, options.max_wait_ms / 1000, options.max_queue, options.workers,
+        batcher = (embeddings_api.EmbeddingBatcher if getattr(pipe, "contract", None) == "dual-encoder" else Batcher)(
+            pipe, options.max_batch, options.max_wait_ms / 1000, options.max_queue, options.workers,
                           on_batch=lambda n, t: metrics.batch_size.observe(n),
-                          on_depth=metrics.queue_depth.set)
+                          on_depth=metrics.queue_depth.set, inflight=options.batching == "inflight")
         await batcher.start()
         state["batcher"] = batcher
         warm = asyncio.create_task(_warm_up(pipe, batcher))
@@ -207,6 +217,9 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
         image = np.full((int(pre.get("height", 224)), int(pre.get("width", 224)), 3), 128, dtype=np.uint8)
 
         def run() -> None:
+            if getattr(pipe, "contract", None) == "dual-encoder":
+                embeddings_api.warm_up(pipe)
+                return
             if "caption" in pipe.tasks:
                 pipe.caption(image, max_new_tokens=2)
             if "vqa" in pipe.tasks:
@@ -506,6 +519,9 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
             raise
         finally:
             metrics.requests.labels("chat", str(code)).inc()
+
+    embeddings_api.add_routes(app, options, state, metrics, authorize=_authorize, read_body=_read_body, serving=_serving,
+                              admit=_admit, model_error=_model_error, api_error=ApiError)
 
     @app.post("/v1/caption", summary="Caption an image", openapi_extra=_openapi_body("caption"))
     async def caption(request: Request) -> JSONResponse:

@@ -2,8 +2,8 @@
 
 Every named axis of an input takes its range from the manifest's `axes` (overridable, e.g. a
 smaller max batch on a Jetson with little memory); fixed dimensions stay fixed. No range starts at
-zero: the first decoder step is its own graph (cross-attention contract) or runs after a hidden
-one-slot past (prefix contract), so past_len >= 1 always.
+zero: the prompt runs after a hidden one-slot past (the `decoder` graph of either contract; schema 1
+cross-attention bundles run it in a graph of its own, decoder_init), so past_len >= 1 always.
 """
 
 from __future__ import annotations
@@ -48,20 +48,20 @@ def axes_with(manifest: Manifest, overrides: dict[str, AxisRange] | None = None)
 
 
 def graph_profile(manifest: Manifest, graph: str, overrides: dict[str, AxisRange] | None = None) -> Profile:
-    """One profile covering every shape the graph takes (for the prefix decoder: prompt and step alike)."""
+    """One profile covering every shape the graph takes (for a decoder: prompt and step alike)."""
     axes = axes_with(manifest, overrides)
-    if manifest.contract == "prefix" and graph == "decoder":  # total_len covers the prompt's (seq_len + 1) too
+    if graph == "decoder":  # total_len covers the prompt's (seq_len + 1) too
         s, p, t = axes["seq_len"], axes["past_len"], axes["total_len"]
         axes["total_len"] = AxisRange(2, t.opt, max(t.max, s.max + 1, p.max + 1))
     return _profile(manifest, graph, axes)
 
 
 def graph_profiles(manifest: Manifest, graph: str, overrides: dict[str, AxisRange] | None = None) -> list[Profile]:
-    """The optimisation profiles of a graph's engine. One for most graphs; two for the prefix
-    contract's decoder, one engine (its weights once on the GPU) serving both phases: the prompt
+    """The optimisation profiles of a graph's engine. One for most graphs; two for the `decoder` of
+    either contract, one engine (its weights once on the GPU) serving both phases: the prompt
     (seq_len tokens after the one hidden slot: past_len 1) and the step (seq_len 1), each tuned for
     its own shapes. The runtime picks the profile whose ranges hold a call's shapes."""
-    if manifest.contract != "prefix" or graph != "decoder":
+    if graph != "decoder":
         return [graph_profile(manifest, graph, overrides)]
     axes = axes_with(manifest, overrides)
     s, p = axes["seq_len"], axes["past_len"]

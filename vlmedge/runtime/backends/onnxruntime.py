@@ -194,7 +194,7 @@ class OrtBackend:
             first_error = next(iter(refused.values()))
             warn(f"TensorRT provider refused the manifest's profiles for {', '.join(refused)} ({first_error}); "
                  "they run with engines sized from the shapes seen, or on the next provider")
-        last = self.sessions["decoder_step" if "decoder_step" in self.sessions else "decoder"]
+        last = self.sessions[next((g for g in ("decoder_step", "decoder") if g in self.sessions), name)]  # (a dual encoder has neither)
         used = last.get_providers()[0]
         if used != first and not refused:  # (a refusal was said already)
             warn(f"{first} could not be initialised (see onnxruntime's log); running on {used}")

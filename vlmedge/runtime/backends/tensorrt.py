@@ -5,7 +5,7 @@ allocated once.
 - Memory: every output has a device buffer at its largest shape (inputs' maxima from the engine's
   profile, outputs' named axes at those maxima, else at the manifest's); an input gets one only
   when it is first fed from the host. A kept output is a `DeviceValue` (address, shape, dtype).
-  A buffer is reused once the caller holds no value in it, so decoder_step, whose present.* buffers
+  A buffer is reused once the caller holds no value in it, so the decoder, whose present.* buffers
   come in pairs, reads past from one and writes present into the other, and the next step the other
   way round: ping-pong by addresses, no copy of the cache per token.
 - Host traffic: numpy inputs are cast to the engine's dtype and copied in through pinned memory;
@@ -14,8 +14,9 @@ allocated once.
 - `prepare()` uploads and binds the fixed inputs (cross-attention K/V, the encoder mask) once per
   sequence. `take()` gathers batch rows device-to-device (a row of a batch-major tensor is
   contiguous), one copy per run of consecutive rows, into a free buffer of the same tensor.
-- CUDA graphs (`cuda_graph=True`; cuda-python, TensorRT 10+): decoder_step is captured once per
-  distinct set of input shapes and tensor addresses, then replayed whenever that set comes back.
+- CUDA graphs (`cuda_graph=True`; cuda-python, TensorRT 10+): the cross-attention decoder's token
+  step (its step profile; decoder_step in schema 1 bundles) is captured once per distinct set of
+  input shapes and tensor addresses, then replayed whenever that set comes back.
   TensorRT ties a captured graph to its execution context's shape state, so (as its developer guide
   advises) each graph gets its own context, all of them sharing one block of activation memory
   (they run one at a time on one stream). A new set runs once on its context (the enqueue TensorRT
@@ -24,7 +25,8 @@ allocated once.
   re-captured. Greedy decoding lands on the same addresses for every sequence, so from the second
   sequence of a batch size on, every step replays; beam reordering picks either parity, both
   captured. At most MAX_CUDA_GRAPHS are kept, for the backend's lifetime; sets beyond run plainly.
-  The encoders and decoder_init run once per sequence and are not captured. A failed capture says
+  The encoders, cross_kv and the prompt run once per sequence and are not captured (nor is the
+  prefix contract's decoder). A failed capture says
   so in one line, is cleaned up (cuda.CudaGraph.capture), turns CUDA graphs off and the step runs
   plainly. `graph_launches` counts replays (the GPU tests check that graphs did replay).
 - Calls are serialised by a lock: a Pipeline shared by threads runs one graph at a time.
@@ -45,7 +47,7 @@ from vlmedge.errors import BuildError, InputError, first_line
 from vlmedge.runtime.backends import cuda
 from vlmedge.runtime.bundle import AxisRange, GraphSpec, Manifest, TensorSpec, check_graph_io
 
-MAX_CUDA_GRAPHS = 256  # captured decoder_step graphs kept (each holds an execution context)
+MAX_CUDA_GRAPHS = 256  # captured decoder steps kept (each holds an execution context)
 
 Dims = tuple[int, ...]
 
@@ -180,8 +182,8 @@ class _Engine:
         io = {n: (n, self.dtypes[n].name, tuple(engine.get_tensor_shape(n))) for n in names}  # -1: dynamic
         check_graph_io(str(path), name, spec, [io[n] for n in self.inputs], [io[n] for n in self.outputs], axes,
                        unused_inputs_ok=True)
-        # (min, opt, max) of every input in each optimisation profile: one, or two for the prefix
-        # contract's decoder (prompt and step); `profile` is their union, which sizes the buffers
+        # (min, opt, max) of every input in each optimisation profile: one, or two for a `decoder`
+        # (prompt and step); `profile` is their union, which sizes the buffers
         count = int(getattr(engine, "num_optimization_profiles", 1))
         self.profiles = [{n: tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(n, i))
                           for n in self.inputs} for i in range(count)]
@@ -190,7 +192,7 @@ class _Engine:
                             tuple(map(max, *(p[n][2] for p in self.profiles))) if count > 1 else self.profiles[0][n][2])
                         for n in self.inputs}
         limits = axis_limits(spec.inputs, {n: p[2] for n, p in self.profile.items()}, axes)
-        self.trt, self.name, self.engine = trt, name, engine
+        self.trt, self.name, self.engine, self.stream = trt, name, engine, stream
         # one execution context per profile (a context keeps the profile it was set to)
         self.contexts = []
         for i in range(count):
@@ -214,9 +216,9 @@ class _Engine:
         self._staging: dict[str, cuda.PinnedBuffer] = {}
         self._scratch: cuda.DeviceBuffer | None = None  # activation memory of the shared contexts
 
-    def shared_context(self):
+    def shared_context(self, profile: int = 0):
         """Another execution context, on activation memory shared by all such contexts of this
-        engine (one per captured CUDA graph; they never run at the same time)."""
+        engine (one per captured CUDA graph; they never run at the same time), set to `profile`."""
         e, trt = self.engine, self.trt
         try:
             size = e.device_memory_size_v2 if hasattr(e, "device_memory_size_v2") else e.device_memory_size  # v2: 10.1+
@@ -229,6 +231,8 @@ class _Engine:
                 ctx.set_device_memory(self._scratch.ptr, size)
             else:  # 10.0
                 ctx.device_memory = self._scratch.ptr
+            if profile and not ctx.set_optimization_profile_async(profile, self.stream.handle):
+                raise BuildError(f"{self.name}: TensorRT could not select optimisation profile {profile} (see its log above)")
         except (AttributeError, TypeError) as err:
             raise BuildError(f"this TensorRT cannot share execution context memory ({first_line(err)})") from None
         return ctx
@@ -303,7 +307,9 @@ class TensorRTBackend:
                 raise BuildError(f"{root / 'engines.json'}: graph {g!r} is not in the bundle's manifest")
             self.engines[g] = _Engine(trt, self._runtime, g, root / entry["file"], manifest.graphs[g], manifest.axes,
                                       self.stream)
-        self._graphs: dict[tuple, tuple[Any, cuda.CudaGraph]] | None = None  # decoder_step: key -> (context, graph)
+        self._graphs: dict[tuple, tuple[Any, cuda.CudaGraph]] | None = None  # decoder steps: key -> (context, graph)
+        # the graph whose token steps are captured: the cross-attention decoder (the prefix decoder runs plainly)
+        self._captured = ("decoder_step" if manifest.split_decoder else "decoder") if manifest.contract == "cross-attention" else None
         self.graph_launches = 0  # decoder steps replayed from a captured CUDA graph
         if cuda_graph:
             if cuda.graphs_supported():
@@ -385,26 +391,28 @@ class TensorRTBackend:
         return {n: v if n in keep else host[n].view(v.dtype).reshape(v.dims).copy() for n, v in outs.items()}
 
     def _enqueue(self, e: _Engine, tensors: dict[str, DeviceValue], ctx=None) -> None:
-        # CUDA graphs for the cross-attention contract's decoder_step (the prefix decoder runs plainly)
-        graphs = self._graphs if e.name == "decoder_step" else None
+        ctx = e.context if ctx is None else ctx
+        # CUDA graphs for the token steps of the cross-attention decoder: its last profile (the step's)
+        graphs = self._graphs if e.name == self._captured and ctx is e.contexts[-1] else None
         if graphs is None:
-            return _run(ctx if ctx is not None else e.context, e.name, self.stream)
+            return _run(ctx, e.name, self.stream)
         key = graph_key(tensors)
         if key in graphs:
             self.graph_launches += 1
             return graphs[key][1].launch(self.stream)
         if len(graphs) >= MAX_CUDA_GRAPHS:
-            return _run(e.context, e.name, self.stream)
+            return _run(ctx, e.name, self.stream)
+        profile = len(e.contexts) - 1
         try:
-            ctx = e.shared_context()
-            _bind(ctx, e.name, tensors, e.inputs)
-            _run(ctx, e.name, self.stream)  # this call's result; the enqueue TensorRT wants before a capture
+            shared = e.shared_context(profile)
+            _bind(shared, e.name, tensors, e.inputs)
+            _run(shared, e.name, self.stream)  # this call's result; the enqueue TensorRT wants before a capture
             self.stream.synchronize()
-            graphs[key] = (ctx, cuda.CudaGraph.capture(self.stream, lambda: _run(ctx, e.name, self.stream)))
+            graphs[key] = (shared, cuda.CudaGraph.capture(self.stream, lambda: _run(shared, e.name, self.stream)))
         except BuildError as err:  # the capture is closed and its error cleared (CudaGraph.capture)
-            self.warn(f"decoder_step could not be captured as a CUDA graph ({err}); running without CUDA graphs")
+            self.warn(f"the {e.name} step could not be captured as a CUDA graph ({err}); running without CUDA graphs")
             self._graphs = None
-            _run(e.context, e.name, self.stream)  # the main context is bound to this call's tensors
+            _run(ctx, e.name, self.stream)  # that context is bound to this call's tensors
 
 
 def _bind(ctx, graph: str, tensors: Mapping[str, DeviceValue], inputs: Collection[str]) -> None:
