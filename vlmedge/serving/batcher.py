@@ -41,6 +41,9 @@ from vlmedge.runtime.pipeline import Generation, Pipeline, TextStream
 from vlmedge.serving.inputs import Job
 
 
+JOIN_GROUP = 4  # in-flight batching: requests that join the running batch together, at least (see _run_flight)
+
+
 class QueueFull(Exception):
     """The server holds max_queue requests already; retry after `retry_after` seconds."""
 
@@ -260,8 +263,13 @@ class Batcher:
         while True:
             with self._flight_lock:
                 joining = []
-                while self._flight and len(rows) + len(joining) < self.max_batch:
-                    joining.append(self._flight.popleft())
+                # joiners run their encoder and prompt together: they wait for a group (JOIN_GROUP, or the
+                # free rows) unless the batch is empty or the oldest has waited two steps
+                free = self.max_batch - len(rows)
+                waited = time.perf_counter() - self._flight[0].arrived if self._flight else 0.0
+                if not rows or len(self._flight) >= min(JOIN_GROUP, free) or waited >= 2 * self._batch_seconds:
+                    while self._flight and len(rows) + len(joining) < self.max_batch:
+                        joining.append(self._flight.popleft())
                 if not joining and not rows:
                     self._flying = False
                     return
