@@ -739,3 +739,183 @@ def qwen2_5_vl(out: Path) -> Path:
 
 
 MROPE_FAMILIES["qwen2.5-vl"] = ("Qwen2_5_VLForConditionalGeneration", qwen2_5_vl, "all")
+
+
+# ---------------------------------------------------------------------------------------------------
+# BLIP-2 and InstructBLIP with an OPT language model (tests/export/test_blip2_families.py): a vision tower,
+# a Q-Former whose query tokens cross-attend to it, a projection to the LM's width; the processor writes one
+# <image> per query token before the text's own BOS.
+
+
+def _opt_tokenizer(out: Path):
+    """A word-level tokenizer over the scene world with OPT's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3), a
+    post-processor that writes </s> as BOS (OPT's tokenizer does), "\\n" a token of its own (blip2-opt's EOS), and
+    <image> added last as a special token (id 50265 in the checkpoints)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<s>", "<pad>", "</s>", "<unk>", "\n", "Question", "Answer", ":", *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    core.add_tokens([AddedToken("\n", normalized=False)])
+    core.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", vocab["</s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    tok.save_pretrained(out)
+    return tok, {**vocab, "<image>": len(vocab)}
+
+
+def _blip2_like(out: Path, architecture: str, seed: int) -> Path:
+    """Salesforce/blip2-opt-2.7b's shape (InstructBLIP: Salesforce/instructblip-vicuna-7b's, with OPT): a ViT with
+    q/k/v bias and no CLS pooling head in use (every patch and CLS a row), a Q-Former whose every second layer
+    cross-attends to it (cross_attention_frequency 2), `num_query_tokens` queries (6 here, 32 in the checkpoints),
+    a linear projection to an OPT LM (learned positions offset by 2, pre-LayerNorm, ReLU, tied embeddings); EOS "\\n"
+    in the text config (50118 in blip2-opt); BLIP's image processor (bicubic, OpenAI CLIP mean and std). InstructBLIP's
+    Q-Former also reads the instruction, tokenised by its own BERT tokenizer (saved in qformer_tokenizer/)."""
+    import transformers
+    from transformers import BlipImageProcessorPil
+
+    tok, vocab = _opt_tokenizer(out)
+    image, patch, queries = 30, 6, 6
+    instruct = architecture.startswith("InstructBlip")
+    cfg_cls = getattr(transformers, architecture.replace("ForConditionalGeneration", "Config"))
+    cfg = cfg_cls(
+        vision_config=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=image,
+                           patch_size=patch, qkv_bias=True),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            cross_attention_frequency=2, encoder_hidden_size=40, max_position_embeddings=64,
+                            **({"vocab_size": len(_bert_vocab())} if instruct else {})),
+        text_config=dict(model_type="opt", vocab_size=len(vocab), hidden_size=48, ffn_dim=96, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48, pad_token_id=1,
+                         bos_token_id=2, eos_token_id=vocab["\n"], tie_word_embeddings=True),
+        num_query_tokens=queries, image_token_index=vocab["<image>"], use_decoder_only_language_model=True)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(cfg)
+    _perturb(model, std=0.2, seed=seed)
+    with torch.no_grad():  # EOS "\n" where the random model would say "how" (sometimes, mid-answer): answers end apart
+        table = model.get_input_embeddings().weight  # tied: the LM head's rows too
+        table[vocab["\n"]] = table[vocab["how"]] * 1.1
+    model.save_pretrained(out)
+    ip = BlipImageProcessorPil(size={"height": image, "width": image})
+    if instruct:
+        from transformers import InstructBlipProcessor
+
+        qtok, _ = _bert_tokenizer(out / "qformer_tokenizer")
+        InstructBlipProcessor(ip, tok, qtok, num_query_tokens=queries).save_pretrained(out)
+    else:
+        from transformers import Blip2Processor
+
+        Blip2Processor(ip, tok, num_query_tokens=queries).save_pretrained(out)
+    return out
+
+
+def _bert_vocab() -> list[str]:
+    words = [w for w in vocabulary() if w not in {",", "?"}]
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", ",", "?", *words]
+
+
+def blip2_opt(out: Path) -> Path:
+    return _blip2_like(out, "Blip2ForConditionalGeneration", seed=12)
+
+
+def instructblip_opt(out: Path) -> Path:
+    return _blip2_like(out, "InstructBlipForConditionalGeneration", seed=13)
+
+
+# name -> (architecture it covers, builder, task)
+BLIP2_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "blip2-opt": ("Blip2ForConditionalGeneration", blip2_opt, "all"),
+    "instructblip-opt": ("InstructBlipForConditionalGeneration", instructblip_opt, "all"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# BLIP-2 and InstructBLIP with a Flan-T5 language model (tests/export/test_blip2_t5_families.py), on the
+# cross-attention contract: the same vision side as above, a T5 encoder over [query embeddings; text], a T5
+# decoder cross-attending to it.
+
+
+def _t5_tokenizer(out: Path):
+    """A word-level tokenizer over the scene world with T5's special ids (<pad>=0, </s>=1, <unk>=2), a
+    post-processor that writes </s> after the text (T5's does), no BOS, and <image> added last as a special token
+    (id 32100 in the Flan-T5 checkpoints, inside their padded 32128-row vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<pad>", "</s>", "<unk>", "Question", "Answer", ":", "A", "short", "image", "description", *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                  model_max_length=512)
+    tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    tok.save_pretrained(out)
+    return tok, {**vocab, "<image>": len(vocab)}
+
+
+def _blip2_t5_like(out: Path, architecture: str, seed: int, eos_like: str) -> Path:
+    """Salesforce/blip2-flan-t5-xl's shape (InstructBLIP: Salesforce/instructblip-flan-t5-xl's): the vision side of
+    _blip2_like with 8 queries (32 in the checkpoints; neither count is a square grid of patches), a projection to a
+    Flan-T5 (T5 v1.1: gated-GELU feed-forward, RMS LayerNorm, relative position buckets in the first layer of each
+    stack, no attention scaling; tie_word_embeddings False, so no rescaling of the decoder output, and an LM head of
+    its own: transformers 5 ties T5's head to the embeddings unless the checkpoint holds two different tables, as
+    Flan-T5's does), the vocabulary padded past the tokenizer's as Flan-T5's is; decoder start = pad 0, EOS 1."""
+    import transformers
+    from transformers import BlipImageProcessorPil
+
+    tok, vocab = _t5_tokenizer(out)
+    image, patch, queries = 30, 6, 8
+    instruct = architecture.startswith("InstructBlip")
+    cfg_cls = getattr(transformers, architecture.replace("ForConditionalGeneration", "Config"))
+    cfg = cfg_cls(
+        vision_config=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=image,
+                           patch_size=patch, qkv_bias=True),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            cross_attention_frequency=2, encoder_hidden_size=40, max_position_embeddings=64,
+                            **({"vocab_size": len(_bert_vocab())} if instruct else {})),
+        text_config=dict(model_type="t5", vocab_size=len(vocab) + 5, d_model=48, d_kv=12, d_ff=96, num_layers=2,
+                         num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                         relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+        num_query_tokens=queries, image_token_index=vocab["<image>"], use_decoder_only_language_model=False)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(cfg)
+    lm = model.language_model
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())  # Flan-T5's own LM head, not the embeddings
+    _perturb(model, std=0.2, seed=seed)
+    with torch.no_grad():  # EOS where the random model would say `eos_like` (sometimes, mid-answer): answers end apart
+        lm.lm_head.weight[vocab["</s>"]] = lm.lm_head.weight[vocab[eos_like]] * 1.1
+    model.save_pretrained(out)
+    ip = BlipImageProcessorPil(size={"height": image, "width": image})
+    if instruct:
+        from transformers import InstructBlipProcessor
+
+        qtok, _ = _bert_tokenizer(out / "qformer_tokenizer")
+        InstructBlipProcessor(ip, tok, qtok, num_query_tokens=queries).save_pretrained(out)
+    else:
+        from transformers import Blip2Processor
+
+        Blip2Processor(ip, tok, num_query_tokens=queries).save_pretrained(out)
+    return out
+
+
+def blip2_t5(out: Path) -> Path:
+    return _blip2_t5_like(out, "Blip2ForConditionalGeneration", seed=20, eos_like="red")
+
+
+def instructblip_t5(out: Path) -> Path:
+    return _blip2_t5_like(out, "InstructBlipForConditionalGeneration", seed=20, eos_like="blue")
+
+
+# name -> (architecture it covers, builder, task)
+BLIP2_T5_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "blip2-t5": ("Blip2ForConditionalGeneration", blip2_t5, "all"),
+    "instructblip-t5": ("InstructBlipForConditionalGeneration", instructblip_t5, "all"),
+}

@@ -686,6 +686,43 @@ def vqa(
 
 
 @app.command()
+def explain(
+    bundle: str = typer.Argument(..., help="a cross-attention bundle directory, or a built-in model name"),
+    image: str = typer.Argument(..., help="an image file"),
+    out: Path = typer.Option(..., "--out", help="directory to write the heatmaps, attention.npz and tokens.json to"),
+    question: Optional[str] = typer.Option(None, "--question", help="answer this question (VQA) instead of captioning"),
+    reduce: str = typer.Option("mean", "--reduce", help="how layers and heads are combined: mean, last (layer) or max"),
+    beams: Optional[int] = _BEAMS,
+    max_new_tokens: Optional[int] = _MAX_NEW,
+    device: str = _DEVICE,
+    max_pixels: int = _PIXELS,
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+) -> None:
+    """Draw where each generated word looked: its cross-attention over the image, from the bundle's explain graphs."""
+    from vlmedge.errors import InputError
+    from vlmedge.evaluation.attention import draw, model_view
+    from vlmedge.outdir import OutputDir
+    from vlmedge.runtime.explain import REDUCTIONS
+
+    if reduce not in REDUCTIONS:
+        raise InputError(f"--reduce: {reduce!r} is not one of {', '.join(REDUCTIONS)}")
+    gen = {k: v for k, v in (("num_beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
+    pipe = _open_pipeline(bundle, device, max_pixels, 1, shared_threads=False)
+    if question is None:
+        e = pipe.caption(image, return_attention=True, **gen)
+    else:
+        e = pipe.vqa(image, question, return_attention=True, **gen)
+    e.heatmaps(reduce)  # a bundle without an image grid is refused before anything is written
+    picture = model_view(pipe, image)
+    with OutputDir(out, force) as writer:
+        names = draw(e, picture, writer.path, reduce, question)
+        writer.commit()
+    console.print(e.text, highlight=False)
+    err_console.print(f"{len(e.ids)} tokens: {len(names) - 3} heatmaps, tokens.png, attention.npz and tokens.json in {out}",
+                      highlight=False)
+
+
+@app.command()
 def chat(
     bundle: str = typer.Argument(..., help="a decoder-only bundle directory (SmolVLM, Idefics3, LLaVA)"),
     text: str = typer.Argument(..., help="the user's message"),

@@ -18,7 +18,9 @@ from vlmedge.runtime.pipeline import Pipeline
 
 
 def _size(path):
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    """Bytes of a bundle's files but its explain graphs (graph structure only, a fixed cost that weighs on a
+    tiny model's ratios: their weights are the production graphs')."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.name.endswith("_explain.onnx"))
 
 
 def _assert_tensorrt_rules(path):
@@ -54,6 +56,11 @@ def test_int8_reference_model_keeps_accuracy_and_shrinks(shapes_int8):
     q = pick_questions(s)[0]
     pipe = Pipeline(load_bundle(out))
     assert pipe.caption(s.image) == s.caption and pipe.vqa(s.image, q.text) == q.answer
+    # its explain graphs are its own INT8 graphs with the attention output: same answer, maps of the variant
+    e = pipe.vqa(s.image, q.text, return_attention=True)
+    assert e.text == q.answer and e.image_attention is not None
+    np.testing.assert_allclose(e.attention.sum(-1), 1.0, atol=1e-3)
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "decoder_explain.onnx"), load_external_data=False).graph.node)
 
 
 @pytest.mark.parametrize("name", ["blip-caption", "blip-vqa", "vit-gpt2", "vit-bert"])
@@ -204,6 +211,11 @@ def test_fp16_variants_keep_accuracy_and_run(bundles, tmp_path):
     assert p["dtype"] == "float16" and p["io_dtype"] == "float32" and p["accuracy"]["within_budget"]
     assert all(t.dtype == "float32" for g in m.graphs.values() for t in g.inputs + g.outputs if t.dtype.startswith("float"))
     assert _size(tmp_path / "fp16") <= 0.55 * _size(src)
+    fp16 = Pipeline(load_bundle(tmp_path / "fp16"))
+    img = next(scenes("test", 7, 1)).image
+    e = fp16.caption(img, return_attention=True)
+    assert e.ids == fp16.caption(img, return_ids=True).ids and e.attention.dtype == np.float32
+    np.testing.assert_allclose(e.attention.sum(-1), 1.0, atol=2e-3)
     for g in m.graphs.values():
         inits = onnx.load(str(tmp_path / "fp16" / g.file)).graph.initializer
         assert all(i.data_type != onnx.TensorProto.FLOAT for i in inits if i.name not in set().union(*p["excluded"].values()))

@@ -57,6 +57,23 @@ def test_int4_and_int8_weight_only_run_and_agree_with_fp32(shapes, variants):
         assert agree >= AGREEMENT_FLOOR, (name, agree)
 
 
+def test_variants_explain_with_their_own_graphs(shapes, variants, step_feeds):
+    """quantize writes each variant's explain graphs from its own production graphs: the same logits on the
+    same feeds, the weights read from the variant's file, and attention rows that sum to 1."""
+    s = next(scenes("test", 5, 1))
+    for name in ("int4", "int8"):
+        bundle = load_bundle(variants / name)
+        spec, explain = bundle.manifest.graphs["decoder"], bundle.manifest.explain["graphs"]["decoder"]
+        assert explain.data == spec.data and bundle.manifest.explain["image_grid"] == {"leading": 0, "rows": 8, "cols": 8}
+        prod, expl = (ort.InferenceSession(str(variants / name / f)) for f in (spec.file, explain.file))
+        feeds = step_feeds[3]
+        assert np.array_equal(prod.run(["logits"], feeds)[0], expl.run(["logits"], feeds)[0])
+        pipe = Pipeline(bundle)
+        e = pipe.caption(s.image, return_attention=True)
+        assert e.ids == pipe.caption(s.image, return_ids=True).ids
+        np.testing.assert_allclose(e.attention.sum(-1), 1.0, atol=1e-3)
+
+
 def test_qdq_form_is_block_quantized_int4_dequantize_feeding_matmul(shapes, variants):
     model = onnx.load(str(variants / "int4" / "decoder.onnx"))
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}

@@ -13,11 +13,10 @@ from PIL import Image
 import vlmedge
 from vlmedge.compare import compare_bundles, compare_command
 from vlmedge.compare.evalset import load_eval
-from vlmedge.compare.plot import PANELS, comparison_figure
+from vlmedge.compare.plot import PANELS, comparison_figure, short_labels
 from vlmedge.data.scenes import pick_questions, scenes
 from vlmedge.errors import BundleError, InputError
 from vlmedge.evaluation.scene_eval import evaluate_pipeline, evaluation_set
-from vlmedge.runtime.bundle import sha256_file
 
 N = 20  # synthetic scenes per comparison
 RUNS = 3  # latency calls per bundle
@@ -56,7 +55,20 @@ def perturbed(shapes, tmp_path_factory):
             noisy = w + rng.normal(0.0, 0.5 * w.std(), w.shape).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(noisy, init.name))
     onnx.save(model, str(path))
-    _edit_manifest(out, lambda m: m["graphs"]["decoder"].update(sha256=sha256_file(path)))
+    # its explain graph, from the perturbed decoder (whose weights go back to its weights file, read by both)
+    from dataclasses import replace
+
+    from vlmedge.export.explain import write_explain_graph
+    from vlmedge.runtime.bundle import load_bundle
+
+    spec = replace(load_bundle(out, verify_hashes=False).manifest.graphs["decoder"], data_sha256=None)
+    decoder, explain = write_explain_graph(out, "decoder", spec)
+
+    def edit(m):
+        m["graphs"]["decoder"].update(sha256=decoder.sha256, data_sha256=decoder.data_sha256)
+        m["explain"]["graphs"]["decoder"].update(sha256=explain.sha256, data_sha256=explain.data_sha256)
+
+    _edit_manifest(out, edit)
     return out
 
 
@@ -85,6 +97,10 @@ def test_a_bundle_agrees_exactly_with_itself(same, shapes):
     assert ref["caption"]["n"] == N and ref["vqa"]["n"] == report["eval"]["questions"] > N
     assert ref["caption"]["exact_match"] >= 0.9 and ref["vqa"]["accuracy"] >= 0.85
     assert report["graph_samples"]["calls"]["decoder"] >= 3  # several steps, with longer caches
+    for b in (ref, other):  # the same maps: no drift
+        for task in ("caption", "vqa"):
+            d = b["attention_drift"][task]
+            assert d["tokens"] > 0 and d["js_divergence"] == pytest.approx(0.0, abs=1e-9) and d["top5_overlap"] == 1.0
 
 
 def test_latency_size_and_memory_are_measured(same, shapes):
@@ -120,6 +136,10 @@ def test_perturbed_decoder_disagrees_only_where_it_changed(noisy):
     for graph in ("vision_encoder", "text_encoder", "cross_kv"):  # untouched graphs, same inputs
         assert all(e["max_abs_error"] == 0.0 for e in other["graphs"][graph]["outputs"].values())
     assert other["caption"]["bleu4"] < ref["caption"]["bleu4"]
+    # its attention, forced along the reference's tokens, moved
+    assert other["attention_drift"]["caption"]["js_divergence"] > 0.01
+    assert other["attention_drift"]["caption"]["top5_overlap"] < 1.0
+    assert other["attention_drift"]["caption"]["tokens"] == ref["attention_drift"]["caption"]["tokens"]
 
 
 def test_an_fp16_bundle_with_float16_inputs_is_compared_in_float32(shapes, tmp_path):
@@ -162,7 +182,7 @@ def test_the_plot_is_a_png_of_three_panels_in_each_bundles_colour(same):
     bundles = report["bundles"]
     points = [tuple(c.get_offsets()[0]) for c in acc.collections]
     assert points == [pytest.approx((b["latency_ms"]["whole"]["p50"], b["vqa"]["accuracy"])) for b in bundles]
-    assert [t.get_text().splitlines()[0] for t in acc.texts] == [b["label"] for b in bundles]  # each point labelled
+    assert [t.get_text().splitlines()[0] for t in acc.texts] == short_labels(bundles)  # each point labelled
     bars = [p.get_height() for p in stages.patches]
     assert bars == pytest.approx([b["latency_ms"][s]["p50"] for b in bundles
                                   for s in ("preprocess", "encoder", "first_token", "per_token")])

@@ -5,7 +5,7 @@ import onnx
 from onnx import numpy_helper
 import pytest
 
-from families import BLOCK_FAMILIES, FAMILIES, MROPE_FAMILIES, PREFIX_FAMILIES
+from families import BLIP2_FAMILIES, BLOCK_FAMILIES, FAMILIES, MROPE_FAMILIES, PREFIX_FAMILIES
 from vlmedge.models.registry import ARCHITECTURES
 from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
 
@@ -18,6 +18,7 @@ def test_every_architecture_has_a_tiny_family():
     covered |= {arch for arch, _, _ in PREFIX_FAMILIES.values()}  # decoder-only: tests/export/test_prefix_families.py
     covered |= {arch for arch, _, _ in BLOCK_FAMILIES.values()}  # bidirectional blocks: tests/export/test_block_families.py
     covered |= {arch for arch, _, _ in MROPE_FAMILIES.values()}  # M-RoPE: tests/export/test_mrope_families.py
+    covered |= {arch for arch, _, _ in BLIP2_FAMILIES.values()}  # BLIP-2, InstructBLIP: tests/export/test_blip2_families.py
     covered |= {"CLIPModel", "SiglipModel", "Siglip2Model"}  # dual encoders: tests/encoders/tiny.py
     assert covered == set(ARCHITECTURES)
 

@@ -83,10 +83,12 @@ def test_export_and_inspect_from_the_cli(tmp_path):
     code, _, r = run_cli("export", "shapes-vlm", "--out", out)
     assert code == 0, r.stderr
     graphs = ("vision_encoder", "text_encoder", "cross_kv", "decoder")
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "tokenizer.json", *(f"{g}.onnx{x}" for g in graphs for x in ("", ".data"))}
+    explain = {"decoder_explain.onnx", "text_encoder_explain.onnx"}  # their weights: the production graphs' files
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "tokenizer.json", *explain,
+                                               *(f"{g}.onnx{x}" for g in graphs for x in ("", ".data"))}
     code, _, r = run_cli("inspect", out)
     assert code == 0, r.stderr
-    for word in ("decoder", "attention_mask", "past.0.self.key", "past_len", "validation", "passed"):
+    for word in ("decoder", "attention_mask", "past.0.self.key", "past_len", "validation", "passed", "explain graphs"):
         assert word in r.stdout
 
 

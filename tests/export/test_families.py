@@ -8,6 +8,7 @@ generation_config), for a batch of 3 images and for each image alone.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,70 @@ def test_feature_map_encoder_is_refused_in_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_adapter(str(path))
     assert "\n" not in str(e.value) and "4-D output" in str(e.value) and "[batch, tokens, width]" in str(e.value)
+
+
+# each family's leading non-patch tokens: ViT's and BEiT's CLS, DeiT's CLS and distillation token, BLIP's CLS;
+# DonutSwin gives its last stage's grid alone
+LEADING = {"vit-gpt2-image-captioning": 1, "blip-image-captioning-base": 1, "blip-image-captioning-large": 1,
+           "blip-vqa-base": 1, "trocr-small-printed": 2, "trocr-base-printed": 1, "donut-base": 0, "nougat-small": 0}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attention_equals_hf_cross_attentions(exported, name):
+    """return_attention gives, for each generated token, HF's cross_attentions[t][layer][0, :, -1, :] within
+    1e-4 (eager attention, greedy, one image at a time, the same tokens); the image grid covers the
+    vision encoder's tokens after the family's leading ones."""
+    adapter, manifest, path = exported(name)
+    (task, spec), = manifest.tasks.items()
+    model = _hf_model(Path(adapter.source))
+    model.set_attn_implementation("eager")
+    pipe = Pipeline(load_bundle(path))
+    grid = manifest.explain["image_grid"]
+    assert grid["leading"] == LEADING[name]
+    assert grid["leading"] + grid["rows"] * grid["cols"] == manifest.dims["image_tokens"]
+    sample = sample_inputs(adapter, n=2, tasks=[task], start=START)
+    images = [s.image for s in scenes("test", START, 2)]
+    for i in range(2):
+        if task == "vqa":
+            got = pipe.vqa(images[i], sample.questions[i], return_attention=True, max_new_tokens=MAX_NEW, num_beams=1)
+            mask = sample.question_mask[i : i + 1]
+            width = int(mask.sum())
+            kw = dict(input_ids=sample.question_ids[i : i + 1, :width], attention_mask=mask[:, :width])
+        else:
+            got = pipe.caption(images[i], return_attention=True, max_new_tokens=MAX_NEW, num_beams=1)
+            kw = {}
+        with torch.no_grad():
+            out = model.generate(pixel_values=sample.pixel_values[i : i + 1], max_new_tokens=MAX_NEW, num_beams=1,
+                                 output_attentions=True, return_dict_in_generate=True, **kw)
+        ids = strip_prompt(out.sequences, 1, spec["eos_id"])[0]
+        assert list(got.ids) == ids
+        if getattr(out, "cross_attentions", None) is not None:
+            want = np.stack([np.stack([layer[0, :, -1, :].numpy() for layer in step]) for step in out.cross_attentions[: len(ids)]])
+        else:  # BLIP's generate returns no cross-attention: its text decoder run once along the tokens
+            want = _blip_cross_attentions(model, task, sample.pixel_values[i : i + 1], kw, out.sequences[:, : len(ids)])
+        assert got.attention.shape == want.shape
+        np.testing.assert_allclose(got.attention, want, atol=1e-4, rtol=1e-3)  # (peaky maps: float32 sums differ in order)
+        np.testing.assert_allclose(got.attention.sum(-1), 1.0, atol=1e-4)
+        if task == "vqa":  # the question encoder's attention to the image
+            with torch.no_grad():
+                image = model.vision_model(pixel_values=sample.pixel_values[i : i + 1])[0]
+                q = model.text_encoder(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"], encoder_hidden_states=image,
+                                       output_attentions=True, return_dict=True)
+            want_image = np.stack([layer[0].numpy() for layer in q.cross_attentions])
+            np.testing.assert_allclose(got.image_attention, want_image, atol=1e-4)
+        assert got.heatmaps().shape == (len(ids), grid["rows"], grid["cols"])
+
+
+@torch.no_grad()
+def _blip_cross_attentions(model, task, pixel_values, kw, seq):
+    """[tokens, layers, heads, positions]: BLIP's text decoder over `seq` (start token and the generated
+    tokens but the last), one causal pass; row t is the query that chose token t."""
+    states = model.vision_model(pixel_values=pixel_values)[0]
+    mask = None
+    if task == "vqa":
+        states = model.text_encoder(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
+                                    encoder_hidden_states=states, return_dict=True)[0]
+        mask = kw["attention_mask"]
+    out = model.text_decoder(input_ids=seq, encoder_hidden_states=states, encoder_attention_mask=mask,
+                             output_attentions=True, return_dict=True)
+    return np.stack([layer[0].numpy() for layer in out.cross_attentions]).transpose(2, 0, 1, 3)

@@ -203,3 +203,27 @@ def test_manifest_tasks_checked_and_old_bundles_load(flo):
                                 if k not in ("text_prompt_ids", "image_prefix", "postprocess")}}
     old["tasks"]["caption"]["encoder"] = "vision_encoder"
     assert parse_manifest(old).tasks["caption"]["encoder"] == "vision_encoder"
+
+
+def test_caption_attention_equals_hf_cross_attentions(flo):
+    """return_attention on <CAPTION>: each token's attention over [pooled image token, image grid, task prompt]
+    equals HF's cross_attentions[t][layer][0, :, -1, :] (eager attention) within 1e-4, with HF's tokens."""
+    import torch
+    from PIL import Image
+    from transformers import Florence2ForConditionalGeneration
+
+    model = Florence2ForConditionalGeneration.from_pretrained(flo["manifest"].provenance["source"], attn_implementation="eager").eval()
+    grid = flo["manifest"].explain["image_grid"]
+    assert grid["leading"] == 1  # the spatially pooled token before the grid
+    for img in flo["images"][:2]:
+        got = flo["pipe"].caption(img, return_attention=True, num_beams=1)  # (HF returns beam rows unordered)
+        inputs = flo["proc"](text=["<CAPTION>"], images=[Image.fromarray(img)], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=flo["manifest"].tasks["<CAPTION>"]["max_new_tokens"], do_sample=False,
+                                 num_beams=1, output_attentions=True, return_dict_in_generate=True)
+        ids = out.sequences[0, 1:].tolist()
+        ids = ids[: ids.index(2) + 1] if 2 in ids else ids
+        assert list(got.ids) == ids
+        want = np.stack([np.stack([layer[0, :, -1, :].numpy() for layer in step]) for step in out.cross_attentions[: len(ids)]])
+        np.testing.assert_allclose(got.attention, want, atol=1e-4, rtol=1e-3)
+        assert got.heatmaps().shape == (len(ids), grid["rows"], grid["cols"])

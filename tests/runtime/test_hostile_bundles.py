@@ -30,6 +30,14 @@ def _set(path: str, value):
     return edit
 
 
+def _both(*edits):
+    """Edits applied in turn (a field the production graph and its explain graph both state)."""
+    def edit(m, d):
+        for e in edits:
+            e(m, d)
+    return edit
+
+
 def _rehash(graph: str):
     def edit(m, d):
         m["graphs"][graph]["sha256"] = sha256_file(d / m["graphs"][graph]["file"])
@@ -96,7 +104,10 @@ MANIFESTS = [
     ("swapped-graph", _swap_cross_kv, "open", "graphs.cross_kv.inputs"),
     ("wrong-dtype", _set("graphs.vision_encoder.inputs.0.dtype", "float16"), "open",
      "pixel_values is float32, but manifest.json graphs.vision_encoder.inputs[0].dtype says float16"),
-    ("wrong-fixed-dim", _set("graphs.decoder.inputs.4.shape.1", 8), "open", "graphs.decoder.inputs[4].shape says 8"),
+    ("wrong-fixed-dim", _both(_set("graphs.decoder.inputs.4.shape.1", 8), _set("explain.graphs.decoder.inputs.4.shape.1", 8)),
+     "open", "graphs.decoder.inputs[4].shape says 8"),
+    ("explain-inputs-differ", _set("explain.graphs.decoder.inputs.4.shape.1", 8), "load",
+     "explain.graphs.decoder.inputs: not the inputs of graphs.decoder"),
     ("unknown-dtype", _set("graphs.vision_encoder.outputs.0.dtype", "complex128"), "load",
      "graphs.vision_encoder.outputs[0].dtype"),
     ("negative-dim", _set("dims.decoder_heads", -4), "load", "dims.decoder_heads"),

@@ -35,7 +35,9 @@ from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.backends.onnxruntime import session_options
 from vlmedge.export.graphs import copy_graph, save_graph
+from vlmedge.export.explain import explain_manifest
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, graph_hashes, load_bundle
+from vlmedge.runtime.prefix import extra_files
 from vlmedge.runtime.pipeline import Pipeline, open_pipeline
 
 PRECISIONS = ("fp16", "int8", "int8-wo", "int4-wo")
@@ -187,7 +189,10 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
     # MatMulNBits (a contrib op) and MatMulInteger are ONNX Runtime's, not TensorRT's: `build` refuses them
     ort_only = precision.get("format") == "matmulnbits" or precision.get("method") == "dynamic"
     target = "onnxruntime" if ort_only else m.target
-    manifest = replace(m, graphs=graphs, precision=precision, target=target)
+    explain = {}
+    if m.contract == "cross-attention":  # each variant's explain graphs come from its own graphs
+        graphs, explain = explain_manifest(work, graphs, m.explain)
+    manifest = replace(m, graphs=graphs, precision=precision, target=target, explain=explain)
     (work / MANIFEST).write_text(manifest.to_json())
 
 
@@ -215,6 +220,8 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
         feeds = record_inputs(fp32, calib, progress=(lambda n: progress.advance(bar, n)) if progress else None)
         base = held_out_accuracy(fp32, held)
         shutil.copy2(src.tokenizer_path, tmp / src.tokenizer_path.name)
+        for name in extra_files(src.manifest.prompt):  # InstructBLIP's vision-text tokenizer
+            shutil.copy2(src.path / name, tmp / name)
         v = _Variant(src, tmp, o, feeds)
         (tmp / ".calib").mkdir()
         done = {g: v.build(g) for g in src.manifest.graphs}

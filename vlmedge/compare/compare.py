@@ -110,10 +110,13 @@ class _Run:
     outs: list  # its graphs' outputs on the recorded feeds
     backend: str
     memory: measure.PeakMemory
+    maps: dict | None = None  # task -> per item, [tokens, image positions]: its attention along the reference's tokens
 
 
 def _measure(bundle: Bundle, label: str, data: EvalData, samples: list, device: str, runs: int, batch_size: int,
-         progress, warn, shared_threads: bool) -> _Run:
+         progress, warn, shared_threads: bool, forced: dict | None = None) -> _Run:
+    """`forced`: the reference's generations, along which the attention maps are taken (None: this is the
+    reference, its own)."""
     m = bundle.manifest
     tasks = [t for t in TASKS if t in m.tasks and t in data.tasks]
     lat_task = "caption" if "caption" in m.tasks else "vqa" if data.questions else None
@@ -130,10 +133,12 @@ def _measure(bundle: Bundle, label: str, data: EvalData, samples: list, device: 
         steps.stage("comparing graph outputs")
         prompt_rows = m.axes["prompt_batch"].max if "prompt_batch" in m.axes else None
         outs = measure.run_samples(pipe.backend, list(m.graphs), samples, steps.advance, prompt_rows)
+        steps.stage("attention maps")
+        maps = measure.attention_maps(pipe, data, tasks, gens if forced is None else forced) if m.contract == "cross-attention" else None
         backend = pipe.backend.name
         del pipe
         gc.collect()
-    return _Run(gens, lat, outs, backend, mem)
+    return _Run(gens, lat, outs, backend, mem, maps)
 
 
 def _row(bundle: Bundle, label: str, data: EvalData, ref_tasks: list[str], run: _Run, ref: _Run,
@@ -160,6 +165,7 @@ def _row(bundle: Bundle, label: str, data: EvalData, ref_tasks: list[str], run: 
         "agreement": agree,
         "graphs": errors,
         "graph_summary": measure.error_summary(errors),
+        "attention_drift": measure.attention_drift(ref.maps, run.maps),
         "latency_ms": run.latency,
         "size_bytes": measure.size_on_disk(bundle),
         "peak_rss_bytes": run.memory.peak,
@@ -202,8 +208,9 @@ def compare_bundles(paths: Sequence[str | os.PathLike | Bundle], eval_spec: str,
     samples = measure.record_graph_inputs(pipe, data, ref_tasks)
     del pipe
 
-    results = [_measure(b, label, data, samples, device, runs, batch_size, progress, warn, shared_threads)
-               for b, label in zip(bundles, labels)]
+    first = _measure(ref, labels[0], data, samples, device, runs, batch_size, progress, warn, shared_threads)
+    results = [first] + [_measure(b, label, data, samples, device, runs, batch_size, progress, warn, shared_threads, first.gens)
+                         for b, label in zip(bundles[1:], labels[1:])]
     report = {
         "reference": labels[0],
         "device": device,

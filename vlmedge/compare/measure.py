@@ -64,6 +64,48 @@ def generations(pipe: Pipeline, data: EvalData, tasks: Sequence[str], batch_size
     return out
 
 
+DRIFT_ITEMS = 16  # images (captions) and questions whose attention maps are compared, per task
+DRIFT_TOP_K = 5
+
+
+def attention_maps(pipe: Pipeline, data: EvalData, tasks: Sequence[str], forced: dict[str, list[Generation]]) -> dict | None:
+    """Per task, each token's attention over the image positions (layers and heads averaged, composed through
+    the question for VQA) of the first DRIFT_ITEMS items, with the decoder forced along `forced` (the
+    reference's tokens, so that a different word is not counted as drift); None without explain graphs."""
+    if "decoder" not in pipe.manifest.explain.get("graphs", {}) or not hasattr(pipe.backend, "explain"):
+        return None
+    maps = {}
+    if "caption" in tasks and "caption" in forced:
+        idx = data.captioned[:DRIFT_ITEMS]
+        got = pipe.forced_attention("caption", [data.images[i] for i in idx], [g.ids for g in forced["caption"][:DRIFT_ITEMS]])
+        maps["caption"] = [e.image_weights() for e in got]
+    if "vqa" in tasks and "vqa" in forced:
+        qs = data.questions[:DRIFT_ITEMS]
+        got = pipe.forced_attention("vqa", [data.images[q.image] for q in qs], [g.ids for g in forced["vqa"][:DRIFT_ITEMS]],
+                                    [q.text for q in qs])
+        maps["vqa"] = [e.image_weights() for e in got]
+    return maps
+
+
+def attention_drift(ref: dict | None, other: dict | None) -> dict | None:
+    """Per task: mean Jensen-Shannon divergence (base 2) of each token's map against the reference's, and the
+    mean share of the reference's top-k positions among the variant's top k."""
+    from vlmedge.evaluation.attention import js_divergence, topk_overlap
+
+    if not ref or not other:
+        return None
+    out = {}
+    for task in ref:
+        if task not in other:
+            continue
+        a, b = np.concatenate(ref[task]), np.concatenate(other[task])
+        if not len(a):
+            continue
+        out[task] = {"tokens": int(len(a)), "js_divergence": float(js_divergence(a, b).mean()),
+                     f"top{DRIFT_TOP_K}_overlap": float(topk_overlap(a, b, DRIFT_TOP_K).mean())}
+    return out or None
+
+
 def agreement(ref: Sequence[Generation], other: Sequence[Generation]) -> float:
     """Fraction of items whose generated token ids are identical."""
     assert len(ref) == len(other)

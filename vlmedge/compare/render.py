@@ -60,6 +60,15 @@ def _peak(b: dict) -> str:
     return f"{peak / 1e6:.1f}" + (f" (+{(peak - before) / 1e6:.1f})" if before is not None else "")
 
 
+def _drift(b: dict, key: str, fmt: str) -> str:
+    """The attention drift's `key` over every task, weighted by tokens ("—" without explain graphs)."""
+    d = b.get("attention_drift")
+    if not d:
+        return NONE
+    n = sum(t["tokens"] for t in d.values())
+    return format(sum(t[key] * t["tokens"] for t in d.values()) / n, fmt)
+
+
 # (header, cell) of the two main tables; the same in the terminal and in report.md
 _BUNDLE = ("bundle", lambda b: b["label"] + (" (ref)" if b["reference"] else ""))
 ACCURACY: list[tuple[str, Callable[[dict], str]]] = [
@@ -72,6 +81,8 @@ ACCURACY: list[tuple[str, Callable[[dict], str]]] = [
     ("agreement", _agreement),
     ("min cos", _cosine),
     ("max err", lambda b: _num(".3g")(b["graph_summary"]["max_abs_error"])),
+    ("attn JS", lambda b: _drift(b, "js_divergence", ".2g")),
+    ("attn top5", lambda b: _drift(b, "top5_overlap", ".0%")),
 ]
 SPEED: list[tuple[str, Callable[[dict], str]]] = [
     _BUNDLE,
@@ -83,7 +94,10 @@ SPEED: list[tuple[str, Callable[[dict], str]]] = [
     ("peak MB", _peak),
 ]
 ACCURACY_LEGEND = ("Agreement: captions and answers whose token ids equal the reference's. Min cos, max err: the "
-                   "worst graph output against the reference's on the same inputs.")
+                   "worst graph output against the reference's on the same inputs. Attn JS, top5: each generated "
+                   "token's cross-attention over the image (mean of layers and heads), forced along the reference's "
+                   "tokens, against the reference's: mean Jensen-Shannon divergence (0: the same map, 1: disjoint) and "
+                   "the share of its 5 most attended positions that are the reference's.")
 SPEED_LEGEND = ("Latency: batch 1, p50 in ms unless marked p50 / p90. Size: graph files and tokenizer. Peak MB: the "
                 "process's resident-set high-water mark while the bundle was loaded and run, and in brackets its rise "
                 "over what was resident before (host memory only).")

@@ -15,6 +15,7 @@ from typing import Callable
 
 from vlmedge import __version__
 from vlmedge.errors import ExportError, InputError, VlmedgeError, cause_chain, one_line, summary_line
+from vlmedge.export.explain import explain_manifest, image_grid
 from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls, save_graph
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.outdir import OutputDir
@@ -280,6 +281,10 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
                       "encoder_mask": {0: B, 1: S}, "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
 
         graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
+        # where the vision graph's positions are patches (not a Q-Former's queries), how they lie on the image
+        grid = image_grid(int(image_states.shape[1]), info.preprocessing.height, info.preprocessing.width) \
+            if getattr(adapter, "image_grid", True) else None
+        graphs, explain = explain_manifest(tmp, graphs, {"image_grid": grid} if grid else {})
 
         (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
         manifest = Manifest(
@@ -290,7 +295,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
             preprocessing={k: v for k, v in asdict(info.preprocessing).items() if v is not None},
             tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
             precision={"dtype": "float32", "method": "export"},
-            provenance=_provenance(adapter, options.opset, timings),
+            provenance=_provenance(adapter, options.opset, timings), explain=explain,
         )
         (tmp / MANIFEST).write_text(manifest.to_json())
         if on_graph:

@@ -112,6 +112,12 @@ def print_bundle(bundle: Bundle, console: Console) -> None:
     console.print(tt)
     p = m.preprocessing
     console.print(escape(f"preprocessing: {p['height']}x{p['width']} {p['resample']}, mean {p['mean']}, std {p['std']}"))
+    if m.explain.get("graphs"):  # docs/explain.md
+        grid = m.explain.get("image_grid")
+        console.print(escape("explain graphs (return_attention, vlmedge explain): " + ", ".join(
+            f"{n} -> {g.file} ({_size((bundle.path / g.file).stat().st_size)}"
+            + (f", weights read from {g.data_file})" if g.data_file else ")") for n, g in m.explain["graphs"].items())
+            + (f"; image grid {grid['rows']}x{grid['cols']} after {grid['leading']} leading tokens" if grid else "")))
     if prefix:
         proc = p["processor"]
         split = proc["kind"] == "idefics3" and proc.get("split", True)

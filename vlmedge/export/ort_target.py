@@ -43,7 +43,9 @@ from vlmedge.export.attention_fusion import FUSED_DOMAIN, fuse_attention
 from vlmedge.export.decoder_fusion import fuse_prefix_decoder, merge_projections
 from vlmedge.outdir import OutputDir
 from vlmedge.export.graphs import save_graph
+from vlmedge.export.explain import explain_manifest
 from vlmedge.runtime.bundle import MANIFEST, TARGETS, AxisRange, graph_hashes, load_bundle
+from vlmedge.runtime.prefix import extra_files
 
 ORT_TARGET = TARGETS[1]
 
@@ -155,12 +157,17 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
             log(f"{name}: {', '.join(f'{k} {v}' for k, v in sorted(fused[name].items())) or 'nothing fused'}"
                 + "".join(f"; {n}" for n in notes))
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
+        for name in extra_files(bundle.manifest.prompt):  # InstructBLIP's vision-text tokenizer
+            shutil.copy2(bundle.path / name, tmp / name)
         entry = {"source_sha256": {n: g.sha256 for n, g in m.graphs.items()}, "fused_nodes": fused}
         axes = dict(m.axes)
         if fused.get("decoder", {}).get("GroupQueryAttention") and m.contract == "prefix":
             # ONNX Runtime's GroupQueryAttention takes a prompt after a past one row at a time
             axes["prompt_batch"] = AxisRange(1, 1, 1)
-        draft = replace(m, graphs=graphs, target=ORT_TARGET, axes=axes)
+        explain = {}
+        if m.contract == "cross-attention":  # fused attention has no probabilities: explain graphs only where unfused
+            graphs, explain = explain_manifest(tmp, graphs, m.explain)
+        draft = replace(m, graphs=graphs, target=ORT_TARGET, axes=axes, explain=explain)
         (tmp / MANIFEST).write_text(draft.to_json())
         log("validation: greedy tokens against the source bundle")
         requests = _sample_requests(m, validate_images)

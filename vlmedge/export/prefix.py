@@ -45,6 +45,13 @@ def tokens_per_image(info: FamilyInfo) -> int:
     return frames_per_image(info) * info.dims.image_tokens
 
 
+def vision_text_inputs(info: FamilyInfo) -> tuple[str, ...]:
+    """The vision graph's text inputs (ids, mask) where its family's vision side reads the prompt's text
+    (InstructBLIP's Q-Former: `prompt.vision_text`), else ()."""
+    spec = info.prompt.get("vision_text")
+    return tuple(spec["inputs"]) if spec else ()
+
+
 def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, position_rows: int = 1) -> list[GraphDecl]:
     """`newline`: the vision graph also outputs the model's row-separator embedding (LLaVA-OneVision);
     `blocks`: the decoder also takes block_ids (PaliGemma, Gemma 3: parts of the prompt attend both ways);
@@ -65,7 +72,8 @@ def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, 
             *((TensorDecl("vision_window_ids", "int64", ("patches",)),) if q.get("window") else ())),
             (TensorDecl("image_embeds", "float32", ("image_rows", D)),))
     else:
-        vision = GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)),),
+        text = tuple(TensorDecl(n, "int64", ("frames", "vision_text_len")) for n in vision_text_inputs(info))
+        vision = GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)), *text),
                            (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)), *extra))
     return [
         vision,
@@ -94,6 +102,9 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
     if p["kind"] == "qwen2_vl":  # one image's patches at most per vision call; image rows: its tokens
         merge = int(p["merge_size"]) ** 2
         patches = {"patches": (merge, min(16 * merge, image * merge), image * merge), "image_rows": (1, min(16, image), image)}
+    if vision_text_inputs(info):  # the vision graph's text: one row per frame
+        longest = int(info.prompt["vision_text"]["max_length"])
+        patches["vision_text_len"] = (1, min(16, longest), longest)
     return {
         **patches,
         "batch": (1, 1, max_batch),
@@ -129,6 +140,9 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
         vision_dyn = {n: {0: Dim.DYNAMIC} for n in names}
     else:
         vision_args, vision_dyn = (torch.randn(2, 3, p.height, p.width),), {"pixel_values": {0: Dim.DYNAMIC}}
+        if vision_text_inputs(info):  # ids and mask of two frames' texts of 5 tokens, the second's last one padding
+            vision_args += (torch.tensor([[2, 3, 4, 5, 6], [2, 4, 6, 3, 0]]), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]))
+            vision_dyn.update({n: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for n in vision_text_inputs(info)})
     with torch.no_grad():
         newline = isinstance(adapter.vision_encoder()(*vision_args), tuple)
     decoder = adapter.decoder()
@@ -155,6 +169,11 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
     ]
     graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
     (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
+    prompt = dict(info.prompt)
+    if vision_text_inputs(info):  # the vision graph's own tokenizer, beside the LM's
+        name = prompt["vision_text"]["tokenizer"]
+        (tmp / name).write_text(adapter.vision_text_tokenizer_json())
+        prompt["vision_text"] = {**prompt["vision_text"], "sha256": sha256_file(tmp / name)}
     prep = {k: v for k, v in asdict(info.preprocessing).items() if v is not None}
     max_new = min(info.tasks[t].max_new_tokens for t in tasks)
     manifest = Manifest(
@@ -164,7 +183,7 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
         dims=asdict(d), graphs=graphs, axes={k: AxisRange(*v) for k, v in ranges.items()}, preprocessing=prep,
         tokenizer={"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
         precision={"dtype": "float32", "method": "export"}, provenance=_provenance(adapter, options.opset, timings),
-        schema_version=PREFIX_SCHEMA_VERSION, contract="prefix", prompt=dict(info.prompt),
+        schema_version=PREFIX_SCHEMA_VERSION, contract="prefix", prompt=prompt,
     )
     (tmp / MANIFEST).write_text(manifest.to_json())
     if on_graph:
@@ -223,6 +242,8 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
             feeds, _ = vision_feeds([inputs[0][0], inputs[1][0]], int(proc["merge_size"]), int(proc.get("window", 0)))
         else:
             feeds = {"pixel_values": inputs[0][0].frames[: m.axes["frames"].max]}
+            if pipe.vision_text is not None:
+                feeds.update({k: v[: m.axes["frames"].max] for k, v in pipe.vision_text.feeds(inputs[0][:1]).items()})
         ref = adapter.vision_encoder()(*(torch.from_numpy(feeds[t.name]) for t in m.graphs["vision_encoder"].inputs))
         got = pipe.backend.run("vision_encoder", feeds)
         ref = ref if isinstance(ref, tuple) else (ref,)

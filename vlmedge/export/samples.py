@@ -37,7 +37,7 @@ def sample_inputs(adapter: Adapter, n: int, tasks: list[str], start: int = 0) ->
     scs = list(scenes("test", start, n))
     px = torch.from_numpy(pixel_values([s.image for s in scs], adapter.info.preprocessing.__dict__))
     prompts = [adapter.info.tasks[t].text_prompt_ids for t in tasks if adapter.info.tasks[t].text_prompt_ids]
-    if prompts:  # a family whose tasks are prompts (Florence-2): rotate through them, lengths differ
+    if prompts and "vqa" not in tasks:  # a family whose tasks are prompts (Florence-2): rotate through them, lengths differ
         return _padded(px, [list(prompts[i % len(prompts)]) for i in range(n)], adapter.info.tasks[tasks[0]].pad_id, ())
     if "vqa" not in tasks:
         return Sample(px)

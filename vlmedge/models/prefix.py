@@ -245,7 +245,7 @@ class HfPrefixAdapter:
         prep = self.preprocessing(image_cfg, proc_cfg)
         cfg = self.model.config
         tc = cfg.get_text_config(decoder=True)
-        generation = generation_defaults(self.model, f"{source}/generation_config.json")
+        generation = generation_defaults(self.generation_model(), f"{source}/generation_config.json")
         eos = generation.get("eos_token_id", tc.eos_token_id)
         eos_first = eos[0] if isinstance(eos, list) else eos
         pad = generation.get("pad_token_id", tc.pad_token_id if tc.pad_token_id is not None else eos_first)
@@ -272,6 +272,10 @@ class HfPrefixAdapter:
 
     # -- what a family file gives -----------------------------------------------------------------
     caption_instruction = CAPTION_INSTRUCTION  # caption's text when export is given no --prompt
+
+    def generation_model(self) -> nn.Module:
+        """The model whose generation_config HF's `generate` applies (BLIP-2: its language model's)."""
+        return self.model
 
     def prompt_template(self) -> str:
         """The jinja2 template that turns messages into the prompt's text: the model's chat template."""

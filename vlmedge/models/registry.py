@@ -96,6 +96,26 @@ def _qwen2_5_vl(src: str, prompt: str | None = None) -> Adapter:
     return Qwen2_5_VLAdapter(src, prompt)
 
 
+def _blip2(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.blip2_t5 import Blip2T5Adapter, is_t5
+
+    if is_t5(src):  # Flan-T5: the cross-attention contract (models.blip2_t5)
+        return Blip2T5Adapter(src, prompt)
+    from vlmedge.models.blip2 import Blip2Adapter
+
+    return Blip2Adapter(src, prompt)
+
+
+def _instructblip(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.blip2_t5 import InstructBlipT5Adapter, is_t5
+
+    if is_t5(src):
+        return InstructBlipT5Adapter(src, prompt)
+    from vlmedge.models.blip2 import InstructBlipAdapter
+
+    return InstructBlipAdapter(src, prompt)
+
+
 # architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
 ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "ShapesVLM": _shapes,
@@ -111,6 +131,8 @@ ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "Gemma3ForConditionalGeneration": _gemma3,
     "Qwen2VLForConditionalGeneration": _qwen2_vl,
     "Qwen2_5_VLForConditionalGeneration": _qwen2_5_vl,
+    "Blip2ForConditionalGeneration": _blip2,  # OPT: the prefix contract (models.blip2); Flan-T5: models.blip2_t5
+    "InstructBlipForConditionalGeneration": _instructblip,
     "CLIPModel": _dual_encoder,  # the dual-encoder contract (models.dual_encoder)
     "SiglipModel": _dual_encoder,
     "Siglip2Model": _dual_encoder,

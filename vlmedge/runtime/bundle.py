@@ -50,11 +50,12 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     data_sha256: str | None = None  # the graph's weights, in `<file>.data` beside it (None: inside the graph file)
+    data_file: str | None = None  # the weights file where it is another graph's (an explain graph's: its production graph's)
 
     @property
     def data(self) -> str | None:
         """The file of the graph's weights, or None where the graph file holds them."""
-        return None if self.data_sha256 is None else self.file + DATA_SUFFIX
+        return None if self.data_sha256 is None else (self.data_file or self.file + DATA_SUFFIX)
 
 
 DATA_SUFFIX = ".data"
@@ -90,6 +91,8 @@ class Manifest:
     target: str = "tensorrt-portable"  # or "onnxruntime": ONNX Runtime's fused contrib ops (vlmedge.export.ort_target)
     contract: str = "cross-attention"  # or "prefix" (decoder-only VLMs: vision_encoder, embed, decoder)
     prompt: dict[str, Any] = field(default_factory=dict)  # prefix: chat template, image token, caption instruction
+    # cross-attention: {"graphs": {graph: GraphSpec of its explain graph}, "image_grid": {leading, rows, cols}}
+    explain: dict[str, Any] = field(default_factory=dict)
 
     @property
     def split_decoder(self) -> bool:
@@ -98,9 +101,13 @@ class Manifest:
 
     def to_json(self) -> str:
         d = asdict(self)
-        for g in d["graphs"].values():
+        for g in [*d["graphs"].values(), *d["explain"].get("graphs", {}).values()]:
             if g["data_sha256"] is None:  # weights inside the graph file
                 del g["data_sha256"]
+            if g["data_file"] is None:  # weights in `<file>.data`
+                del g["data_file"]
+        if not self.explain:
+            del d["explain"]
         if self.contract == CONTRACTS[0]:  # the field's default: absent, as in the bundles of vlmedge 0.1
             del d["contract"], d["prompt"]
         return json.dumps(d, indent=2) + "\n"
@@ -147,7 +154,9 @@ _TENSOR = Obj({
                          what="a positive int or an axis name"), min_len=0, max_len=8),
 })
 _GRAPH = Obj({"file": FILE_NAME, "sha256": SHA256, "inputs": List(_TENSOR, 1, 8192), "outputs": List(_TENSOR, 1, 8192)},
-             optional={"data_sha256": SHA256})
+             optional={"data_sha256": SHA256, "data_file": FILE_NAME})
+_EXPLAIN = Obj({"graphs": Map(Str(choices=("decoder", "text_encoder")), _GRAPH, min_len=1, max_len=2)},
+               {"image_grid": Obj({"leading": Int(0, 64), "rows": Int(1, 4096), "cols": Int(1, 4096)})})
 _IDS = Int(0, VOCAB_MAX - 1)
 # caption and vqa, or a task a family names by its own token (Florence-2: "<OD>", "<OCR>", ...)
 TASK_NAME = Str(pattern=r"caption|vqa|<[A-Z][A-Z_]{0,62}>", what="caption, vqa or a task token such as <OD>")
@@ -174,7 +183,10 @@ _PREFIX_TASK = Obj({"eos_id": _IDS, "pad_id": _IDS, "max_new_tokens": Int(1, AXI
 _PROMPT = Obj({
     "chat_template": Str(max_len=1 << 16, what="a jinja2 chat template", lines=True), "image_token": _TOKEN_TEXT,
     "image_token_id": _IDS, "caption_instruction": Str(max_len=4096, what="a caption instruction", lines=True),
-}, {"special_tokens": Map(Str(choices=("bos_token", "eos_token", "pad_token", "unk_token")), Str(max_len=256), max_len=4)})
+}, {"special_tokens": Map(Str(choices=("bos_token", "eos_token", "pad_token", "unk_token")), Str(max_len=256), max_len=4),
+    # the text a vision graph reads beside the pixels (InstructBLIP's Q-Former): its tokenizer and the inputs it fills
+    "vision_text": Obj({"tokenizer": FILE_NAME, "sha256": SHA256, "inputs": List(Str(max_len=256, what="an input name"), 2, 2),
+                        "max_length": Int(1, AXIS_MAX)})})
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "family": Str(max_len=128), "architecture": Str(max_len=256),
@@ -196,7 +208,8 @@ MANIFEST_SCHEMA = Obj({
     "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
     "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
     "provenance": Free(dict),
-}, {"validation": Free(dict), "target": Str(choices=TARGETS), "contract": Str(choices=CONTRACTS), "prompt": _PROMPT})
+}, {"validation": Free(dict), "target": Str(choices=TARGETS), "contract": Str(choices=CONTRACTS), "prompt": _PROMPT,
+    "explain": _EXPLAIN})
 # the prefix contract: tasks without prompt ids (the prompt is built per call), a chat template
 PREFIX_MANIFEST_SCHEMA = Obj({**MANIFEST_SCHEMA.required, "tasks": Map(Str(choices=("caption", "vqa")), _PREFIX_TASK, 1, 2),
                               "prompt": _PROMPT}, MANIFEST_SCHEMA.optional)
@@ -244,7 +257,8 @@ def canonical_io(graph: str, layers: int, contract: str = "cross-attention",
 
 
 def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims: dict[str, int],
-                  prep: dict[str, Any], contract: str = "cross-attention", schema: int = SCHEMA_VERSION) -> None:
+                  prep: dict[str, Any], contract: str = "cross-attention", schema: int = SCHEMA_VERSION,
+                  vision_text: tuple[str, ...] = ()) -> None:
     """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes."""
     for gname, g in graphs.items():
         w = f"graphs.{gname}"
@@ -260,6 +274,8 @@ def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims
             if any(t.name == "vision_window_ids" for t in g.inputs):
                 want_in["vision_window_ids"] = 1  # Qwen2.5-VL: the windows its window layers attend within
             want_out = {"image_embeds": 2}
+        if contract == "prefix" and gname == "vision_encoder" and vision_text:
+            want_in = {**want_in, **{n: 2 for n in vision_text}}  # InstructBLIP: the instruction's ids and mask, per frame
         for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -360,10 +376,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
     prefix = isinstance(raw, dict) and raw.get("contract") == "prefix"
     try:
         m = (PREFIX_MANIFEST_SCHEMA if prefix else MANIFEST_SCHEMA).check(raw)
-        graphs = {n: GraphSpec(g["file"], g["sha256"], *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-                                                               for t in g[k]) for k in ("inputs", "outputs")),
-                               data_sha256=g.get("data_sha256"))
-                  for n, g in m["graphs"].items()}
+        graphs = {n: _graph_spec(g) for n, g in m["graphs"].items()}
+        explain = {n: _graph_spec(g) for n, g in m.get("explain", {}).get("graphs", {}).items()}
         axes = {}
         for name, a in m["axes"].items():
             if not a["min"] <= a["opt"] <= a["max"]:
@@ -375,7 +389,8 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         if (contract == "prefix") != (m["schema_version"] == PREFIX_SCHEMA_VERSION):
             raise Invalid("schema_version", f"{m['schema_version']} does not go with contract {contract} (the prefix "
                           f"contract is schema {PREFIX_SCHEMA_VERSION}; cross-attention {SPLIT_SCHEMA_VERSION} or {SCHEMA_VERSION})")
-        _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract, m["schema_version"])
+        vision_text = tuple((m.get("prompt") or {}).get("vision_text", {}).get("inputs", ()))
+        _check_graphs(graphs, axes, m["dims"], m["preprocessing"], contract, m["schema_version"], vision_text)
         prep, fit = m["preprocessing"], m["preprocessing"].get("resize_mode") == "fit_pad"
         extra = [k for k in FIT_PAD_KEYS if k in prep]
         if extra and not fit:
@@ -385,6 +400,7 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         if prefix:
             _check_prefix(m, graphs)
         else:
+            _check_explain(explain, graphs, m.get("explain", {}).get("image_grid"), m["dims"])
             if m.get("prompt") or m["preprocessing"].get("processor"):
                 raise Invalid("prompt" if m.get("prompt") else "preprocessing.processor", "only the prefix contract has one")
             _check_tasks(m["tasks"], graphs, m["dims"], m["schema_version"])
@@ -395,7 +411,40 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         preprocessing=m["preprocessing"], tokenizer=m["tokenizer"], precision=m["precision"],
         provenance=m["provenance"], validation=m.get("validation", {}), schema_version=m["schema_version"],
         target=m.get("target", TARGETS[0]), contract=m.get("contract", CONTRACTS[0]), prompt=m.get("prompt", {}),
+        explain={**m["explain"], "graphs": explain} if m.get("explain") else {},
     )
+
+
+def _graph_spec(g: dict) -> GraphSpec:
+    return GraphSpec(g["file"], g["sha256"], *(tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g[k])
+                                               for k in ("inputs", "outputs")),
+                     data_sha256=g.get("data_sha256"), data_file=g.get("data_file"))
+
+
+EXPLAIN_OUTPUTS = {"decoder": ("cross_attentions", 4), "text_encoder": ("image_attention", 5)}
+
+
+def _check_explain(explain: dict[str, GraphSpec], graphs: dict[str, GraphSpec], grid: dict | None, dims: dict) -> None:
+    """An explain graph takes its production graph's inputs and gives its outputs and one more, reads its
+    weights from the production graph's weights file (or its own), and the image grid fits the image tokens."""
+    for name, g in explain.items():
+        w = f"explain.graphs.{name}"
+        base = graphs.get(name)
+        if base is None:
+            raise Invalid(w, f"explains graph {name}, which this bundle does not have")
+        if g.inputs != base.inputs:
+            raise Invalid(f"{w}.inputs", f"not the inputs of graphs.{name}")
+        extra, rank = EXPLAIN_OUTPUTS[name]
+        if g.outputs[:-1] != base.outputs or g.outputs[-1].name != extra or len(g.outputs[-1].shape) != rank \
+                or g.outputs[-1].dtype != "float32":
+            raise Invalid(f"{w}.outputs", f"expected the outputs of graphs.{name} and then {extra} (float32, rank {rank})")
+        if g.data_file is not None and g.data_file != base.data:
+            raise Invalid(f"{w}.data_file", f"{g.data_file!r:.60} is not the weights file of graphs.{name}")
+        if g.file in {s.file for s in graphs.values()}:
+            raise Invalid(f"{w}.file", f"{g.file!r:.60} is a production graph's file")
+    if grid is not None and grid["leading"] + grid["rows"] * grid["cols"] > dims["image_tokens"]:
+        raise Invalid("explain.image_grid", f"{grid['leading']} + {grid['rows']} x {grid['cols']} positions, over "
+                      f"dims.image_tokens {dims['image_tokens']}")
 
 
 # -- graphs as the backends see them ------------------------------------------------------------
@@ -488,13 +537,20 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     engines = (root / "engines.json").is_file()
     files = [(f"graphs.{n}.file", g.file, g.sha256) for n, g in manifest.graphs.items()]
     files += [(f"graphs.{n}.data_sha256", g.data, g.data_sha256) for n, g in manifest.graphs.items() if g.data]
+    explain = manifest.explain.get("graphs", {})
+    files += [(f"explain.graphs.{n}.file", g.file, g.sha256) for n, g in explain.items()]
+    files += [(f"explain.graphs.{n}.data_sha256", g.data, g.data_sha256) for n, g in explain.items() if g.data]
+    checked = set()
     files.append(("tokenizer.file", manifest.tokenizer["file"], manifest.tokenizer["sha256"]))
+    if "vision_text" in manifest.prompt:
+        files.append(("prompt.vision_text.tokenizer", manifest.prompt["vision_text"]["tokenizer"], manifest.prompt["vision_text"]["sha256"]))
     for field_name, fname, digest in files:
         fpath = confined(root, fname, field_name)
-        if engines and field_name.startswith("graphs."):
+        if engines and field_name.startswith(("graphs.", "explain.")):
             continue  # an engine directory holds engines, not the ONNX files its manifest names
         if not fpath.is_file():
             raise BundleError(f"{fpath}: missing (named by {MANIFEST} {field_name})")
-        if verify_hashes and sha256_file(fpath) != digest:
+        if verify_hashes and (fname, digest) not in checked and sha256_file(fpath) != digest:
             raise BundleError(f"{fpath}: sha256 does not match {MANIFEST} {field_name}; the file was changed or is corrupt")
+        checked.add((fname, digest))  # a weights file two graphs read is hashed once
     return Bundle(root, manifest)

@@ -490,8 +490,8 @@ class _Decoder:
     prompt (after a one-slot past the attention mask hides) and for every later token, with the
     cache kept on the backend."""
 
-    def __init__(self, backend: Backend, layers: int, states: Any, mask: np.ndarray):
-        self.backend = backend
+    def __init__(self, backend: Backend, layers: int, states: Any, mask: np.ndarray, graph: str = "decoder"):
+        self.backend, self.graph = backend, graph
         self.present = kv_names("present", layers)
         self.past = kv_names("past", layers)
         self.cross_names = kv_names("cross", layers)
@@ -511,9 +511,10 @@ class _Decoder:
 
     def _run(self, feeds: dict) -> np.ndarray:
         if self._step is None:  # cross K/V and the encoder mask are bound once per sequence
-            self._step = self.backend.prepare("decoder", {"encoder_mask": self.mask, **self.cross}, keep=self.present)
+            self._step = self.backend.prepare(self.graph, {"encoder_mask": self.mask, **self.cross}, keep=self.present)
         out = self._step(feeds)
         self.cache = [out[n] for n in self.present]
+        self.attention_probs = out.get("cross_attentions")  # the explain graph's [batch, layers, heads, encoder_len]
         return _host_logits(out["logits"])
 
     def expand(self, rows: np.ndarray) -> None:
@@ -567,6 +568,25 @@ class _SplitDecoder(_Decoder):
         out = self._step(feeds)
         self.cache = [out[n] for n in self.present]
         return _host_logits(out["logits"])
+
+
+def attend(backend: Any, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int],
+           rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """The cross-attention that chose each generated token of `rows` (one per item of the batch `states`
+    and `mask` describe): the explain decoder run along the prompt and the tokens, as HF's
+    `cross_attentions[t]` (the last query row of the pass that produced token t). Per item, float32
+    [len(row), layers, heads, encoder positions], the positions its mask holds (padding is at the end)."""
+    B, n = len(rows), max((len(r) for r in rows), default=0)
+    dec = _Decoder(backend, layers, states, mask, graph=backend.explain("decoder"))
+    probs = []
+    if n:
+        dec.start(np.tile(np.asarray(prompt_ids, dtype=np.int64), (B, 1)))
+        probs.append(dec.attention_probs)
+        for t in range(n - 1):  # a finished row repeats its last token; what it attends to then is not kept
+            dec.step(np.array([r[min(t, len(r) - 1)] if r else 0 for r in rows], dtype=np.int64))
+            probs.append(dec.attention_probs)
+    every = np.stack(probs, 1) if probs else np.zeros((B, 0, layers, 1, mask.shape[1]), dtype=np.float32)
+    return [np.ascontiguousarray(every[b, : len(rows[b]), :, :, : int(mask[b].sum())]) for b in range(B)]
 
 
 def generate(backend: Backend, layers: int, states: Any, mask: np.ndarray, prompt_ids: Sequence[int], eos_id: int,

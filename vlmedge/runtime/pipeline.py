@@ -257,12 +257,13 @@ class Pipeline:
         """The task `caption` runs: caption, or the family's own caption task (Florence-2: <CAPTION>)."""
         return next((t for t in CAPTION_TASKS if t in self.manifest.tasks), "caption")
 
-    def caption(self, images, *, return_ids: bool = False, batch_size: int | None = None,
+    def caption(self, images, *, return_ids: bool = False, return_attention: bool = False, batch_size: int | None = None,
                 timings: Timings | None = None, **generation):
-        """Caption one image (-> str) or a list of images (-> list of str)."""
+        """Caption one image (-> str) or a list of images (-> list of str). `return_attention`: an
+        Explanation per image (text, ids, the cross-attention that chose each token; vlmedge.runtime.explain)."""
         single = not _many(images)
         items = [images] if single else list(images)
-        out = self._run(self.caption_task, items, None, generation, return_ids, batch_size, timings)
+        out = self._run(self.caption_task, items, None, generation, return_ids, batch_size, timings, return_attention)
         return out[0] if single else out
 
     def run(self, images, task: str, *, batch_size: int | None = None, timings: Timings | None = None,
@@ -288,12 +289,14 @@ class Pipeline:
             out.append(parse(task, kind, text, img.size, gen.ids))
         return out[0] if single else out
 
-    def vqa(self, images, questions, *, return_ids: bool = False, batch_size: int | None = None,
-            timings: Timings | None = None, **generation):
+    def vqa(self, images, questions, *, return_ids: bool = False, return_attention: bool = False,
+            batch_size: int | None = None, timings: Timings | None = None, **generation):
         """Answer questions about images: one image and one question (-> str), or lists of equal
-        length, or one of either with a list of the other (-> list of str)."""
+        length, or one of either with a list of the other (-> list of str). `return_attention`: an
+        Explanation per answer (with `image_attention`, the question's attention to the image, where
+        the answer decoder reads the question encoder)."""
         single, imgs, qs = pairs(images, questions)
-        out = self._run("vqa", imgs, qs, generation, return_ids, batch_size, timings)
+        out = self._run("vqa", imgs, qs, generation, return_ids, batch_size, timings, return_attention)
         return out[0] if single else out
 
     def _config(self, task: str, generation: dict) -> GenerationConfig:
@@ -357,12 +360,15 @@ class Pipeline:
         return Steps(cross_decoder(self.backend, self.layers, states, mask, self.manifest.split_decoder), prompt, settings, timings,
                      context=prompt.shape[1] + mask.sum(1) + image)
 
-    def _run(self, task, images, questions, generation, return_ids, batch_size, timings):
+    def _run(self, task, images, questions, generation, return_ids, batch_size, timings, return_attention=False):
         import time
 
         settings = self._checked_settings(task, generation)
-        if not isinstance(return_ids, bool):
-            raise InputError(f"return_ids: expected True or False, got {type(return_ids).__name__}")
+        for name, flag in (("return_ids", return_ids), ("return_attention", return_attention)):
+            if not isinstance(flag, bool):
+                raise InputError(f"{name}: expected True or False, got {type(flag).__name__}")
+        if return_attention:
+            self._check_explain(task)
         if batch_size is not None:
             _count("batch_size", batch_size, 1)
         spec = self.manifest.tasks[task]
@@ -382,10 +388,59 @@ class Pipeline:
                 timings.preprocess += t1 - t0
                 timings.encoder += t2 - t1
             rows = run(self.backend, self.layers, states, mask, spec["prompt_ids"], settings, timings, self.manifest.split_decoder)
-            for ids in rows:
-                text = self.decode(ids) if spec.get("postprocess", "text") == "text" else self.task_text(task, ids)
-                results.append(Generation(text, tuple(ids)) if return_ids else text)
+            texts = [self.decode(ids) if spec.get("postprocess", "text") == "text" else self.task_text(task, ids) for ids in rows]
+            if return_attention:
+                results += self._explain(task, px, q, states, mask, rows, texts)
+                continue
+            results += [Generation(text, tuple(ids)) if return_ids else text for text, ids in zip(texts, rows)]
         return results
+
+    # -- attention ---------------------------------------------------------------------------
+    def _check_explain(self, task: str) -> None:
+        if not hasattr(self.backend, "explain"):
+            raise InputError(f"return_attention: runs on ONNX Runtime (device cpu or cuda); this pipeline runs {self.backend.name}")
+        have = self.manifest.explain.get("graphs", {})
+        if "decoder" not in have:
+            why = ("its attention is fused (the ONNX Runtime target); use the bundle it was made from"
+                   if self.manifest.target == "onnxruntime" else "export it again with this vlmedge")
+            raise InputError(f"return_attention: {self.bundle.path} has no explain graphs ({why})")
+
+    def forced_attention(self, task: str, images: Sequence[Any], rows: Sequence[Sequence[int]],
+                         questions: Sequence[str] | None = None) -> list:
+        """Explanations of given token ids (`rows`, one per image) instead of the ones this bundle would choose:
+        the attention each token gets when the decoder is forced along them (how `compare` measures a
+        variant's attention drift against the reference's tokens)."""
+        self._check_explain(task)
+        if len(rows) != len(images) or (questions is not None and len(questions) != len(images)):
+            raise InputError(f"forced_attention: {len(images)} images, {len(rows)} rows of ids"
+                             + (f", {len(questions)} questions" if questions is not None else "") + "; pass one of each per item")
+        out: list = []
+        for s in range(0, len(images), self.batch_size):
+            px = self.images(images[s : s + self.batch_size])
+            q = self.question_ids(questions[s : s + self.batch_size]) if questions is not None else None
+            states, mask = self.encode(task, px, q)
+            part = [list(r) for r in rows[s : s + self.batch_size]]
+            out += self._explain(task, px, q, states, mask, part, [self.decode(r) for r in part])
+        return out
+
+    def _explain(self, task, px, questions, states, mask, rows, texts) -> list:
+        """Explanations of a batch's generated `rows`: the explain decoder run along them (and, for a
+        question encoder with cross-attention, its explain graph on the same questions)."""
+        from vlmedge.runtime.decoding import attend
+        from vlmedge.runtime.explain import explained
+
+        spec = self.manifest.tasks[task]
+        attention = attend(self.backend, self.layers, states, mask, spec["prompt_ids"], rows)
+        image_attention = [None] * len(rows)
+        if questions is not None and not spec.get("image_prefix") and "text_encoder" in self.manifest.explain["graphs"]:
+            image = self.backend.run("vision_encoder", {"pixel_values": px}, keep=("image_states",))["image_states"]
+            feeds = {"question_ids": questions[0], "question_mask": questions[1], "image_states": image}
+            out = self.backend.run(self.backend.explain("text_encoder"), feeds)["image_attention"]
+            image_attention = [out[b, :, :, : int(questions[1][b].sum())] for b in range(len(rows))]
+        grid = self.manifest.explain.get("image_grid")
+        with self._tok_lock:
+            words = [[self.tokenizer.id_to_token(i) or "" for i in ids] for ids in rows]
+        return [explained(text, ids, a, grid, ia, w) for text, ids, a, ia, w in zip(texts, rows, attention, image_attention, words)]
 
 
 def cache_dir() -> Path:

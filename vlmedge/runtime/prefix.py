@@ -18,6 +18,12 @@ them (`mrope_positions`), and at each step the prompt's largest position plus on
 three rows (HF's rope_deltas). A vision graph that takes patches (Qwen2-VL) runs over several images at
 once, with each patch's rotary (row, col) and its image as a segment id that keeps the images apart (and
 for Qwen2.5-VL the patches in window order with their window ids; vlmedge.runtime.processors.vision_feeds).
+
+A vision graph that also reads the prompt's text (InstructBLIP: its Q-Former reads the instruction) says so
+in the manifest's `prompt.vision_text`: the tokenizer file for that text (with its sha256) and the names of
+the graph's inputs it fills, `[ids, mask]`, each [frames, vision_text_len]. The text is the user turn's text
+as given (what the family's processor hands its second tokenizer), tokenised with special tokens and
+right-padded per call (`VisionText`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,6 +92,64 @@ def mrope_positions(ids: np.ndarray, mask: np.ndarray, grids: list[list[tuple[in
         if pos:
             out[:, b, real] = np.concatenate(pos, 1)
     return out
+
+
+class VisionText:
+    """The text a vision graph reads beside the pixels (manifest `prompt.vision_text`): its own tokenizer,
+    checked against the manifest's sha256, and the two graph inputs (ids, mask) it fills."""
+
+    def __init__(self, spec: Any, root: Path, graph_inputs: Sequence[str]):
+        from tokenizers import Tokenizer
+
+        from vlmedge.runtime.bundle import confined, sha256_file
+
+        w = "manifest.json prompt.vision_text"
+        if not (isinstance(spec, dict) and isinstance(spec.get("tokenizer"), str) and isinstance(spec.get("sha256"), str)
+                and isinstance(spec.get("inputs"), list) and len(spec["inputs"]) == 2
+                and all(isinstance(n, str) for n in spec["inputs"])
+                and isinstance(spec.get("max_length"), int) and spec["max_length"] >= 1):
+            raise BundleError(f"{w}: expected {{tokenizer: file, sha256, inputs: [ids, mask], max_length}}")
+        missing = [n for n in spec["inputs"] if n not in graph_inputs]
+        if missing:
+            raise BundleError(f"{w}.inputs: {', '.join(missing)} are not inputs of graphs.vision_encoder")
+        path = confined(root, spec["tokenizer"], "prompt.vision_text.tokenizer")
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (named by {w}.tokenizer)")
+        if sha256_file(path) != spec["sha256"]:
+            raise BundleError(f"{path}: sha256 does not match {w}.sha256; the file was changed or is corrupt")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.names, self.max_length = tuple(spec["inputs"]), int(spec["max_length"])
+        self.lock = threading.Lock()
+
+    def ids(self, text: str) -> tuple[int, ...]:
+        with self.lock:
+            ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if len(ids) > self.max_length:
+            raise InputError(f"prompt: {len(ids)} tokens for the vision graph's text, over this bundle's maximum of "
+                             f"{self.max_length} (prompt.vision_text.max_length)")
+        return tuple(ids)
+
+    def feeds(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
+        """Each frame's row of its image's text ids and mask, right-padded to the longest."""
+        rows = [img.text_ids for img in images for _ in range(len(img.frames))]
+        width = max(map(len, rows))
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        return dict(zip(self.names, (ids, mask)))
+
+
+def extra_files(prompt: dict) -> list[str]:
+    """Files a prefix bundle holds beside its graphs and tokenizer.json, by the manifest's `prompt` (InstructBLIP's
+    vision-text tokenizer): what a writer of a derived bundle (quantize, build) copies with the tokenizer."""
+    spec = prompt.get("vision_text")
+    return [spec["tokenizer"]] if isinstance(spec, dict) and isinstance(spec.get("tokenizer"), str) else []
+
+
+def turn_text(conv: list[dict]) -> str:
+    """The text of a prompt's user turns as given, in order (what a vision graph's text is made of)."""
+    return "".join(part["text"] for m in conv if m["role"] == "user" for part in m["content"] if part.get("type") == "text")
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -299,6 +364,10 @@ class PrefixPipeline(Pipeline):
                 raise BundleError(f"manifest.json preprocessing.processor.{key}: expected text")
         if not isinstance(self.manifest.prompt.get("add_special_tokens", True), bool):
             raise BundleError("manifest.json prompt.add_special_tokens: expected true or false")
+        self.vision_text = None
+        if "vision_text" in self.manifest.prompt:
+            names = [t.name for t in self.manifest.graphs["vision_encoder"].inputs]
+            self.vision_text = VisionText(self.manifest.prompt["vision_text"], self.bundle.path, names)
 
     def max_new_tokens(self, task: str, prompt_len: int = 0) -> int:
         """Tokens a prompt of this length leaves: the decoder's positions (axes.total_len, less the hidden slot)
@@ -425,6 +494,9 @@ class PrefixPipeline(Pipeline):
         prep = self.manifest.preprocessing
         for i, (imgs, conv) in enumerate(zip(images, convs)):
             item = [process(load_image(img, self.max_pixels, where=f"image {i}"), prep, multi=len(imgs) > 1) for img in imgs]
+            if self.vision_text is not None:
+                text_ids = self.vision_text.ids(turn_text(conv))
+                item = [replace(img, text_ids=text_ids) for img in item]
             rows.append(self.chat_prompt.ids(self.chat_prompt.text(conv), item))
             inputs.append(item)
         return inputs, rows
@@ -478,7 +550,9 @@ class PrefixPipeline(Pipeline):
         if self.patch_vision:
             return self._merge(ids, embeds, np.concatenate(self._patch_features(images)))
         px = np.concatenate([img.frames for img in images])
-        outs = [self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames]})
+        text = self.vision_text.feeds(images) if self.vision_text is not None else {}
+        outs = [self.backend.run("vision_encoder", {"pixel_values": px[s : s + self.max_frames],
+                                                    **{k: v[s : s + self.max_frames] for k, v in text.items()}})
                 for s in range(0, len(px), self.max_frames)]
         features = np.concatenate([to_host(o["image_embeds"]) for o in outs])
         newline = to_host(outs[0]["image_newline"]) if "image_newline" in outs[0] else None

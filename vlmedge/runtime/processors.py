@@ -55,6 +55,7 @@ class ImageInput:
     size: tuple[int, int] = (0, 0)  # the original image's (height, width)
     multi: bool = False  # anyres: one of several images in its prompt (padded to a square, not tiled)
     grid: tuple[int, int, int] = (0, 0, 0)  # qwen2_vl: (temporal, rows, cols) of patches (HF's image_grid_thw)
+    text_ids: tuple[int, ...] = ()  # ids of the text the vision graph reads with it (InstructBLIP's instruction)
 
 
 def process(image: Image.Image, prep: Mapping[str, Any], multi: bool = False) -> ImageInput:

@@ -23,6 +23,7 @@ from typing import Callable
 from vlmedge import tensorrt_import
 from vlmedge.errors import BuildError, InputError, first_line
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, Manifest, load_bundle, sha256_file
+from vlmedge.runtime.prefix import extra_files
 from vlmedge.tensorrt.engines import write_engine_manifest
 from vlmedge.tensorrt.profiles import Profile, axes_with, graph_profile, graph_profiles
 
@@ -175,6 +176,8 @@ def build_engines(bundle_dir: Path, out: Path, options: BuildOptions | None = No
         # (with DLA, batch 1 everywhere, since the vision encoder runs one image at a time)
         (tmp / MANIFEST).write_text(replace(m, axes=axes_with(m, overrides if o.dla_core is not None else o.profiles)).to_json())
         shutil.copy2(bundle.tokenizer_path, tmp / bundle.tokenizer_path.name)
+        for name in extra_files(bundle.manifest.prompt):  # InstructBLIP's vision-text tokenizer
+            shutil.copy2(bundle.path / name, tmp / name)
         em = {"tensorrt": trt.__version__, "gpu": {"name": gpu_name, "compute_capability": cc},
               "flags": {"strongly_typed": True, "workspace_gib": o.workspace_gib, "dla_core": o.dla_core,
                         "version_compatible": o.version_compatible, "hardware_compatible": o.hardware_compatible},

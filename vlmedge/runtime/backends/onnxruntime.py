@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
@@ -205,6 +206,32 @@ class OrtBackend:
         # host arrays are cast to what each graph declares (an FP16 bundle may take float16 inputs)
         self._dtypes = {(n, i.name): _NP_TYPES.get(i.type) for n, s in self.sessions.items() for i in s.get_inputs()}
         self._outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self._bundle, self._opts, self._chosen = bundle, opts, chosen
+        self._lock = threading.Lock()
+
+    def explain(self, graph: str) -> str:
+        """The session name of `graph`'s explain graph (manifest `explain.graphs`), opened on first use:
+        the production graph that also returns its cross-attention probabilities."""
+        name = graph + "_explain"
+        with self._lock:
+            if name not in self.sessions:
+                spec = self._bundle.manifest.explain.get("graphs", {}).get(graph)
+                if spec is None:
+                    raise InputError(f"{self._bundle.path}: this bundle has no explain graph for its {graph} "
+                                     "(export it again with this vlmedge to return attention)")
+                path = self._bundle.path / spec.file
+                try:
+                    # TensorRT's provider would build engines for a graph that runs now and then: CUDA or CPU
+                    providers = [p for p in self._chosen if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+                    s = self._ort.InferenceSession(str(path), self._opts, providers=providers)
+                except Exception as e:
+                    raise BundleError(f"{path}: onnxruntime cannot load this graph ({first_line(e)})") from None
+                check_graph_io(str(path), name, spec, s.get_inputs(), s.get_outputs(), self._bundle.manifest.axes)
+                self._inputs[name] = [i.name for i in s.get_inputs()]
+                self._dtypes.update({(name, i.name): _NP_TYPES.get(i.type) for i in s.get_inputs()})
+                self._outputs[name] = [o.name for o in s.get_outputs()]
+                self.sessions[name] = s
+        return name
 
     def _session(self, bundle: Bundle, name: str, opts, chosen: list[str], refused: dict[str, str]):
         """One graph's session; with the TensorRT provider, explicit profiles first, then none, then
