@@ -5,9 +5,8 @@ The vision graph is the whole image side: the ViT, the Q-Former whose `num_query
 cross-attend to it, and the projection to the LM's width; its output, one row per query, replaces the
 prompt's `<image>` tokens. InstructBLIP's Q-Former also reads the instruction (tokenised by its own BERT
 tokenizer, bundled as a second tokenizer file): its vision graph takes `qformer_input_ids` and
-`qformer_attention_mask` beside the pixels (the manifest's `prompt.vision_text`). Such a bundle loads once
-the bundle schema (vlmedge.runtime.bundle) accepts those declared inputs of the vision graph; until then its
-export stops at validation with the schema's one-line error.
+`qformer_attention_mask` beside the pixels (the manifest's `prompt.vision_text` names that tokenizer, its
+hash and the two inputs).
 
 The processor (`Blip2Processor`, `InstructBlipProcessor`) writes `num_query_tokens` `<image>` tokens, then
 the text as the tokenizer encodes it (OPT's writes `</s>` as BOS first). There is no chat template: the

@@ -137,11 +137,19 @@ class Inflight:
     # -- internals ----------------------------------------------------------------------------
 
     def _choose(self, rows: list[Row], logits: np.ndarray) -> dict[Hashable, int]:
+        """Each row's next token: greedy rows whose settings process nothing take the argmax of all of
+        them at once; the others go through their own processors and generator."""
+        plain = [i for i, r in enumerate(rows) if r.rng is None and not r.procs.active]
+        tokens = np.zeros(len(rows), dtype=np.int64)
+        if plain:
+            tokens[plain] = logits[plain].argmax(-1)
+        for i in sorted(set(range(len(rows))) - set(plain)):
+            row = rows[i]
+            scores = row.procs(np.asarray(row.seq, dtype=np.int64)[None], logits[i][None].copy())
+            tokens[i] = draw(scores, [row.rng])[0] if row.rng is not None else scores.argmax(-1)[0]
         out = {}
-        for row, scores in zip(rows, logits):
+        for row, token in zip(rows, tokens.tolist()):
             s = row.settings
-            scores = row.procs(np.asarray(row.seq, dtype=np.int64)[None], scores[None].copy())
-            token = int(draw(scores, [row.rng])[0] if row.rng is not None else scores.argmax(-1)[0])
             row.seq.append(token)
             done = len(row.seq) - s.prompt_len >= s.max_new or token in s.eos
             row.finished = row.finished or done
