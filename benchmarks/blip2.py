@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from decoder_only import THREADS, log  # noqa: E402
 from family_export import _size  # noqa: E402
-from prefix_families import against_hf  # noqa: E402
+from prefix_families import against_hf, export_tiny as export_prefix_tiny  # noqa: E402
 
 SIDE = 224  # the checkpoint's image size; the processor resizes to it whatever the input
 
@@ -45,27 +45,7 @@ def export_tiny(work: Path) -> list[dict]:
     """Export time and size of each tiny BLIP-2 family (default options), freshly exported each run."""
     from families import BLIP2_FAMILIES
 
-    from vlmedge.export.exporter import ExportOptions, export_bundle
-    from vlmedge.models.registry import load_adapter
-    from vlmedge.outdir import OutputDir
-
-    rows = []
-    for name, (architecture, build, task) in BLIP2_FAMILIES.items():
-        model = work / "tiny" / "models" / name
-        if not (model / "config.json").is_file():
-            with OutputDir(model, force=True, label="model directory") as w:
-                build(w.path)
-                w.commit()
-        bundle = work / "tiny" / "bundles" / name
-        t0 = time.perf_counter()
-        manifest = export_bundle(load_adapter(str(model)), task, bundle, ExportOptions(force=True))
-        total = time.perf_counter() - t0
-        traced = manifest.provenance["export_seconds"]
-        rows.append({"family": name, "architecture": architecture, "graphs_s": {g: round(s, 1) for g, s in traced.items()},
-                     "validation_s": round(total - sum(traced.values()), 1), "total_s": round(total, 1),
-                     "bundle_kib": round(_size(bundle) / 1024), "passed": manifest.validation["passed"]})
-        log(f"  {name}: {total:.1f} s, {rows[-1]['bundle_kib']} KiB")
-    return rows
+    return export_prefix_tiny(work, BLIP2_FAMILIES)
 
 
 def build_blip2_opt(out: Path) -> int:

@@ -4,14 +4,11 @@ scenes and `query.png` is one more; the first command exports the bundle the oth
 a server and curl, are not run; tests/encoders/test_serving.py covers them.)"""
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from test_docs import DOCS, blocks, commands
+from test_docs import run_page
 
 pytest.importorskip("milvus_lite")
 
@@ -26,15 +23,4 @@ def test_encoders_page_runs_as_written(encoder_models, tmp_path, monkeypatch):
         Image.fromarray(s.image).save(tmp_path / "photos" / f"scene-{i}.png")
     Image.fromarray(next(scenes("test", 500, 1)).image).save(tmp_path / "query.png")
     monkeypatch.chdir(tmp_path)
-    exe = str(Path(sys.executable).parent / "vlmedge")
-    ran = 0
-    for lang, code in blocks(DOCS / "encoders.md"):
-        if lang == "bash":
-            for cmd in commands(code):
-                r = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=600)
-                assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr[-2000:]}"
-                ran += 1
-        elif lang == "python":
-            exec(compile(code, "docs/encoders.md", "exec"), {})
-            ran += 1
-    assert ran == 9
+    assert run_page("encoders.md") == 9
