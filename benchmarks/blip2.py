@@ -41,13 +41,6 @@ from prefix_families import against_hf, export_tiny as export_prefix_tiny  # noq
 SIDE = 224  # the checkpoint's image size; the processor resizes to it whatever the input
 
 
-def export_tiny(work: Path) -> list[dict]:
-    """Export time and size of each tiny BLIP-2 family (default options), freshly exported each run."""
-    from families import BLIP2_FAMILIES
-
-    return export_prefix_tiny(work, BLIP2_FAMILIES)
-
-
 def build_blip2_opt(out: Path) -> int:
     """Salesforce/blip2-opt-2.7b's architecture scaled down (see the module docstring); returns its parameter count."""
     import torch
@@ -72,20 +65,21 @@ def build_blip2_opt(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prepare(work: Path) -> dict:
-    """The model, its bundle and its INT4 variant in `work` (made once); the seconds each took when made."""
+def prepare(work: Path, name: str = "blip2-opt-scaled", build=build_blip2_opt) -> dict:
+    """The model (`build(dir)` makes it, returning its parameter count), its bundle and its INT4 variant in `work`
+    (made once); the seconds each took when made."""
     from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
     from vlmedge.export.exporter import ExportOptions, export_bundle
     from vlmedge.models.registry import load_adapter
     from vlmedge.outdir import OutputDir
 
-    model, bundle, int4 = work / "blip2-opt-scaled", work / "bundle", work / "bundle-int4"
+    model, bundle, int4 = work / name, work / "bundle", work / "bundle-int4"
     made_file = work / "made.json"
     made = json.loads(made_file.read_text()) if made_file.is_file() else {}
     if not (model / "config.json").is_file():
         log(f"building the model in {model}")
         with OutputDir(model, force=True, label="model directory") as w:
-            made["parameters"] = build_blip2_opt(w.path)
+            made["parameters"] = build(w.path)
             w.commit()
         log(f"  {made['parameters'] / 1e6:.1f} M parameters")
     if not (bundle / "manifest.json").is_file():
@@ -107,16 +101,16 @@ def prepare(work: Path) -> dict:
     return {"model": model, "bundle": bundle, "int4": int4, **made}
 
 
-def table(res: dict) -> str:
+def table(res: dict, key: str = "blip2_opt", label: str = "BLIP-2-OPT-shaped") -> str:
     lines = ["| tiny model | graph export (s) | validation (s) | total (s) | bundle (KiB) | validation passed |",
              "|---|---|---:|---:|---:|---|"]
     for r in res["tiny"]:
         graphs = ", ".join(f"{g} {s}" for g, s in r["graphs_s"].items())
         lines.append(f"| {r['family']} ({r['architecture']}) | {graphs} | {r['validation_s']} | {r['total_s']} | "
                      f"{r['bundle_kib']} | {r['passed']} |")
-    q = res["blip2_opt"]
+    q = res[key]
     graphs = ", ".join(f"{g} {s} s" for g, s in q.get("export_graphs_s", {}).items())
-    lines += ["", f"BLIP-2-OPT-shaped, {q.get('parameters', 0) / 1e6:.0f} M parameters: export {q.get('export_s', '?')} s "
+    lines += ["", f"{label}, {q.get('parameters', 0) / 1e6:.0f} M parameters: export {q.get('export_s', '?')} s "
                   f"({graphs}), bundle {q['bundle_mb']} MB (INT4-wo {q['int4_mb']} MB, quantize {q.get('quantize_s', '?')} s); "
                   f"prompt {q['prompt_tokens']} tokens, {q['new_tokens']} new tokens; same tokens as HF eager: "
                   f"{q['same_tokens_as_hf_eager']}", "",
@@ -137,12 +131,14 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="/work/bench/b2")
+def measure(argv, doc: str, work: str, families: dict, name: str, build, key: str, label: str) -> int:
+    """The run of a scaled model against HF (this file's, benchmarks/idefics.py's): the tiny `families` exported,
+    the model `build` makes (in WORK/`name`) prepared, measured, printed as JSON and as a table under `key`/`label`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", default=work)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=20)
-    ap.add_argument("--skip-tiny", action="store_true", help="only the scaled BLIP-2 measurements")
+    ap.add_argument("--skip-tiny", action="store_true", help="only the scaled model's measurements")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.side = SIDE  # against_hf resizes the scene to it
@@ -154,18 +150,25 @@ def main(argv=None) -> int:
     res: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": THREADS,
                              "load_average_before": os.getloadavg()}}
     t0 = time.perf_counter()
-    res["tiny"] = [] if args.skip_tiny else export_tiny(work)
-    paths = prepare(work)
+    res["tiny"] = [] if args.skip_tiny else export_prefix_tiny(work, families)
+    paths = prepare(work, name, build)
     q = against_hf(args, paths)
-    res["blip2_opt"] = {**{k: v for k, v in paths.items() if not isinstance(v, Path)}, **q}
+    res[key] = {**{k: v for k, v in paths.items() if not isinstance(v, Path)}, **q}
     res["machine"]["load_average_after"] = os.getloadavg()
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(res, indent=2)
     print(text)
-    print(table(res))
+    print(table(res, key, label))
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def main(argv=None) -> int:
+    from families import BLIP2_FAMILIES
+
+    return measure(argv, __doc__, "/work/bench/b2", BLIP2_FAMILIES, "blip2-opt-scaled", build_blip2_opt, "blip2_opt",
+                   "BLIP-2-OPT-shaped")
 
 
 if __name__ == "__main__":

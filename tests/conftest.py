@@ -61,26 +61,67 @@ def bundles(tiny_models, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def prefix_bundles(tmp_path_factory):
-    """name -> (adapter, manifest, bundle path) of each decoder-only family, exported once, on first use."""
-    from families import PREFIX_FAMILIES
-
+def exported(tmp_path_factory, label: str, families: dict, validate_images: int):
+    """name -> (adapter, manifest, bundle path, model path) of each tiny family of `families` (name -> (architecture,
+    builder, task), as tests/families.py has them), built and exported once per session, on first use."""
     from vlmedge.export.exporter import ExportOptions, export_bundle
     from vlmedge.models.registry import load_adapter
 
-    root = tmp_path_factory.mktemp("prefix")
+    root = tmp_path_factory.mktemp(label)
     cache = {}
 
     def get(name):
         if name not in cache:
-            model = PREFIX_FAMILIES[name][1](root / "models" / name)
+            model = families[name][1](root / "models" / name)
             adapter = load_adapter(str(model))
-            manifest = export_bundle(adapter, PREFIX_FAMILIES[name][2], root / "bundles" / name, ExportOptions(validate_images=4))
-            cache[name] = (adapter, manifest, root / "bundles" / name)
+            manifest = export_bundle(adapter, families[name][2], root / "bundles" / name,
+                                     ExportOptions(validate_images=validate_images))
+            cache[name] = (adapter, manifest, root / "bundles" / name, model)
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def prefix_bundles(tmp_path_factory):
+    """name -> (adapter, manifest, bundle path) of each decoder-only family (and IDEFICS), exported once, on first use."""
+    from families import IDEFICS_FAMILIES, PREFIX_FAMILIES
+
+    get = exported(tmp_path_factory, "prefix", {**PREFIX_FAMILIES, **IDEFICS_FAMILIES}, 4)
+    return lambda name: get(name)[:3]
+
+
+@pytest.fixture(scope="session")
+def block_bundles(tmp_path_factory):
+    """PaliGemma, PaliGemma 2, Gemma 3: name -> (adapter, manifest, bundle path, model path)."""
+    from families import BLOCK_FAMILIES
+
+    return exported(tmp_path_factory, "block-families", BLOCK_FAMILIES, 4)
+
+
+@pytest.fixture(scope="session")
+def mrope_bundles(tmp_path_factory):
+    """Qwen2-VL, Qwen2.5-VL: name -> (adapter, manifest, bundle path, model path)."""
+    from families import MROPE_FAMILIES
+
+    return exported(tmp_path_factory, "mrope-families", MROPE_FAMILIES, 4)
+
+
+@pytest.fixture(scope="session")
+def blip2_bundles(tmp_path_factory):
+    """BLIP-2 and InstructBLIP with a decoder-only LM: name -> (adapter, manifest, bundle path, model path)."""
+    from families import BLIP2_FAMILIES
+
+    return exported(tmp_path_factory, "blip2-families", BLIP2_FAMILIES, 2)
+
+
+@pytest.fixture(scope="session")
+def blip2_t5_bundles(tmp_path_factory):
+    """BLIP-2 and InstructBLIP with Flan-T5: name -> (adapter, manifest, bundle path)."""
+    from families import BLIP2_T5_FAMILIES
+
+    get = exported(tmp_path_factory, "blip2-t5-families", BLIP2_T5_FAMILIES, 2)
+    return lambda name: get(name)[:3]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -769,17 +769,39 @@ def _opt_tokenizer(out: Path):
     return tok, {**vocab, "<image>": len(vocab)}
 
 
-def _blip2_like(out: Path, architecture: str, seed: int) -> Path:
+def _vicuna_tokenizer(out: Path):
+    """A word-level tokenizer over the scene world with Llama's special ids (<unk>=0, <s>=1, </s>=2), a post-processor
+    that writes <s> as BOS (Llama's does), padding with <unk> (Vicuna's), and <image> added last as a special token
+    (as InstructBLIP-Vicuna's processor adds it)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<unk>", "<s>", "</s>", "Question", "Answer", ":", *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+                                  unk_token="<unk>")
+    tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    tok.save_pretrained(out)
+    return tok, {**vocab, "<image>": len(vocab)}
+
+
+def _blip2_like(out: Path, architecture: str, seed: int, lm: str = "opt") -> Path:
     """Salesforce/blip2-opt-2.7b's shape (InstructBLIP: Salesforce/instructblip-vicuna-7b's, with OPT): a ViT with
     q/k/v bias and no CLS pooling head in use (every patch and CLS a row), a Q-Former whose every second layer
     cross-attends to it (cross_attention_frequency 2), `num_query_tokens` queries (6 here, 32 in the checkpoints),
     a linear projection to an OPT LM (learned positions offset by 2, pre-LayerNorm, ReLU, tied embeddings); EOS "\\n"
     in the text config (50118 in blip2-opt); BLIP's image processor (bicubic, OpenAI CLIP mean and std). InstructBLIP's
-    Q-Former also reads the instruction, tokenised by its own BERT tokenizer (saved in qformer_tokenizer/)."""
+    Q-Former also reads the instruction, tokenised by its own BERT tokenizer (saved in qformer_tokenizer/).
+    `lm` "llama": Salesforce/instructblip-vicuna-7b's language model, a Llama (untied head, <s> BOS, EOS </s>)."""
     import transformers
     from transformers import BlipImageProcessorPil
 
-    tok, vocab = _opt_tokenizer(out)
+    tok, vocab = _opt_tokenizer(out) if lm == "opt" else _vicuna_tokenizer(out)
     image, patch, queries = 30, 6, 6
     instruct = architecture.startswith("InstructBlip")
     cfg_cls = getattr(transformers, architecture.replace("ForConditionalGeneration", "Config"))
@@ -791,14 +813,18 @@ def _blip2_like(out: Path, architecture: str, seed: int) -> Path:
                             **({"vocab_size": len(_bert_vocab())} if instruct else {})),
         text_config=dict(model_type="opt", vocab_size=len(vocab), hidden_size=48, ffn_dim=96, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=48, pad_token_id=1,
-                         bos_token_id=2, eos_token_id=vocab["\n"], tie_word_embeddings=True),
+                         bos_token_id=2, eos_token_id=vocab["\n"], tie_word_embeddings=True) if lm == "opt" else
+        dict(model_type="llama", vocab_size=len(vocab), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
         num_query_tokens=queries, image_token_index=vocab["<image>"], use_decoder_only_language_model=True)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(cfg)
     _perturb(model, std=0.2, seed=seed)
-    with torch.no_grad():  # EOS "\n" where the random model would say "how" (sometimes, mid-answer): answers end apart
-        table = model.get_input_embeddings().weight  # tied: the LM head's rows too
-        table[vocab["\n"]] = table[vocab["how"]] * 1.1
+    with torch.no_grad():  # EOS where the random model would say "how" (sometimes, mid-answer): answers end apart
+        table = model.get_output_embeddings().weight  # OPT's tied: the embeddings' rows too
+        eos = vocab["\n"] if lm == "opt" else vocab["</s>"]
+        table[eos] = table[vocab["how"]] * 1.1
     model.save_pretrained(out)
     ip = BlipImageProcessorPil(size={"height": image, "width": image})
     if instruct:
@@ -826,10 +852,15 @@ def instructblip_opt(out: Path) -> Path:
     return _blip2_like(out, "InstructBlipForConditionalGeneration", seed=13)
 
 
+def instructblip_vicuna(out: Path) -> Path:
+    return _blip2_like(out, "InstructBlipForConditionalGeneration", seed=15, lm="llama")
+
+
 # name -> (architecture it covers, builder, task)
 BLIP2_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "blip2-opt": ("Blip2ForConditionalGeneration", blip2_opt, "all"),
     "instructblip-opt": ("InstructBlipForConditionalGeneration", instructblip_opt, "all"),
+    "instructblip-vicuna": ("InstructBlipForConditionalGeneration", instructblip_vicuna, "all"),
 }
 
 
@@ -918,4 +949,65 @@ def instructblip_t5(out: Path) -> Path:
 BLIP2_T5_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "blip2-t5": ("Blip2ForConditionalGeneration", blip2_t5, "all"),
     "instructblip-t5": ("InstructBlipForConditionalGeneration", instructblip_t5, "all"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# IDEFICS (Flamingo): gated cross-attention on the prefix contract (tests/export/test_idefics.py).
+
+
+def idefics(out: Path) -> Path:
+    """HuggingFaceM4/idefics-9b-instruct's shape: a CLIP-like vision tower (every patch and CLS) resampled by a
+    perceiver (5 latents here, 64 in the checkpoint), a LLaMA LM with a gated cross-attention layer before every
+    second layer (every fourth in the checkpoint; tanh-gated, alpha_type "float"), decoupled embeddings and LM head
+    (<fake_token_around_image> and <image> are the two additional ids past the base vocabulary), untied head;
+    <end_of_utterance> a special token of the base vocabulary; IdeficsProcessor with its image processor (bicubic
+    resize to image_size, OpenAI CLIP mean and std); no chat template (vlmedge writes the instruct format)."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+
+    tok, vocab = _idefics_tokenizer()
+    cfg = IdeficsConfig(
+        vocab_size=len(vocab), additional_vocab_size=2, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, cross_layer_interval=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        alpha_initializer="ones", alpha_type="float", use_resampler=True, tie_word_embeddings=False,
+        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<unk>"],
+        vision_config=dict(embed_dim=40, image_size=30, patch_size=6, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=80),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=12))
+    torch.manual_seed(14)
+    model = IdeficsForVisionText2Text(cfg)
+    _perturb(model, std=0.2, seed=14)
+    with torch.no_grad():  # EOS where the random model would say "large" (sometimes, mid-answer): answers end apart
+        model.lm_head.weight[vocab["</s>"]] = model.lm_head.weight[vocab[IDEFICS_EOS_LIKE]] * 1.1
+    model.save_pretrained(out)
+    IdeficsProcessor(IdeficsImageProcessorPil(image_size=30), tok).save_pretrained(out)
+    return out
+
+
+def _idefics_tokenizer():
+    """A word-level tokenizer over the scene world with IDEFICS's special tokens: <fake_token_around_image> and
+    <image> added last (the decoupled embedding's two additional ids), <end_of_utterance> in the base vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in ["<unk>", "<s>", "</s>", "<end_of_utterance>", "User", "Assistant", ":", "Describe", "the", "image", ".",
+              *vocabulary()]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+                                  unk_token="<unk>", extra_special_tokens=["<end_of_utterance>"])
+    tok.add_tokens([AddedToken("<fake_token_around_image>", normalized=False, special=True),
+                    AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    return tok, vocab
+
+
+IDEFICS_EOS_LIKE = "large"
+
+# name -> (architecture it covers, builder, task); exported by conftest's prefix_bundles like PREFIX_FAMILIES
+IDEFICS_FAMILIES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "idefics": ("IdeficsForVisionText2Text", idefics, "all"),
 }

@@ -260,6 +260,8 @@ def export(
     adapter = load_adapter(model, prompt)
     if adapter.info.contract == "dual-encoder" and target != "tensorrt-portable":
         raise InputError(f"--target {target}: dual-encoder bundles have the portable target only (their graphs have no decoder to fuse)")
+    if adapter.info.contract == "fusion" and target != "tensorrt-portable":
+        raise InputError(f"--target {target}: fusion bundles have the portable target only (their graph has no decoder to fuse)")
     with _progress() as p:
         tasks: dict[str, object] = {}
 
@@ -280,7 +282,7 @@ def export(
             raise
         if "validation" in tasks:
             p.update(tasks["validation"], completed=1, description="validation [green]passed[/green]")
-    if manifest.contract == "dual-encoder":
+    if manifest.contract in ("dual-encoder", "fusion"):
         from vlmedge.export.dual_encoder import print_validation
     else:
         from vlmedge.export.inspect import print_validation
@@ -333,6 +335,21 @@ def quantize(
             manifest = quantize_dual_encoder(bundle, out, precision, calib, held_out, method, (1.0 if budget is None else budget) / 100,
                                              force, log=lambda s: p.console.print(s, highlight=False, markup=False))
         print_check(manifest, precision, console)
+        console.print(f"bundle written to {out}")
+        return
+    from vlmedge.runtime.fusion import is_fusion
+
+    if is_fusion(bundle):  # ViLT / BridgeTower: FP16, checked on answers and matching scores (calibration.fusion)
+        from vlmedge.calibration.fusion import print_check as print_fusion_check
+        from vlmedge.calibration.fusion import quantize_fusion
+
+        if target != "tensorrt-portable":
+            raise InputError(f"--target {target}: fusion bundles have the portable target only")
+        _quiet_export_logs()
+        with _progress() as p:
+            manifest = quantize_fusion(bundle, out, precision, calib, held_out, method, (1.0 if budget is None else budget) / 100,
+                                       force, log=lambda s: p.console.print(s, highlight=False, markup=False))
+        print_fusion_check(manifest, precision, console)
         console.print(f"bundle written to {out}")
         return
     if method == "dynamic" and target != "onnxruntime":
@@ -430,6 +447,11 @@ def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> 
     loaded = load_bundle(bundle)
     if loaded.manifest.contract == "dual-encoder":
         from vlmedge.export.dual_encoder import print_bundle
+    if loaded.manifest.contract == "fusion":  # ViLT / BridgeTower
+        from vlmedge.export.fusion import print_bundle as print_fusion
+
+        print_fusion(loaded, console)
+        return
     print_bundle(loaded, console)
 
 
@@ -453,6 +475,10 @@ def _open_pipeline(bundle: str, device: str, max_pixels: int, batch_size: int, s
         from vlmedge.runtime.embedding import EmbeddingPipeline
 
         pipe = EmbeddingPipeline(loaded, device, max_pixels=max_pixels, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
+    elif loaded.manifest.contract == "fusion":  # ViLT / BridgeTower: answers from a vocabulary, image-text matching
+        from vlmedge.runtime.fusion import FusionPipeline
+
+        pipe = FusionPipeline(loaded, device, max_pixels=max_pixels, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
     else:
         pipe = open_pipeline(loaded, device, max_pixels=max_pixels, batch_size=batch_size, warn=warn, shared_threads=shared_threads)
     if device != "cpu":  # which onnxruntime (or TensorRT) runs, and on which providers
@@ -675,8 +701,23 @@ def vqa(
     max_pixels: int = _PIXELS,
     as_json: bool = typer.Option(False, "--json", help="print JSON: per image its answer and token ids, or its error"),
     stream: bool = _STREAM,
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="fusion bundles (ViLT): answers per image with their scores (default 5)"),
 ) -> None:
     """Answer a question about images with a bundle (ONNX Runtime; no PyTorch needed)."""
+    from vlmedge.runtime.fusion import is_fusion
+
+    if is_fusion(bundle):  # ViLT: the top answers of its vocabulary, with scores (vlmedge.fusion_cli)
+        from vlmedge.fusion_cli import vqa as fusion_vqa
+
+        given = {"stream": stream, "beams": beams, "max-new-tokens": max_new_tokens, "min-new-tokens": min_new_tokens,
+                 "length-penalty": length_penalty, "repetition-penalty": repetition_penalty, "no-repeat-ngram-size": no_repeat_ngram_size}
+        flag = next((k for k, v in given.items() if v not in (None, False)), None)
+        if flag:
+            raise InputError(f"--{flag}: {bundle} is a fusion bundle, which scores a vocabulary of answers; it generates nothing")
+        fusion_vqa(bundle, [image], question, top_k or 5, as_json, device, batch_size, max_pixels)
+        return
+    if top_k is not None:
+        raise InputError("--top-k: for fusion bundles (ViLT), which score a vocabulary of answers; this bundle generates them")
     gen = _generation(beams, max_new_tokens, min_new_tokens, length_penalty, repetition_penalty, no_repeat_ngram_size)
     if stream:
         _no_stream_with(json=as_json)
@@ -781,6 +822,9 @@ def _register_encoders() -> None:
     app.command("classify")(commands.classify)
     app.command("index")(commands.index)
     app.command("search")(commands.search)
+    from vlmedge import fusion_cli
+
+    app.command("match")(fusion_cli.match)  # the fusion bundles' image-text matching (ViLT retrieval, BridgeTower)
 
 
 _register_encoders()

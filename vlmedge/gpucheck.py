@@ -12,6 +12,9 @@
    the differences listed; INT8 within the bundle's accuracy budget (VQA accuracy and BLEU-4 on test
    scenes against CPU FP32). Latency per stage at batch 1 (median).
 
+`--bundle PATH` (repeatable) checks bundles you exported instead of the built-in models (any family: its
+CPU FP32 tokens are the reference for its engines and every GPU runtime).
+
 A part that cannot run here (no GPU, no TensorRT, no onnxruntime-gpu, no torch to export) is
 reported as not run with its reason in one line, and the rest goes on. The exit status is 1 only if
 a part that ran failed. Everything is written to `--out` (gpu-check.json).
@@ -88,7 +91,7 @@ def _latency(pipe, image, runs: int = 20) -> dict[str, float]:
 def _outputs(pipe, world) -> dict[str, list]:
     images, questions = world
     caps = pipe.caption(images, return_ids=True)
-    ans = pipe.vqa(images, questions, return_ids=True)
+    ans = pipe.vqa(images, questions, return_ids=True) if "vqa" in pipe.tasks else []
     return {"captions": [(g.text, list(g.ids)) for g in caps], "answers": [(g.text, list(g.ids)) for g in ans]}
 
 
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="engines and caches (default: beside the built-in bundle)")
     ap.add_argument("--scenes", type=int, default=64, help="test scenes whose tokens are compared")
     ap.add_argument("--eval-scenes", type=int, default=200, help="test scenes for the INT8 accuracy budget")
+    ap.add_argument("--bundle", type=Path, action="append", default=[],
+                    help="check this exported bundle (any family, repeatable) instead of the built-in models: its CPU "
+                         "tokens, then TensorRT engines and every GPU runtime against them")
     args = ap.parse_args(argv)
 
     import vlmedge
@@ -163,10 +169,21 @@ def main(argv: list[str] | None = None) -> int:
             bundles[prefix + precision] = path
         return {"bundles": {k: str(v) for k, v in bundles.items() if k.startswith(prefix) and (prefix or "/" not in k)}}
 
-    check.part("bundles: shapes-vlm FP32, FP16, INT8 (CPU; made once, then cached)", lambda: make_bundles("shapes-vlm", PRECISIONS))
-    check.part(f"bundles: {PREFIX_MODEL} FP32, FP16 (decoder-only; CPU; made once, then cached)",
-               lambda: make_bundles(PREFIX_MODEL, PREFIX_PRECISIONS, f"{PREFIX_MODEL}/"))
-    work = args.work or (bundles["fp32"].parent / "gpu-check" if bundles else Path(tempfile.gettempdir()) / "vlmedge-gpu-check")
+    def given(path: Path) -> dict[str, Any]:
+        from vlmedge.runtime.bundle import load_bundle
+
+        m = load_bundle(path).manifest  # checked as every load checks it
+        bundles[f"{path.name}/fp32"] = path
+        return {"bundle": str(path), "family": m.family, "contract": m.contract, "precision": m.precision.get("dtype")}
+
+    if args.bundle:  # the given bundles instead of the built-in models
+        for path in args.bundle:
+            check.part(f"bundle {path.name}: {path}", lambda p=path: given(p))
+    else:
+        check.part("bundles: shapes-vlm FP32, FP16, INT8 (CPU; made once, then cached)", lambda: make_bundles("shapes-vlm", PRECISIONS))
+        check.part(f"bundles: {PREFIX_MODEL} FP32, FP16 (decoder-only; CPU; made once, then cached)",
+                   lambda: make_bundles(PREFIX_MODEL, PREFIX_PRECISIONS, f"{PREFIX_MODEL}/"))
+    work = args.work or (next(iter(bundles.values())).parent / "gpu-check" if bundles else Path(tempfile.gettempdir()) / "vlmedge-gpu-check")
 
     state: dict[str, Any] = {}
 
@@ -193,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                                "bleu4": state["ref_eval"]["caption"]["bleu4"]}
         return out
 
-    check.part("reference: CPU FP32 tokens and latency", reference)
-    check.part(f"reference: {PREFIX_MODEL} CPU FP32 tokens and latency", lambda: reference(f"{PREFIX_MODEL}/"))
+    models = [path.name for path in args.bundle] if args.bundle else ["", PREFIX_MODEL]
+    for model in models:
+        check.part(f"reference: {model or 'shapes-vlm'} CPU FP32 tokens and latency",
+                   lambda prefix=f"{model}/" if model else "": reference(prefix))
     engines: dict[str, Path] = {}
 
     def build(precision: str) -> dict[str, Any]:
@@ -266,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                                                f"({'; '.join(warnings) or 'no warning given'})")
         return out
 
-    for precision in [*PRECISIONS, *(f"{PREFIX_MODEL}/{p}" for p in PREFIX_PRECISIONS)]:
+    variants = [f"{model}/fp32" for model in models] if args.bundle else \
+        [*PRECISIONS, *(f"{PREFIX_MODEL}/{p}" for p in PREFIX_PRECISIONS)]
+    for precision in variants:
         check.part(f"{precision}: build TensorRT engines", lambda p=precision: build(p))
         for runtime in RUNTIMES:
             if runtime.endswith("cuda-graphs") and "/" in precision:

@@ -156,3 +156,21 @@ def test_a_file_named_twice_is_one_row(encoder_bundles, photos, tmp_path, monkey
     assert main(["index", str(encoder_bundles["clip"][2]), *args, "--db", str(tmp_path / "d.db")]) == 0
     assert "2 images indexed, 0 already there" in capsys.readouterr().out
     assert len(_rows(tmp_path / "d.db")) == 2
+
+
+def test_an_index_file_a_kill_cut_short_is_rebuilt(indexed, tmp_path, encoder_bundles, photos):
+    """Milvus Lite writes a segment's index file after the flush returns: a kill right then leaves it cut short and
+    the collection would not load. The next run rebuilds the index from the rows, which are whole."""
+    import shutil
+
+    db, _ = indexed
+    copy = tmp_path / "photos.db"
+    shutil.copytree(db, copy)
+    files = sorted(copy.rglob("*.idx"))
+    assert files
+    files[-1].write_bytes(files[-1].read_bytes()[:128])  # the header alone, as a kill mid-write leaves it
+    cmd = [sys.executable, "-m", "vlmedge.cli", "index", str(encoder_bundles["clip"][2]), str(photos), "--db", str(copy),
+           "--batch-size", "3"]
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert sorted(r["path"] for r in _rows(copy)) == sorted(r["path"] for r in _rows(db))

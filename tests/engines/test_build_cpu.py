@@ -318,3 +318,38 @@ def test_dla_is_checked_against_the_device_and_gets_static_shapes(bundles, tmp_p
     assert shapes[0] == shapes[1] == shapes[2] == (1, 3, 64, 64)  # min = opt = max
     assert em["graphs"]["vision_encoder"]["dla_core"] == 1 and em["graphs"]["decoder"]["dla_core"] is None
     assert load_bundle(tmp_path / "e").manifest.axes["batch"] == AxisRange(1, 1, 1)
+
+
+def test_a_gated_cross_attention_bundle_builds_an_engine_per_graph(prefix_bundles, tmp_path, fake_builder):
+    """IDEFICS: cross_kv an engine of its own, the decoder one engine whose two profiles take the images' rows."""
+    from vlmedge.tensorrt.builder import BuildOptions, build_engines
+
+    src = prefix_bundles("idefics")[2]
+    trt = fake_builder()
+    em = build_engines(src, tmp_path / "e", BuildOptions())
+    assert set(em["graphs"]) == {"vision_encoder", "cross_kv", "embed", "decoder"}
+    m = load_bundle(src).manifest
+    decoder = [c for c in trt.configs if len(c.profiles) == 2]
+    assert len(decoder) == 1
+    for p in decoder[0].profiles:
+        assert p.shapes["cross.0.key"][2][2] == p.shapes["cross_mask"][2][2] == m.axes["image_len"].max
+    assert load_bundle(tmp_path / "e").manifest.prompt == m.prompt
+
+
+@pytest.mark.parametrize("contract", ["cross-attention", "prefix"])
+def test_a_vision_graph_that_reads_text_gets_its_profile_and_its_tokenizer(blip2_t5_bundles, blip2_bundles, tmp_path,
+                                                                           fake_builder, contract):
+    """InstructBLIP (Flan-T5 and Vicuna): the vision engine's profile covers the Q-Former's text length, and the
+    engine directory carries the Q-Former's tokenizer, hash-checked on load."""
+    from vlmedge.tensorrt.builder import BuildOptions, build_engines
+
+    src = blip2_t5_bundles("instructblip-t5")[2] if contract == "cross-attention" else blip2_bundles("instructblip-vicuna")[2]
+    trt = fake_builder()
+    build_engines(src, tmp_path / "e", BuildOptions())
+    m = load_bundle(src).manifest
+    vision = next(c for c in trt.configs if any("qformer_input_ids" in p.shapes for p in c.profiles))
+    lo, _, hi = vision.profiles[0].shapes["qformer_input_ids"]
+    assert lo[1] == 1 and hi[1] == m.axes["vision_text_len"].max == m.prompt["vision_text"]["max_length"]
+    name = m.prompt["vision_text"]["tokenizer"]
+    assert (tmp_path / "e" / name).read_bytes() == (src / name).read_bytes()
+    assert load_bundle(tmp_path / "e").manifest.prompt == m.prompt

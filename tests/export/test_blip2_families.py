@@ -1,9 +1,9 @@
-"""BLIP-2 and InstructBLIP with an OPT language model on the prefix contract: the ViT + Q-Former + projection
-as the vision graph (InstructBLIP's also takes the instruction's ids and mask: its Q-Former reads it), OPT
-(learned positions offset by 2) as the decoder.
+"""BLIP-2 and InstructBLIP with a decoder-only language model on the prefix contract: the ViT + Q-Former +
+projection as the vision graph (InstructBLIP's also takes the instruction's ids and mask: its Q-Former reads it),
+OPT (learned positions offset by 2) or Vicuna's Llama as the decoder.
 
 Each tiny random model of tests/families.py BLIP2_FAMILIES (Salesforce/blip2-opt-2.7b's and
-Salesforce/instructblip-vicuna-7b's classes and config choices, with OPT) is exported once per session; then,
+Salesforce/instructblip-vicuna-7b's classes and config choices, the latter with OPT and with its own Llama) is exported once per session; then,
 through the public API and the CLI:
 - frames and prompt ids (and InstructBLIP's Q-Former ids) equal what the processor makes (one <image> per query
   token, then the text's own BOS), for captioning (BLIP-2: no prompt) and for VQA in BLIP-2's
@@ -34,26 +34,6 @@ NAMES = list(BLIP2_FAMILIES)
 SIZES = [(64, 64), (70, 50), (45, 83), (20, 20), (130, 31)]  # (w, h)
 MAX_NEW = 12
 START = 90  # test scenes the export's own validation does not use
-
-
-@pytest.fixture(scope="session")
-def blip2_bundles(tmp_path_factory):
-    """name -> (adapter, manifest, bundle path, model path), exported once per session, on first use."""
-    from vlmedge.export.exporter import ExportOptions, export_bundle
-    from vlmedge.models.registry import load_adapter
-
-    root = tmp_path_factory.mktemp("blip2-families")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = BLIP2_FAMILIES[name][1](root / "models" / name)
-            adapter = load_adapter(str(model))
-            manifest = export_bundle(adapter, BLIP2_FAMILIES[name][2], root / "bundles" / name, ExportOptions(validate_images=2))
-            cache[name] = (adapter, manifest, root / "bundles" / name, model)
-        return cache[name]
-
-    return get
 
 
 def _images(n: int, start: int = START) -> list[Image.Image]:
@@ -112,15 +92,16 @@ def test_export_validates_and_the_manifest_holds_the_prompt_rule(blip2_bundles, 
     assert manifest.graphs["vision_encoder"].outputs[0].shape == ("frames", cfg.num_query_tokens, cfg.text_config.hidden_size)
     assert manifest.prompt["add_special_tokens"] is False  # the template writes BOS after the image tokens
     vision_inputs = [t.name for t in manifest.graphs["vision_encoder"].inputs]
-    if name == "instructblip-opt":
+    if name.startswith("instructblip"):
         assert manifest.prompt["caption_instruction"] == "A short image description:"
         assert vision_inputs == ["pixel_values", "qformer_input_ids", "qformer_attention_mask"]
         assert manifest.prompt["vision_text"]["inputs"] == vision_inputs[1:]
     else:
         assert manifest.prompt["caption_instruction"] == "</s>"  # the caption's prompt: the image tokens and BOS alone
         assert vision_inputs == ["pixel_values"]
-    # HF's generate hands generation to the language model: its generation_config (text_config's EOS "\n")
-    assert _eos(manifest) == cfg.text_config.eos_token_id == 4
+    # HF's generate hands generation to the language model: its generation_config (blip2-opt: the text config's
+    # EOS "\n"; Vicuna: </s>)
+    assert _eos(manifest) == cfg.text_config.eos_token_id == (2 if name == "instructblip-vicuna" else 4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -140,7 +121,7 @@ def test_frames_and_prompt_ids_equal_the_processor(blip2_bundles, name):
         assert rows[0] == ref["input_ids"][0].tolist(), (w, h)
         assert np.abs(ref["pixel_values"].numpy() - inputs[0][0].frames).max() < 1e-5, (w, h)
         cfg = adapter.model.config
-        if name == "instructblip-opt":
+        if name.startswith("instructblip"):
             assert list(inputs[0][0].text_ids) == ref["qformer_input_ids"][0].tolist()
             ref = _hf_inputs(adapter.source, [img], [caption])
             assert rows[1] == ref["input_ids"][0].tolist() and list(inputs[1][0].text_ids) == ref["qformer_input_ids"][0].tolist()
@@ -163,7 +144,9 @@ def test_prefill_logits_equal_hf_on_the_processors_padded_batch(blip2_bundles, n
     mask = inputs["attention_mask"]
     queries = adapter.model.config.num_query_tokens
     assert (mask[:, :queries] == 1).all() and (mask[:, queries:] == 0).any()  # padding between the image and the text
-    ref = model(**inputs).logits[:, -1].numpy()
+    # positions from the mask, as generate makes them (OPT makes them so itself; Llama's forward would count pads)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    ref = model(**inputs, position_ids=pos).logits[:, -1].numpy()
     proc_inputs, rows = pipe.prompt_inputs([[img] for img in images], [[user_turn(t)] for t in texts])
     width = max(map(len, rows))
     ids = np.ones((len(rows), width), np.int64)
@@ -178,6 +161,8 @@ def test_prefill_logits_equal_hf_on_the_processors_padded_batch(blip2_bundles, n
     contract = pipe.decoder(pipe.embeddings(ids, proc_inputs), ours_mask, ids)
     ours = contract.start(ids)
     assert np.abs(ours - ref).max() < 1e-4
+    if adapter.model.config.text_config.model_type != "opt":
+        return  # rotary positions (Vicuna's Llama) depend on differences only: a shift changes nothing
     # positions matter: OPT's learned table read one place off is measurably different
     off = pipe.decoder(pipe.embeddings(ids, proc_inputs), ours_mask, ids, None)
     off.prompt_positions = off.prompt_positions + 1

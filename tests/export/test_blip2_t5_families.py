@@ -5,8 +5,9 @@ projection as the vision graph, the T5 encoder over [query embeddings; text] as 
 Each tiny random model of tests/families.py BLIP2_T5_FAMILIES (Salesforce/blip2-flan-t5-xl's and
 Salesforce/instructblip-flan-t5-xl's classes and config choices) is exported once per session; then, through the
 public API:
-- the manifest holds the tasks: BLIP-2's caption (the empty text, as LAVIS captions) and vqa; InstructBLIP's caption
-  (its instruction, which its Q-Former reads too) and no vqa, refused at export in one line;
+- the manifest holds the tasks: caption (BLIP-2's the empty text, as LAVIS captions; InstructBLIP's its instruction)
+  and vqa; InstructBLIP's vision graph also takes the Q-Former's ids and mask of the same text (the caption
+  instruction, or the question), from the tokenizer the manifest names (`prompt.vision_text`);
 - pixels, the caption's prompt ids and the questions' ids and mask equal what the processor makes (one <image> per
   query token, then the text and </s>, padded on the right), on five image sizes;
 - greedy and beam-3 tokens equal HF `generate` on the processor's batch, and a batch equals one by one;
@@ -29,27 +30,6 @@ SIZES = [(64, 64), (70, 50), (45, 83), (20, 20), (130, 31)]  # (w, h)
 MAX_NEW = 12
 START = 90  # test scenes the export's own validation does not use
 EOS = 1
-
-
-@pytest.fixture(scope="session")
-def blip2_t5_bundles(tmp_path_factory):
-    """name -> (adapter, manifest, bundle path), exported once per session, on first use."""
-    from vlmedge.export.exporter import ExportOptions, export_bundle
-    from vlmedge.models.registry import load_adapter
-
-    torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("blip2-t5-families")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = BLIP2_T5_FAMILIES[name][1](root / "models" / name)
-            adapter = load_adapter(str(model))
-            manifest = export_bundle(adapter, BLIP2_T5_FAMILIES[name][2], root / "bundles" / name, ExportOptions(validate_images=2))
-            cache[name] = (adapter, manifest, root / "bundles" / name)
-        return cache[name]
-
-    return get
 
 
 def _images(n: int, start: int = START) -> list[Image.Image]:
@@ -96,10 +76,15 @@ def test_export_validates_and_the_manifest_holds_the_tasks(blip2_t5_bundles, nam
     queries, width = cfg.num_query_tokens, cfg.text_config.d_model
     assert manifest.dims["image_tokens"] == queries  # one row per query, whatever the patch count
     assert manifest.graphs["vision_encoder"].outputs[0].shape == ("batch", queries, width)
-    assert [t.name for t in manifest.graphs["vision_encoder"].inputs] == ["pixel_values"]
+    vision_inputs = [t.name for t in manifest.graphs["vision_encoder"].inputs]
+    if name == "instructblip-t5":
+        assert vision_inputs == ["pixel_values", "qformer_input_ids", "qformer_attention_mask"]
+        assert manifest.prompt["vision_text"]["inputs"] == vision_inputs[1:]
+        assert manifest.prompt["vision_text"]["texts"] == {"caption": "A short image description:"}
+    else:
+        assert vision_inputs == ["pixel_values"] and not manifest.prompt
     assert manifest.dims["decoder_heads"] == cfg.text_config.num_heads and manifest.dims["decoder_layers"] == 2
-    expect = {"caption", "vqa"} if name == "blip2-t5" else {"caption"}
-    assert set(manifest.tasks) == expect
+    assert set(manifest.tasks) == {"caption", "vqa"}
     for spec in manifest.tasks.values():
         # T5: the decoder starts from pad 0 and stops at </s> 1; the image rows are in the question's ids, not a prefix
         assert spec["prompt_ids"] == [0] and spec["eos_id"] == EOS and spec["pad_id"] == 0
@@ -109,14 +94,57 @@ def test_export_validates_and_the_manifest_holds_the_tasks(blip2_t5_bundles, nam
     assert caption[:queries] == [cfg.image_token_id] * queries and caption[-1] == EOS
 
 
-def test_instructblip_vqa_is_refused_in_one_line(blip2_t5_bundles, tmp_path):
-    from vlmedge.errors import InputError
-    from vlmedge.export.exporter import export_bundle
+def test_the_qformer_reads_each_question_and_its_tokenizer_travels_with_variants(blip2_t5_bundles, tmp_path):
+    """InstructBLIP-T5: the vision graph's text ids are the processor's qformer_input_ids, question by question;
+    the states depend on the Q-Former's text; quantize copies the Q-Former's tokenizer and compare measures every
+    graph; a bundle whose tokenizer copy was changed is refused in one line."""
+    import shutil
 
-    adapter = blip2_t5_bundles("instructblip-t5")[0]
-    with pytest.raises(InputError) as e:
-        export_bundle(adapter, "vqa", tmp_path / "vqa")
-    assert "supports only caption" in str(e.value) and "\n" not in str(e.value)
+    import vlmedge
+    from vlmedge.calibration.quantize import QuantizeOptions, quantize_bundle
+    from vlmedge.errors import BundleError
+
+    adapter, manifest, path = blip2_t5_bundles("instructblip-t5")
+    pipe = vlmedge.load(path)
+    images, questions = _images(3), _questions(3)
+    ref = _processor(adapter.source)(images=images, text=questions, padding=True, return_tensors="np")
+    feeds = pipe.vision_feeds("vqa", 3, pipe.question_ids(questions))
+    assert feeds["qformer_input_ids"].tolist() == ref["qformer_input_ids"].tolist()
+    assert feeds["qformer_attention_mask"].tolist() == ref["qformer_attention_mask"].tolist()
+    from vlmedge.runtime.decoding import encode
+
+    q, px, host = pipe.question_ids(questions[:1]), pipe.images(images[:1]), pipe.backend.to_host
+    states, states2 = (host(pipe.encode("vqa", px, q)[0]) for _ in range(2))  # the same call twice: equal
+    changed = host(encode(pipe.backend, px, *q, vision_text=pipe.vision_text.texts(["what shape is it ?"]))[0])
+    assert np.abs(states - states2).max() == 0 and np.abs(states - changed).max() > 1e-3
+    quantize_bundle(path, tmp_path / "int4", QuantizeOptions("int4-wo", calib="synthetic:6", held_out=2))
+    name = manifest.prompt["vision_text"]["tokenizer"]
+    assert (tmp_path / "int4" / name).read_bytes() == (path / name).read_bytes()
+    assert vlmedge.load(tmp_path / "int4").vqa(images[0], questions[0], max_new_tokens=4)
+    from vlmedge.compare import compare_bundles  # each graph measured on the inputs the pipeline gives it
+
+    compare_bundles([path, tmp_path / "int4"], "synthetic:4", "cpu", tmp_path / "cmp", runs=2)
+    text = (tmp_path / "cmp" / "report.json").read_text()
+    assert all(g in text for g in ("vision_encoder", "text_encoder", "cross_kv", "decoder"))
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / name).write_text((bad / name).read_text().replace('"[UNK]"', '"[UNKNOWN]"'))
+    with pytest.raises(BundleError) as e:
+        vlmedge.load(bad)
+    assert name in str(e.value) and "sha256" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_usage_counts_the_question_rows_once(blip2_t5_bundles):
+    """The tokens read before the first generated one: the decoder's start and the question's rows, which already
+    hold the image's (one <image> per query), so the image is not counted again."""
+    import vlmedge
+
+    pipe = vlmedge.load(blip2_t5_bundles("blip2-t5")[2])
+    assert pipe.question_holds_image
+    questions = _questions(2)
+    steps = pipe.generate_steps("vqa", _images(2), questions, max_new_tokens=2)
+    _, mask = pipe.question_ids(questions)
+    assert steps.context.tolist() == (1 + mask.sum(1)).tolist()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -34,26 +34,6 @@ MAX_NEW = 12
 START = 90  # test scenes the export's own validation does not use
 
 
-@pytest.fixture(scope="session")
-def block_bundles(tmp_path_factory):
-    """name -> (adapter, manifest, bundle path, model path), exported once per session, on first use."""
-    from vlmedge.export.exporter import ExportOptions, export_bundle
-    from vlmedge.models.registry import load_adapter
-
-    root = tmp_path_factory.mktemp("block-families")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            model = BLOCK_FAMILIES[name][1](root / "models" / name)
-            adapter = load_adapter(str(model))
-            manifest = export_bundle(adapter, BLOCK_FAMILIES[name][2], root / "bundles" / name, ExportOptions(validate_images=4))
-            cache[name] = (adapter, manifest, root / "bundles" / name, model)
-        return cache[name]
-
-    return get
-
-
 def _images(n: int, start: int = START) -> list[Image.Image]:
     return [Image.fromarray(s.image).resize(SIZES[i % len(SIZES)], Image.Resampling.BICUBIC)
             for i, s in enumerate(scenes("test", start, n))]

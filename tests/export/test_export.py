@@ -5,7 +5,7 @@ import onnx
 from onnx import numpy_helper
 import pytest
 
-from families import BLIP2_FAMILIES, BLOCK_FAMILIES, FAMILIES, MROPE_FAMILIES, PREFIX_FAMILIES
+from families import BLIP2_FAMILIES, BLOCK_FAMILIES, FAMILIES, IDEFICS_FAMILIES, MROPE_FAMILIES, PREFIX_FAMILIES
 from vlmedge.models.registry import ARCHITECTURES
 from vlmedge.runtime.bundle import GRAPH_NAMES, load_bundle, parse_manifest
 
@@ -19,7 +19,10 @@ def test_every_architecture_has_a_tiny_family():
     covered |= {arch for arch, _, _ in BLOCK_FAMILIES.values()}  # bidirectional blocks: tests/export/test_block_families.py
     covered |= {arch for arch, _, _ in MROPE_FAMILIES.values()}  # M-RoPE: tests/export/test_mrope_families.py
     covered |= {arch for arch, _, _ in BLIP2_FAMILIES.values()}  # BLIP-2, InstructBLIP: tests/export/test_blip2_families.py
+    covered |= {arch for arch, _, _ in IDEFICS_FAMILIES.values()}  # gated cross-attention: tests/export/test_idefics.py
     covered |= {"CLIPModel", "SiglipModel", "Siglip2Model"}  # dual encoders: tests/encoders/tiny.py
+    covered |= {"ViltForQuestionAnswering", "ViltForImageAndTextRetrieval", "BridgeTowerForImageAndTextRetrieval",
+                "BridgeTowerForContrastiveLearning"}  # fusion encoders: tests/encoders/tiny_fusion.py
     assert covered == set(ARCHITECTURES)
 
 

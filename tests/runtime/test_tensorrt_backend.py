@@ -661,9 +661,10 @@ def test_engines_with_cuda_graphs_caption_like_without(engine_dir, ort_pipe):
 
 
 @pytest.fixture
-def prefix_fake(monkeypatch, prefix_bundles, tmp_path):
-    """The fake TensorRT over a decoder-only bundle (SmolVLM's architecture)."""
-    _, _, path = prefix_bundles("smolvlm")
+def prefix_fake(monkeypatch, prefix_bundles, tmp_path, request):
+    """The fake TensorRT over a decoder-only bundle (SmolVLM's architecture, or the family a test names by
+    indirect parametrization)."""
+    _, _, path = prefix_bundles(getattr(request, "param", "smolvlm"))
     ort = vlmedge.load(path)
     device = FakeCuda()
     trt = FakeTensorRT(ort.bundle, device, ort.backend.sessions)
@@ -704,3 +705,21 @@ def test_prefix_captions_and_beams_on_tensorrt_match_onnxruntime(prefix_fake):
     engine = pipe.backend.engines["decoder"]
     assert engine.contexts[0].shapes["past.0.self.key"][2] == 1
     assert engine.contexts[1].shapes["inputs_embeds"][1] == 1
+
+
+@pytest.mark.parametrize("prefix_fake", ["idefics"], indirect=True)
+def test_gated_cross_attention_on_tensorrt_matches_onnxruntime(prefix_fake):
+    """IDEFICS: cross_kv is an engine of its own; the decoder's two profiles cover the images' rows (image_len)."""
+    m = prefix_fake.ort.manifest
+    prompt, step = graph_profiles(m, "decoder")
+    for p in (prompt, step):
+        assert p["cross.0.key"]["max"][2] == m.axes["image_len"].max and p["cross_mask"]["max"][2] == m.axes["image_len"].max
+    assert step["cross_mask"]["max"][1] == 1 and len(graph_profiles(m, "cross_kv")) == 1
+    images = [s.image for s in scenes("test", 0, 3)]
+    questions = [pick_questions(s)[0].text for s in scenes("test", 0, 3)]
+    pipe = prefix_fake.make()
+    for kw in ({}, {"num_beams": 3}):
+        assert pipe.vqa(images, questions, max_new_tokens=8, **kw) == prefix_fake.ort.vqa(images, questions, max_new_tokens=8, **kw)
+    two = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "and"},
+                                        {"type": "image", "image": images[1]}, {"type": "text", "text": "?"}]}]
+    assert pipe.chat(two, max_new_tokens=8) == prefix_fake.ort.chat(two, max_new_tokens=8)

@@ -69,3 +69,30 @@ def test_decoder_only_chat_completions_equal_the_pipelines_chat(smolvlm, scene_p
     assert r.choices[0].message.content == pipe.chat(local, max_new_tokens=8, num_beams=1) == text
     assert r.usage.prompt_tokens > 20 and r.usage.completion_tokens <= 8
     assert caption.choices[0].message.content == pipe.caption(s0.image, max_new_tokens=8, num_beams=1)
+
+
+def test_gated_cross_attention_bundle_serves_chat_with_two_images(prefix_bundles, scene_pngs, tmp_path_factory):
+    """IDEFICS: two images interleaved with text in one user turn, through the openai client, equal the pipeline;
+    the native /v1/vqa too."""
+    import base64
+
+    openai = pytest.importorskip("openai")
+    path = prefix_bundles("idefics")[2]
+    pipe = vlmedge.load(path)
+    (s0, p0), (s1, p1) = scene_pngs[:2]
+
+    def image(png):
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "is"}, image(p0), {"type": "text", "text": "like"},
+                                             image(p1), {"type": "text", "text": "?"}]}]
+    local = [{"role": "user", "content": [{"type": "text", "text": "is"}, {"type": "image", "image": s0.image},
+                                          {"type": "text", "text": "like"}, {"type": "image", "image": s1.image},
+                                          {"type": "text", "text": "?"}]}]
+    q = "what color is the circle ?"
+    with serve(path, "--threads", "1", tmp=tmp_path_factory.mktemp("serve-idefics")) as s, s.client() as http:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model="idefics", messages=messages, max_tokens=8)
+        vqa = http.post("/v1/vqa", files={"image": ("s.png", p1)}, data={"question": q, "max_new_tokens": "8"}).json()
+    assert r.choices[0].message.content == pipe.chat(local, max_new_tokens=8, num_beams=1)
+    assert vqa["text"] == pipe.vqa(s1.image, q, max_new_tokens=8)

@@ -36,6 +36,15 @@ def compare_command(
         print_report(report, console)
         console.print(f"report written to {out}: {', '.join(REPORT_FILES)}", highlight=False)
         return
+    if any(b.manifest.contract == "fusion" for b in resolved):  # ViLT / BridgeTower: vlmedge.compare.fusion
+        from vlmedge.compare.fusion import REPORT_FILES as FUSION_FILES
+        from vlmedge.compare.fusion import compare_fusion, print_report as print_fusion
+
+        with progress() as p:
+            report = compare_fusion(resolved, eval_spec, device, out, runs, progress=p)
+        print_fusion(report, console)
+        console.print(f"report written to {out}: {', '.join(FUSION_FILES)}", highlight=False)
+        return
     with progress() as p:
         report = compare_bundles(resolved, eval_spec, device, out, progress=p, runs=runs, warn=warn,
                                  shared_threads=True)  # as the other commands run

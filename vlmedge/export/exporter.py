@@ -16,7 +16,7 @@ from typing import Callable
 from vlmedge import __version__
 from vlmedge.errors import ExportError, InputError, VlmedgeError, cause_chain, one_line, summary_line
 from vlmedge.export.explain import explain_manifest, image_grid
-from vlmedge.export.graphs import GraphDecl, axis_ranges, graph_decls, save_graph
+from vlmedge.export.graphs import GraphDecl, TensorDecl, axis_ranges, graph_decls, save_graph
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, graph_hashes, sha256_file
@@ -221,6 +221,10 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         from vlmedge.export.dual_encoder import export_dual_encoder
 
         return export_dual_encoder(adapter, out, options, on_graph)
+    if adapter.info.contract == "fusion":  # ViLT / BridgeTower: one graph from pixels and text to the head
+        from vlmedge.export.fusion import export_fusion
+
+        return export_fusion(adapter, out, options, on_graph)
     tasks = select_tasks(adapter, task)
     if adapter.info.contract == "prefix":
         from vlmedge.export.prefix import export_prefix
@@ -236,10 +240,21 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         d = info.dims
         with_text = any(info.tasks[t].encoder == "text_encoder" for t in tasks)
         sample = sample_inputs(adapter, n=2, tasks=tasks)
+        vision_text = info.prompt.get("vision_text")  # InstructBLIP-T5: the vision graph reads each row's text too
+        vision_args = adapter.vision_args(sample.pixel_values, sample.questions or [adapter.caption_text] * 2) \
+            if vision_text else (sample.pixel_values,)
         with torch.no_grad():
-            image_states = adapter.vision_encoder()(sample.pixel_values)
+            image_states = adapter.vision_encoder()(*vision_args)
         decls = {g.name: g for g in graph_decls(info, image_states.shape[-1], with_text)}
         ranges = axis_ranges(info, tasks, options.max_batch, options.max_length)
+        vision_dyn = {"pixel_values": {0: Dim("batch", min=1, max=ranges["batch"][2])}}
+        if vision_text:
+            v = decls["vision_encoder"]
+            decls["vision_encoder"] = GraphDecl(v.name, (*v.inputs, *(TensorDecl(n, "int64", ("batch", "vision_text_len"))
+                                                                       for n in vision_text["inputs"])), v.outputs)
+            longest = int(vision_text["max_length"])
+            ranges["vision_text_len"] = (1, min(16, longest), longest)
+            vision_dyn.update({n: {0: vision_dyn["pixel_values"][0], 1: Dim.DYNAMIC} for n in vision_text["inputs"]})
 
         # example inputs: no dynamic dim of size 1 (torch.export would specialise it)
         B = Dim("batch", min=1, max=ranges["batch"][2])
@@ -270,7 +285,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         example_mask = torch.tensor([[0] + [1] * (n + n)] * 2)
         example_pos = torch.arange(n, n + n).repeat(2, 1)
 
-        plan = [("vision_encoder", adapter.vision_encoder, (sample.pixel_values,), {"pixel_values": {0: B}})]
+        plan = [("vision_encoder", adapter.vision_encoder, vision_args, vision_dyn)]
         if with_text:
             plan.append(("text_encoder", adapter.text_encoder, (sample.question_ids, sample.question_mask, image_states),
                          {"question_ids": {0: B, 1: Q}, "question_mask": {0: B, 1: Q}, "image_states": {0: B}}))
@@ -287,8 +302,12 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
         graphs, explain = explain_manifest(tmp, graphs, {"image_grid": grid} if grid else {})
 
         (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
+        prompt = {}
+        if vision_text:  # the vision graph's own tokenizer, beside the decoder's
+            (tmp / vision_text["tokenizer"]).write_text(adapter.vision_text_tokenizer_json())
+            prompt = {"vision_text": {**vision_text, "sha256": sha256_file(tmp / vision_text["tokenizer"])}}
         manifest = Manifest(
-            family=info.family, architecture=info.architecture,
+            family=info.family, architecture=info.architecture, prompt=prompt,
             tasks={t: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info.tasks[t]).items()} for t in tasks},
             dims=asdict(d), graphs=graphs,
             axes={k: AxisRange(*v) for k, v in ranges.items()},

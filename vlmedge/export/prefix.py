@@ -52,10 +52,20 @@ def vision_text_inputs(info: FamilyInfo) -> tuple[str, ...]:
     return tuple(spec["inputs"]) if spec else ()
 
 
-def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, position_rows: int = 1) -> list[GraphDecl]:
+def cross_decls(info: FamilyInfo, image_width: int, cross_layers: int) -> tuple[GraphDecl, tuple[TensorDecl, ...]]:
+    """A cross-attention decoder's (IDEFICS): the cross_kv graph, and the decoder's inputs after its cache."""
+    d = info.dims
+    cross = kv("cross", cross_layers, d.decoder_heads, d.decoder_head_dim, "image_len")
+    graph = GraphDecl("cross_kv", (TensorDecl("image_embeds", "float32", ("batch", "image_len", image_width)),), cross)
+    return graph, cross
+
+
+def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, position_rows: int = 1,
+                 cross: tuple[int, int] | None = None) -> list[GraphDecl]:
     """`newline`: the vision graph also outputs the model's row-separator embedding (LLaVA-OneVision);
     `blocks`: the decoder also takes block_ids (PaliGemma, Gemma 3: parts of the prompt attend both ways);
-    `position_rows` 3: M-RoPE positions, position_ids[3, batch, seq_len]. A qwen2_vl processor's vision graph
+    `position_rows` 3: M-RoPE positions, position_ids[3, batch, seq_len]; `cross` (image width, gated layers):
+    the images reach the decoder through cross_kv and cross_mask (IDEFICS). A qwen2_vl processor's vision graph
     takes patches of any grid (with their rotary rows and columns and the segment, image or window, each
     attends within) and gives one row per image token."""
     d, p = info.dims, info.preprocessing
@@ -74,16 +84,18 @@ def prefix_decls(info: FamilyInfo, newline: bool = False, blocks: bool = False, 
     else:
         text = tuple(TensorDecl(n, "int64", ("frames", "vision_text_len")) for n in vision_text_inputs(info))
         vision = GraphDecl("vision_encoder", (TensorDecl("pixel_values", "float32", ("frames", 3, p.height, p.width)), *text),
-                           (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, D)), *extra))
+                           (TensorDecl("image_embeds", "float32", ("frames", d.image_tokens, cross[0] if cross else D)), *extra))
+    cross_graph, cross_inputs = cross_decls(info, *cross) if cross else (None, ())
+    cross_mask = (TensorDecl("cross_mask", "int64", ("batch", "seq_len", "image_len")),) if cross else ()
     return [
-        vision,
+        vision, *((cross_graph,) if cross_graph else ()),
         GraphDecl("embed", (TensorDecl("input_ids", "int64", ("batch", "seq_len")),),
                   (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),)),
         GraphDecl("decoder",
                   (TensorDecl("inputs_embeds", "float32", ("batch", "seq_len", D)),
                    TensorDecl("attention_mask", "int64", ("batch", "total_len")),
-                   TensorDecl("position_ids", "int64", pos), *block,
-                   *kv("past", L, H, dh, "past_len")),
+                   TensorDecl("position_ids", "int64", pos), *block, *cross_mask,
+                   *kv("past", L, H, dh, "past_len"), *cross_inputs),
                   (TensorDecl("logits", "float32", ("batch", d.vocab_size)), *kv("present", L, H, dh, "total_len"))),
     ]
 
@@ -105,6 +117,10 @@ def prefix_axes(info: FamilyInfo, max_batch: int = DEFAULT_MAX_BATCH, max_length
     if vision_text_inputs(info):  # the vision graph's text: one row per frame
         longest = int(info.prompt["vision_text"]["max_length"])
         patches["vision_text_len"] = (1, min(16, longest), longest)
+    cross = info.prompt.get("cross_attention")
+    if cross:  # IDEFICS: a prompt's images one after another, `image_tokens` rows each
+        n = info.dims.image_tokens
+        patches["image_len"] = (n, n, n * int(cross["max_images"]))
     return {
         **patches,
         "batch": (1, 1, max_batch),
@@ -148,7 +164,9 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
     decoder = adapter.decoder()
     blocks = "block_ids" in decoder.inputs
     rows = getattr(decoder, "position_rows", 1)
-    decls = {g.name: g for g in prefix_decls(info, newline, blocks, rows)}
+    cross_layers = getattr(decoder, "cross_layers", 0)
+    cross = (adapter.image_width, cross_layers) if adapter.cross_attention else None
+    decls = {g.name: g for g in prefix_decls(info, newline, blocks, rows, cross)}
     ranges = prefix_axes(info, options.max_batch, options.max_length)
     ids = torch.tensor([[1, 2, 3], [3, 2, 1]]) % d.vocab_size
     L, H, dh = d.decoder_layers, d.decoder_heads, d.decoder_head_dim
@@ -160,12 +178,22 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
     auto = Dim.DYNAMIC  # the attention mask's length is past + seq: the tracer keeps the relation
     block_args, block_dyn = ((torch.tensor([[-1, -1, 0, 0, -1], [-1, 0, 0, 1, 1]]),), {"block_ids": {0: auto, 1: auto}}) \
         if blocks else ((), {})
+    cross_plan, cross_args, cross_dyn = [], (), {}
+    if cross:  # two images' rows (of a 2-row batch) for the decoder's 3 queries; cross_kv over 2 rows of 3 images
+        image_len = 2 * d.image_tokens
+        states = torch.randn(2, 3 * d.image_tokens, adapter.image_width)
+        cross_plan = [("cross_kv", adapter.cross_kv, (states,), {"image_embeds": {0: auto, 1: auto}})]
+        cross_args = (torch.randint(0, 2, (2, 3, image_len)), *[torch.randn(2, H, image_len, dh) * 0.1 for _ in range(2 * cross_layers)])
+        cross_dyn = {"cross_mask": {0: auto, 1: auto, 2: auto}, "cross": tuple([{0: auto, 2: auto}] * (2 * cross_layers))}
     plan = [
         ("vision_encoder", adapter.vision_encoder, vision_args, vision_dyn),
+        *cross_plan,
         ("embed", adapter.embed, (ids,), {"input_ids": {0: auto, 1: auto}}),
-        ("decoder", adapter.decoder, (embeds, mask, pos, *block_args, *past),
+        ("decoder", adapter.decoder, (embeds, mask, pos, *block_args, *cross_args[:1], *past, *cross_args[1:]),
          {"inputs_embeds": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
-          "position_ids": {0: auto, 1: auto} if rows == 1 else {1: auto, 2: auto}, **block_dyn, "past": tuple([{0: auto, 2: auto}] * (2 * L))}),
+          "position_ids": {0: auto, 1: auto} if rows == 1 else {1: auto, 2: auto}, **block_dyn,
+          **({"cross_mask": cross_dyn["cross_mask"]} if cross else {}),
+          "past": tuple([{0: auto, 2: auto}] * (2 * L)) + cross_dyn.get("cross", ())}),  # the cache, then cross K/V
     ]
     graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
     (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
@@ -261,8 +289,17 @@ def validate_prefix(adapter, bundle_dir: Path, tasks: list[str], options) -> dic
         blocks = contract.prompt_blocks
         if blocks is not None:
             feeds["block_ids"] = np.concatenate([np.full((1, 1), -1, np.int64), blocks], 1)
+        cross = contract._cross_feeds(slice(None), True)  # IDEFICS: cross_mask and the cross K/V
+        feeds.update(cross)
+        cross_kv = [cross[t.name] for t in m.graphs["cross_kv"].outputs] if "cross_kv" in m.graphs else []
+        if cross_kv:  # the cross K/V of the first image's features, against PyTorch's
+            states = pipe.backend.to_host(pipe.backend.run("vision_encoder", {"pixel_values": inputs[0][0].frames})["image_embeds"])
+            states = np.ascontiguousarray(states.reshape(1, -1, states.shape[-1]))
+            ref = adapter.cross_kv()(torch.from_numpy(states))
+            got = pipe.backend.run("cross_kv", {"image_embeds": states})
+            graphs["cross_kv"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["cross_kv"].outputs, ref)}
         decoder = adapter.decoder()
-        ref = decoder(*(torch.from_numpy(feeds[n]) for n in decoder.inputs), *map(torch.from_numpy, past))
+        ref = decoder(*(torch.from_numpy(feeds[n]) for n in decoder.inputs), *map(torch.from_numpy, past + cross_kv))
         feeds.update(zip((t.name for t in m.graphs["decoder"].inputs if t.name.startswith("past.")), past))
         got = pipe.backend.run("decoder", feeds)
         graphs["decoder"] = {t.name: _errors(r.numpy(), got[t.name]) for t, r in zip(m.graphs["decoder"].outputs, ref)}

@@ -47,7 +47,9 @@ def _graph_errors(adapter: Adapter, backend: OrtBackend, bundle, tasks, sample) 
         return ref
 
     px = sample.pixel_values
-    (img,) = check("vision_encoder", adapter.vision_encoder(), (px,), {"pixel_values": px.numpy()})
+    args = _vision_args(adapter, m, px, sample.questions or None)
+    names = [t.name for t in m.graphs["vision_encoder"].inputs]
+    (img,) = check("vision_encoder", adapter.vision_encoder(), args, {n: a.numpy() for n, a in zip(names, args)})
     enc, mask = img, torch.ones(img.shape[:2], dtype=torch.long)
     texts = [t for t in tasks if m.tasks[t]["encoder"] == "text_encoder"]
     if texts:
@@ -80,6 +82,14 @@ def _graph_errors(adapter: Adapter, backend: OrtBackend, bundle, tasks, sample) 
     return out
 
 
+def _vision_args(adapter: Adapter, m, px, texts) -> tuple:
+    """The vision graph's inputs: the pixels, and where the graph reads text (InstructBLIP-T5's Q-Former) each
+    row's text (`texts`, the questions; None: the task's own, the caption instruction)."""
+    if "vision_text" not in m.prompt:
+        return (px,)
+    return adapter.vision_args(px, texts or [m.prompt["vision_text"]["texts"]["caption"]] * px.shape[0])
+
+
 def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) -> dict:
     m = bundle.manifest
     spec = m.tasks[task]
@@ -94,15 +104,18 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
 
     def onnx_ids(sl, k=1):
         px = sample.pixel_values[sl].numpy()
+        texts = list(sample.questions[sl]) if vqa and not prompt else None
+        vision = {t.name: a.numpy() for t, a in zip(m.graphs["vision_encoder"].inputs[1:],
+                                                    _vision_args(adapter, m, sample.pixel_values[sl], texts)[1:])}
         if prompt:  # the task's own prompt for every image
             ids = np.tile(np.asarray(prompt, dtype=np.int64), (px.shape[0], 1))
-            states, mask = encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
+            states, mask = encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False), vision)
         elif vqa:
             qm = sample.question_mask[sl].numpy()
             width = int(qm.sum(1).max())  # a batch of one carries no padding
-            states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width])
+            states, mask = encode(backend, px, sample.question_ids[sl].numpy()[:, :width], qm[:, :width], vision_text=vision)
         else:
-            states, mask = encode(backend, px)
+            states, mask = encode(backend, px, vision_text=vision)
         return generate(backend, L, states, mask, spec["prompt_ids"], spec["eos_id"], GenerationConfig(num_beams=k, max_new_tokens=max_new),
                         max_new, defaults=generation)
 
@@ -110,8 +123,9 @@ def _tokens(adapter: Adapter, backend: OrtBackend, bundle, task: str, sample) ->
         if vqa and not prompt:
             qm = sample.question_mask[sl]
             width = int(qm.sum(1).max())
+            texts = {"texts": list(sample.questions[sl])} if "vision_text" in m.prompt else {}
             return adapter.reference_generate(task, sample.pixel_values[sl], sample.question_ids[sl][:, :width],
-                                              qm[:, :width], max_new_tokens=max_new, num_beams=k)
+                                              qm[:, :width], max_new_tokens=max_new, num_beams=k, **texts)
         return adapter.reference_generate(task, sample.pixel_values[sl], max_new_tokens=max_new, num_beams=k)
 
     batched_ref, batched = torch_ids(slice(0, n)), onnx_ids(slice(0, n))

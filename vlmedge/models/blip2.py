@@ -1,5 +1,6 @@
 """Adapters of Hugging Face `Blip2ForConditionalGeneration` and `InstructBlipForConditionalGeneration`
-whose language model is OPT (decoder-only), on the prefix contract.
+whose language model is decoder-only (OPT, as BLIP-2's checkpoints; Llama, as InstructBLIP's Vicuna ones), on the
+prefix contract.
 
 The vision graph is the whole image side: the ViT, the Q-Former whose `num_query_tokens` learned queries
 cross-attend to it, and the projection to the LM's width; its output, one row per query, replaces the
@@ -14,7 +15,8 @@ bundle carries that rule as a template vlmedge writes (PROMPT_TEMPLATE). Caption
 HF's `generate(pixel_values)`: the image tokens and BOS alone, so BLIP-2's caption instruction is the BOS
 token itself; VQA is the text as given, in BLIP-2's format "Question: {q} Answer:".
 
-OPT's learned positions are offset by 2 inside the model (`OPTLearnedPositionalEmbedding`); the graph
+The Vicuna checkpoints' Llama tokenizer writes `<s>` as BOS, OPT's `</s>`; either way the template writes the
+image tokens, then the tokenizer's BOS and the text. OPT's learned positions are offset by 2 inside the model (`OPTLearnedPositionalEmbedding`); the graph
 takes the positions HF `generate` computes from the attention mask (cumulative sum minus one) and the
 model adds the offset. The processor pads a batch's text before it puts the image tokens in front, so its
 rows hold padding between the image and the text; the runtime left-pads whole rows instead: the same
@@ -40,6 +42,7 @@ from vlmedge.models.prefix import HfPrefixAdapter
 
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 QFORMER_TOKENIZER = "qformer_tokenizer.json"  # InstructBLIP's second tokenizer, in the bundle
+DECODER_LMS = ("opt", "llama")  # the published checkpoints' decoder-only LMs: OPT (BLIP-2), Vicuna (InstructBLIP)
 
 # Blip2Processor's prompt as a template: one user turn with one image; the image's placeholder, BOS, the text.
 # A text that is BOS alone is the caption's prompt (HF generate with no input_ids: the image tokens and BOS).
@@ -91,9 +94,10 @@ class Blip2Adapter(HfPrefixAdapter):
     def __init__(self, source: str, prompt: str | None = None):
         cfg = read_json(Path(source) / "config.json", ModelLoadError)
         text = (cfg.get("text_config") if isinstance(cfg, dict) else None) or {}
-        if not isinstance(cfg, dict) or cfg.get("use_decoder_only_language_model") is False or text.get("model_type", "opt") != "opt":
+        if not isinstance(cfg, dict) or cfg.get("use_decoder_only_language_model") is False \
+                or text.get("model_type", "opt") not in DECODER_LMS:
             raise ModelLoadError(f"{source}: {self.architecture} with a {text.get('model_type', 'seq2seq')} language model; "
-                                 "vlmedge exports the OPT (decoder-only) and T5 variants")
+                                 "vlmedge exports the OPT and Llama (Vicuna) decoder-only variants and the T5 ones")
         super().__init__(source, prompt)
         self._check_bos()
 
@@ -145,7 +149,8 @@ class Blip2Adapter(HfPrefixAdapter):
         return _Vision(self.model).eval()
 
     def language_model(self):
-        return self.model.language_model.model.decoder, self.model.language_model.lm_head
+        lm = self.model.language_model  # OPTForCausalLM (its decoder) or LlamaForCausalLM (its model)
+        return lm.get_decoder(), lm.get_output_embeddings()
 
     def pixel_inputs(self, inputs: list) -> dict:
         return {"pixel_values": torch.from_numpy(np.concatenate([img.frames for item in inputs for img in item]))}

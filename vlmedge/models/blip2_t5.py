@@ -23,12 +23,10 @@ Captioning: HF's `generate(pixel_values)` with no text fails for a T5 language m
 (`prompt=""`): the image tokens and `</s>`, the processor's `text=""` (`--prompt` gives another text). VQA is
 the text as given, in BLIP-2's format "Question: {q} Answer:".
 
-InstructBLIP's Q-Former also reads the instruction, tokenised by its own BERT tokenizer. The cross-attention
-contract feeds the vision graph pixels only and the text encoder the T5 tokenizer's ids (a Q-Former inside
-`text_encoder` would need BERT ids of the same text, which no one tokenizer gives), so InstructBLIP-T5 exports
-captioning alone: its caption instruction's Q-Former ids are constants of the vision graph. VQA needs the
-runtime to feed a second tokenizer's ids to the vision graph on this contract, as it does on the prefix one
-(`prompt.vision_text`).
+InstructBLIP's Q-Former also reads the text (the caption instruction, or the question), tokenised by its own
+BERT tokenizer: its vision graph takes `qformer_input_ids` and `qformer_attention_mask` beside the pixels, and the
+bundle carries that tokenizer (the manifest's `prompt.vision_text`, as on the prefix contract, with the caption's
+text under `texts`). The runtime feeds it each question's ids, or the caption instruction's.
 
 T5 attention scales nothing and has no position embeddings: the decoder's self-attention adds a bias bucketed
 from relative positions, which `_DecoderLM` computes from the given `position_ids` and the cache's mask (HF
@@ -45,7 +43,7 @@ import torch.nn as nn
 
 from vlmedge.errors import ModelLoadError, read_json
 from vlmedge.models.base import FamilyInfo, ModelDims, TaskSpec
-from vlmedge.models.blip2 import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _Vision
+from vlmedge.models.blip2 import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, QFORMER_TOKENIZER, _InstructVision, _Vision
 from vlmedge.models.generation import generation_defaults
 from vlmedge.models.hf import (
     HfCrossKV, HfDecoder, HfDecoderInit, decoder_dims, image_processor_settings, load_hf_model, preprocessing,
@@ -62,24 +60,6 @@ def is_t5(source: str) -> bool:
     cfg = read_json(Path(source) / "config.json", ModelLoadError)
     text = (cfg.get("text_config") if isinstance(cfg, dict) else None) or {}
     return isinstance(text, dict) and text.get("model_type") == "t5"
-
-
-class _InstructionVision(_Vision):
-    """InstructBLIP's vision side with one instruction: its Q-Former ids are constants, the queries' rows the output."""
-
-    def __init__(self, model, instruction_ids: list[int]):
-        super().__init__(model)
-        self.register_buffer("instruction", torch.tensor([instruction_ids], dtype=torch.long), persistent=False)
-
-    def forward(self, pixel_values):
-        image = self.tower(pixel_values, return_dict=True).last_hidden_state
-        B = image.shape[0]
-        queries = self.queries.expand(B, -1, -1)
-        ids = self.instruction.expand(B, -1)
-        mask = torch.ones((B, queries.shape[1] + ids.shape[1]), dtype=torch.long)
-        out = self.qformer(input_ids=ids, attention_mask=mask, query_embeds=queries, encoder_hidden_states=image,
-                           encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long), return_dict=True)
-        return self.projection(out.last_hidden_state[:, : queries.shape[1]])
 
 
 class _PromptEncoder(nn.Module):
@@ -153,7 +133,6 @@ class Blip2T5Adapter:
     family = "blip2-t5"
     caption_text = ""  # LAVIS's caption prompt for BLIP-2 T5
     image_grid = False  # the vision graph gives the Q-Former's queries, not patches: no heatmap grid (docs/explain.md)
-    answers_questions = True  # InstructBLIP-T5: not on this contract yet (the module docstring)
 
     def __init__(self, source: str, prompt: str | None = None):
         import transformers
@@ -187,7 +166,7 @@ class Blip2T5Adapter:
         prep = preprocessing(source, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic")
         self.caption_text = prompt if prompt is not None else self.caption_text
         with torch.no_grad():  # facts from the traced modules, not from config formulas
-            image = self.vision_encoder()(torch.zeros(1, 3, *size))
+            image = self.vision_encoder()(*self.vision_args(torch.zeros(1, 3, *size), [self.caption_text]))
             caption_ids = tok.encode(self.caption_text).ids
             ids = torch.tensor([caption_ids])
             states = self.text_encoder()(ids, torch.ones_like(ids), image)
@@ -199,9 +178,7 @@ class Blip2T5Adapter:
                          max_target_len=limit, max_question_len=self.queries + limit)
         spec = lambda **kw: TaskSpec("text_encoder", (self.start_id,), self.eos_id, self.pad_id, MAX_NEW_TOKENS,  # noqa: E731
                                      dict(gen), **kw)
-        tasks = {"caption": spec(text_prompt_ids=tuple(caption_ids))}
-        if self.answers_questions:
-            tasks["vqa"] = spec()
+        tasks = {"caption": spec(text_prompt_ids=tuple(caption_ids)), "vqa": spec()}
         self.info = FamilyInfo(family=self.family, architecture=self.architecture, dims=dims, preprocessing=prep, tasks=tasks)
 
     # -- checks and the bundle's tokenizer --------------------------------------------------------
@@ -254,6 +231,10 @@ class Blip2T5Adapter:
     def vision_encoder(self) -> nn.Module:
         return _Vision(self.model).eval()
 
+    def vision_args(self, pixel_values, texts) -> tuple:
+        """The vision graph's inputs for these pixels and each row's text (BLIP-2's reads the pixels alone)."""
+        return (pixel_values,)
+
     def text_encoder(self) -> nn.Module:
         return _PromptEncoder(self.model, self.image_token_id).eval()
 
@@ -270,59 +251,79 @@ class Blip2T5Adapter:
         return weight_files(self.source)
 
     # -- the reference -------------------------------------------------------------------------------
-    def hf_extra(self, batch: int) -> dict:
-        """What HF's generate takes beside the pixels and input_ids (InstructBLIP: the Q-Former's text)."""
+    def hf_extra(self, texts: list[str]) -> dict:
+        """What HF's generate takes beside the pixels and input_ids for rows of these texts (InstructBLIP: the
+        Q-Former's ids and mask)."""
         return {}
 
     @torch.no_grad()
     def reference_generate(self, task, pixel_values, question_ids=None, question_mask=None, max_new_tokens=20,
-                           num_beams=1, **generation):
+                           num_beams=1, texts=None, **generation):
         """HF generate on the processor's inputs (the caption's text for caption; `question_ids`, the processor's
-        input_ids, for vqa), with the language model's generation settings except those passed."""
+        input_ids, and `texts`, the questions, for vqa), with the language model's generation settings except
+        those passed."""
         B = pixel_values.shape[0]
         if question_ids is None:
             question_ids = torch.tensor([list(self.info.tasks[task].text_prompt_ids)] * B)
             question_mask = torch.ones_like(question_ids)
+            texts = [self.caption_text] * B
         out = self.model.generate(pixel_values=pixel_values, input_ids=question_ids, attention_mask=question_mask,
                                   max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                  **self.hf_extra(B), **generation)
+                                  **self.hf_extra(list(texts or [])), **generation)
         return strip_prompt(out, 1, generation.get("eos_token_id", self.eos_id))
 
 
 class InstructBlipT5Adapter(Blip2T5Adapter):
-    """InstructBLIP with Flan-T5: caption with LAVIS's instruction (or --prompt), which both the Q-Former (its BERT
-    ids, constants of the vision graph) and the T5 encoder read. No vqa on this contract yet (module docstring)."""
+    """InstructBLIP with Flan-T5: caption with LAVIS's instruction (or --prompt) and vqa (the text as given), each
+    read by both the Q-Former (its BERT ids, fed to the vision graph) and the T5 encoder."""
 
     architecture = "InstructBlipForConditionalGeneration"
     family = "instructblip-t5"
     caption_text = INSTRUCT_CAPTION
-    answers_questions = False
 
     def __init__(self, source: str, prompt: str | None = None):
         from transformers import AutoTokenizer
 
         try:
-            qformer = AutoTokenizer.from_pretrained(str(Path(source) / "qformer_tokenizer"), local_files_only=True)
+            self.qformer = AutoTokenizer.from_pretrained(str(Path(source) / "qformer_tokenizer"), local_files_only=True)
         except Exception as e:
             raise ModelLoadError(f"{source}/qformer_tokenizer: InstructBLIP's Q-Former tokenizer does not load ({e})") from None
+        if not getattr(self.qformer, "is_fast", False):
+            raise ModelLoadError(f"{source}/qformer_tokenizer: no fast (tokenizers) version to export")
         text = prompt if prompt is not None else self.caption_text
         if not text.strip():
             raise ModelLoadError(f"{source}: InstructBLIP's Q-Former reads the caption instruction; --prompt must not be empty")
-        self.instruction_ids = list(qformer(text)["input_ids"])
         limit = self._qformer_limit(source)
-        if len(self.instruction_ids) > limit:
-            raise ModelLoadError(f"{source}: the caption instruction is {len(self.instruction_ids)} Q-Former tokens, over its "
-                                 f"{limit} positions")
+        if len(self.qformer(text)["input_ids"]) > limit:
+            raise ModelLoadError(f"{source}: the caption instruction is over the Q-Former's {limit} positions")
         super().__init__(source, prompt)
+        self.info.prompt["vision_text"] = {"tokenizer": QFORMER_TOKENIZER, "inputs": ["qformer_input_ids", "qformer_attention_mask"],
+                                           "max_length": limit, "texts": {"caption": self.caption_text}}
 
     @staticmethod
     def _qformer_limit(source: str) -> int:
         cfg = read_json(Path(source) / "config.json", ModelLoadError)
         return int(((cfg.get("qformer_config") or {}).get("max_position_embeddings")) or 512)
 
-    def vision_encoder(self) -> nn.Module:
-        return _InstructionVision(self.model, self.instruction_ids).eval()
+    def vision_text_tokenizer_json(self) -> str:
+        return self.qformer.backend_tokenizer.to_str()
 
-    def hf_extra(self, batch: int) -> dict:
-        ids = torch.tensor([self.instruction_ids] * batch)
-        return {"qformer_input_ids": ids, "qformer_attention_mask": torch.ones_like(ids)}
+    def vision_encoder(self) -> nn.Module:
+        return _InstructVision(self.model).eval()
+
+    def qformer_rows(self, texts: list[str]) -> tuple:
+        """The Q-Former's ids and mask of these texts, right-padded (as the processor pads with BERT's tokenizer)."""
+        rows = [self.qformer(t)["input_ids"] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        return ids, mask
+
+    def vision_args(self, pixel_values, texts) -> tuple:
+        return (pixel_values, *self.qformer_rows(list(texts)))
+
+    def hf_extra(self, texts: list[str]) -> dict:
+        ids, mask = self.qformer_rows(texts)
+        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}

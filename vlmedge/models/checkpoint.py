@@ -14,16 +14,17 @@ from vlmedge.errors import ModelLoadError, first_line, read_json
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 BUILTIN_DIR = Path(__file__).parent / "weights"
-BUILTIN_MODELS = {"shapes-vlm": BUILTIN_DIR / "shapes-vlm", "shapes-smolvlm": BUILTIN_DIR / "shapes-smolvlm"}
+BUILTIN_MODELS = {"shapes-vlm": BUILTIN_DIR / "shapes-vlm", "shapes-smolvlm": BUILTIN_DIR / "shapes-smolvlm",
+                  "shapes-clip": BUILTIN_DIR / "shapes-clip"}
 # built-in models saved as Hugging Face directories (model, processor, chat template), exported by their family's adapter
-HF_BUILTINS = {"shapes-smolvlm": "SmolVLMForConditionalGeneration"}
+HF_BUILTINS = {"shapes-smolvlm": "SmolVLMForConditionalGeneration", "shapes-clip": "CLIPModel"}
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A built-in model's name or a directory holding the three files."""
     s = str(name_or_path)
     if s in HF_BUILTINS:
-        raise ModelLoadError(f"{s}: a decoder-only model ({HF_BUILTINS[s]}); it runs through its bundle "
+        raise ModelLoadError(f"{s}: a Hugging Face model ({HF_BUILTINS[s]}); it runs through its bundle "
                              f"(vlmedge.load({s!r}), vlmedge demo --model {s})")
     if s in BUILTIN_MODELS:
         return BUILTIN_MODELS[s]

@@ -159,11 +159,10 @@ class Embed(nn.Module):
 
 
 @torch.no_grad()
-def prefix_dims(decoder: nn.Module, width: int) -> dict:
+def prefix_dims(decoder: nn.Module, width: int, run) -> dict:
     """Layers, KV heads, head size and vocabulary, measured from the decoder's own cache and logits
-    after two positions with no past (grouped-query caches keep their KV-head count)."""
-    blocks = (torch.full((1, 2), -1),) if "block_ids" in decoder.inputs else ()
-    probe = decoder(torch.zeros(1, 2, width), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None], *blocks)
+    after two positions with no past (`run(decoder, width)`; grouped-query caches keep their KV-head count)."""
+    probe = run(decoder, width)
     _, heads, _, head_dim = probe[1].shape
     return dict(decoder_layers=(len(probe) - 1) // 2, decoder_heads=int(heads), decoder_head_dim=int(head_dim),
                 vocab_size=int(probe[0].shape[-1]))
@@ -253,12 +252,14 @@ class HfPrefixAdapter:
             raise ModelLoadError(f"{source}/config.json: needs eos_token_id to generate")
         self.eos_id, self.pad_id = int(eos_first), int(pad)
         tokens, width = self.probe_vision(prep)
-        if prep.processor["image_tokens"] != tokens:
+        if not self.cross_attention and prep.processor["image_tokens"] != tokens:
             raise ModelLoadError(f"{source}: the processor writes {prep.processor['image_tokens']} image tokens per frame, "
                                  f"but the vision encoder gives {tokens}")
+        self.image_width = width
         max_pos = int(getattr(tc, "max_position_embeddings", 2048) or 2048)
-        dims = ModelDims(**prefix_dims(self.decoder(), width), encoder_hidden=width, image_tokens=tokens,
-                         max_target_len=max_pos)
+        lm_width = int(tc.hidden_size) if self.cross_attention else width
+        dims = ModelDims(**prefix_dims(self.decoder(), lm_width, self.probe_decoder), encoder_hidden=lm_width,
+                         image_tokens=tokens, max_target_len=max_pos)
         image_token = prep.processor.get("prompt_token", prep.processor["image_token"])
         named = special_tokens(source)
         spec = lambda: TaskSpec("vision_encoder", (), self.eos_id, self.pad_id, 32, dict(generation))  # noqa: E731
@@ -266,12 +267,23 @@ class HfPrefixAdapter:
             family=self.family, architecture=self.architecture, dims=dims, preprocessing=prep,
             tasks={"caption": spec(), "vqa": spec()}, contract="prefix",
             prompt={"chat_template": template, "image_token": image_token,
-                    "image_token_id": int(self.model.config.image_token_id), "special_tokens": named,
+                    "image_token_id": self.image_token_id(), "special_tokens": named,
                     "caption_instruction": prompt or self.caption_instruction, **self.prompt_rules()},
         )
 
     # -- what a family file gives -----------------------------------------------------------------
     caption_instruction = CAPTION_INSTRUCTION  # caption's text when export is given no --prompt
+    # True: the images reach the LM through a cross_kv graph and the decoder's cross-attention (IDEFICS), their
+    # placeholders stay tokens of the prompt, and the vision graph's width may differ from the LM's
+    cross_attention = False
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def probe_decoder(self, decoder: nn.Module, width: int):
+        """The decoder's outputs after two positions with no past (prefix_dims measures them)."""
+        blocks = (torch.full((1, 2), -1),) if "block_ids" in decoder.inputs else ()
+        return decoder(torch.zeros(1, 2, width), torch.ones(1, 2, dtype=torch.long), torch.arange(2)[None], *blocks)
 
     def generation_model(self) -> nn.Module:
         """The model whose generation_config HF's `generate` applies (BLIP-2: its language model's)."""

@@ -72,6 +72,12 @@ def _dual_encoder(src: str, prompt: str | None = None) -> Adapter:
     return DualEncoderAdapter(src, prompt)
 
 
+def _fusion(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.fusion import FusionAdapter
+
+    return FusionAdapter(src, prompt)
+
+
 def _paligemma(src: str, prompt: str | None = None) -> Adapter:
     from vlmedge.models.paligemma import PaliGemmaAdapter
 
@@ -116,6 +122,12 @@ def _instructblip(src: str, prompt: str | None = None) -> Adapter:
     return InstructBlipAdapter(src, prompt)
 
 
+def _idefics(src: str, prompt: str | None = None) -> Adapter:
+    from vlmedge.models.idefics import IdeficsAdapter
+
+    return IdeficsAdapter(src, prompt)
+
+
 # architecture (config.json "architectures"[0], or model_type for the reference model) -> adapter
 ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "ShapesVLM": _shapes,
@@ -133,9 +145,14 @@ ARCHITECTURES: dict[str, Callable[..., Adapter]] = {
     "Qwen2_5_VLForConditionalGeneration": _qwen2_5_vl,
     "Blip2ForConditionalGeneration": _blip2,  # OPT: the prefix contract (models.blip2); Flan-T5: models.blip2_t5
     "InstructBlipForConditionalGeneration": _instructblip,
+    "IdeficsForVisionText2Text": _idefics,  # gated cross-attention on the prefix contract (models.idefics)
     "CLIPModel": _dual_encoder,  # the dual-encoder contract (models.dual_encoder)
     "SiglipModel": _dual_encoder,
     "Siglip2Model": _dual_encoder,
+    "ViltForQuestionAnswering": _fusion,  # the fusion contract (models.fusion)
+    "ViltForImageAndTextRetrieval": _fusion,
+    "BridgeTowerForImageAndTextRetrieval": _fusion,
+    "BridgeTowerForContrastiveLearning": _fusion,
 }
 
 

@@ -36,9 +36,10 @@ def open_embedding(bundle: str, device: str = "cpu", max_pixels: int = 64_000_00
     from vlmedge.runtime.embedding import EmbeddingPipeline
     from vlmedge.runtime.pipeline import resolve_bundle
 
-    from vlmedge.models.checkpoint import BUILTIN_MODELS
+    from vlmedge.models.checkpoint import BUILTIN_MODELS, HF_BUILTINS
 
-    if bundle in BUILTIN_MODELS and not Path(bundle).exists():  # (before exporting it into the cache for nothing)
+    dual = HF_BUILTINS.get(bundle) in ("CLIPModel", "SiglipModel", "Siglip2Model")  # shapes-clip: exported on first use
+    if bundle in BUILTIN_MODELS and not dual and not Path(bundle).exists():  # (before exporting it into the cache for nothing)
         raise InputError(f"{bundle}: a built-in vision-language model, not a dual encoder; this command needs a "
                          "dual-encoder bundle (export a CLIPModel, SiglipModel or Siglip2Model directory)")
     loaded = resolve_bundle(bundle)

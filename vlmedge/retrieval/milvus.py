@@ -7,7 +7,7 @@ of the same model can search an FP32 index, and a different model is refused). R
 `upsert`, keyed by path, batch by batch; after each batch the rows are flushed. A run that is killed
 therefore leaves whole batches behind, the next run reads the paths already there and embeds only the
 others, and a batch written twice (killed between upsert and the next run's read) is still one row per
-image: no duplicates by construction.
+image: no duplicates by construction. A Milvus Lite index file a kill cut short is rebuilt from the rows.
 """
 
 from __future__ import annotations
@@ -110,12 +110,29 @@ class Collection:
         if have != dim:
             raise InputError(f"--db {uri}: collection {name!r} holds embeddings of {have}, this bundle makes {dim}; "
                              "use another --collection")
-        c._call("loading", client.load_collection, name)  # a collection a closed client left is released
+        c._load()
         rows = c._call("reading", client.query, name, filter="", output_fields=["model"], limit=1)
         if rows and rows[0]["model"] != model:
             raise InputError(f"--db {uri}: collection {name!r} holds another model's embeddings; use the bundle that "
                              "indexed it, or another --collection")
         return c
+
+    def _load(self) -> None:
+        """Load the collection (a closed client leaves it released). Milvus Lite builds a segment's index file after
+        a flush returns, so a run killed right then leaves that file cut short and the collection will not load:
+        the index is rebuilt from the rows, which are whole (a server keeps its indexes itself)."""
+        try:
+            self.client.load_collection(self.name)
+            return
+        except Exception as e:
+            if is_server(self.uri):
+                raise RetrievalError(f"--db {self.uri}: loading of collection {self.name!r} failed ({first_line(e)[:300]})") from None
+        for index in self._call("listing indexes", self.client.list_indexes, self.name):
+            self._call("dropping a damaged index", self.client.drop_index, self.name, index_name=index)
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
+        self._call("rebuilding the index", self.client.create_index, self.name, params)
+        self._call("loading", self.client.load_collection, self.name)
 
     def _create(self) -> None:
         from pymilvus import DataType, MilvusClient

@@ -109,7 +109,9 @@ class Manifest:
         if not self.explain:
             del d["explain"]
         if self.contract == CONTRACTS[0]:  # the field's default: absent, as in the bundles of vlmedge 0.1
-            del d["contract"], d["prompt"]
+            del d["contract"]
+            if not self.prompt:  # a cross-attention bundle has one only where its vision graph reads text
+                del d["prompt"]
         return json.dumps(d, indent=2) + "\n"
 
 
@@ -179,14 +181,23 @@ _PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3", "anyres", "fixed", "q
     "grid_pinpoints": List(List(Int(1, 16384), 2, 2), 1, 256), "max_tiles": Int(1, 1024),  # anyres
     "fake_image_token": _TOKEN_TEXT, "global_image_token": _TOKEN_TEXT,
 })
+# the text a vision graph reads beside the pixels: its tokenizer, the two graph inputs it fills (ids, mask), its
+# longest row, and the text of each task that brings no text of its own (a cross-attention caption's instruction)
+_VISION_TEXT = Obj({"tokenizer": FILE_NAME, "sha256": SHA256, "inputs": List(Str(max_len=256, what="an input name"), 2, 2),
+                    "max_length": Int(1, AXIS_MAX)},
+                   {"texts": Map(TASK_NAME, Str(max_len=4096, what="a task's text", lines=True), max_len=64)})
 _PREFIX_TASK = Obj({"eos_id": _IDS, "pad_id": _IDS, "max_new_tokens": Int(1, AXIS_MAX)}, {"generation": Free(dict)})
 _PROMPT = Obj({
     "chat_template": Str(max_len=1 << 16, what="a jinja2 chat template", lines=True), "image_token": _TOKEN_TEXT,
     "image_token_id": _IDS, "caption_instruction": Str(max_len=4096, what="a caption instruction", lines=True),
 }, {"special_tokens": Map(Str(choices=("bos_token", "eos_token", "pad_token", "unk_token")), Str(max_len=256), max_len=4),
+    # a decoder with gated cross-attention (IDEFICS): the token after which no image is seen until the next one,
+    # and the most images one prompt holds
+    "cross_attention": Obj({"reset_token_id": _IDS, "max_images": Int(1, 1024)}),
     # the text a vision graph reads beside the pixels (InstructBLIP's Q-Former): its tokenizer and the inputs it fills
-    "vision_text": Obj({"tokenizer": FILE_NAME, "sha256": SHA256, "inputs": List(Str(max_len=256, what="an input name"), 2, 2),
-                        "max_length": Int(1, AXIS_MAX)})})
+    "vision_text": _VISION_TEXT})
+# a cross-attention bundle's prompt: only the text its vision graph reads (InstructBLIP with Flan-T5)
+_CROSS_PROMPT = Obj({"vision_text": _VISION_TEXT})
 MANIFEST_SCHEMA = Obj({
     "schema_version": Int(0, 1 << 31),
     "family": Str(max_len=128), "architecture": Str(max_len=256),
@@ -208,11 +219,11 @@ MANIFEST_SCHEMA = Obj({
     "tokenizer": Obj({"file": FILE_NAME, "sha256": SHA256}),
     "precision": Obj({"dtype": Str(max_len=32)}, {"method": Str(max_len=64)}),
     "provenance": Free(dict),
-}, {"validation": Free(dict), "target": Str(choices=TARGETS), "contract": Str(choices=CONTRACTS), "prompt": _PROMPT,
+}, {"validation": Free(dict), "target": Str(choices=TARGETS), "contract": Str(choices=CONTRACTS), "prompt": _CROSS_PROMPT,
     "explain": _EXPLAIN})
 # the prefix contract: tasks without prompt ids (the prompt is built per call), a chat template
 PREFIX_MANIFEST_SCHEMA = Obj({**MANIFEST_SCHEMA.required, "tasks": Map(Str(choices=("caption", "vqa")), _PREFIX_TASK, 1, 2),
-                              "prompt": _PROMPT}, MANIFEST_SCHEMA.optional)
+                              "prompt": _PROMPT}, {k: v for k, v in MANIFEST_SCHEMA.optional.items() if k != "prompt"})
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -229,11 +240,12 @@ def canonical_io(graph: str, layers: int, contract: str = "cross-attention",
     if contract == "prefix":
         prefix = {
             "vision_encoder": ({"pixel_values": 4}, {"image_embeds": 3}),
+            "cross_kv": ({"image_embeds": 3}, {}),  # IDEFICS: its outputs are checked against the decoder's inputs
             "embed": ({"input_ids": 2}, {"inputs_embeds": 3}),
             "decoder": ({"inputs_embeds": 3, "attention_mask": 2, "position_ids": 2, **kv("past")}, {"logits": 2, **kv("present")}),
         }
         if graph not in prefix:
-            raise Invalid(f"graphs.{graph}", "not a graph of the prefix contract (vision_encoder, embed, decoder)")
+            raise Invalid(f"graphs.{graph}", "not a graph of the prefix contract (vision_encoder, cross_kv, embed, decoder)")
         return prefix[graph]
     if graph == "embed":
         raise Invalid(f"graphs.{graph}", "a graph of the prefix contract, in a cross-attention bundle")
@@ -274,8 +286,15 @@ def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims
             if any(t.name == "vision_window_ids" for t in g.inputs):
                 want_in["vision_window_ids"] = 1  # Qwen2.5-VL: the windows its window layers attend within
             want_out = {"image_embeds": 2}
-        if contract == "prefix" and gname == "vision_encoder" and vision_text:
+        if gname == "vision_encoder" and vision_text:
             want_in = {**want_in, **{n: 2 for n in vision_text}}  # InstructBLIP: the instruction's ids and mask, per frame
+        if contract == "prefix" and "cross_kv" in graphs and gname in ("cross_kv", "decoder"):
+            cross = {t.name: 4 for t in graphs["cross_kv"].outputs}  # IDEFICS: one key and value per gated layer
+            if not cross or set(cross) != set(kv_names("cross", len(cross) // 2)) or len(cross) > 2 * dims["decoder_layers"]:
+                raise Invalid("graphs.cross_kv.outputs", "expected cross.{j}.key and cross.{j}.value for j = 0, 1, ..., "
+                              "at most one pair per decoder layer")
+            want_in, want_out = ({"image_embeds": 3}, cross) if gname == "cross_kv" else \
+                ({**want_in, "cross_mask": 3, **cross}, want_out)
         for kind, tensors, want in (("inputs", g.inputs, want_in), ("outputs", g.outputs, want_out)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
@@ -367,6 +386,10 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
         from vlmedge.runtime.embedding import parse_manifest as parse_dual_encoder
 
         return parse_dual_encoder(raw, where)
+    if isinstance(raw, dict) and raw.get("contract") == "fusion":  # ViLT / BridgeTower: its own schema
+        from vlmedge.runtime.fusion import parse_manifest as parse_fusion
+
+        return parse_fusion(raw, where)
     if isinstance(raw, dict) and "schema_version" in raw and type(raw["schema_version"]) is int \
             and raw["schema_version"] not in READ_VERSIONS:
         newer = raw["schema_version"] > max(READ_VERSIONS)
@@ -401,9 +424,13 @@ def parse_manifest(raw: Any, where: str = MANIFEST) -> Manifest:
             _check_prefix(m, graphs)
         else:
             _check_explain(explain, graphs, m.get("explain", {}).get("image_grid"), m["dims"])
-            if m.get("prompt") or m["preprocessing"].get("processor"):
-                raise Invalid("prompt" if m.get("prompt") else "preprocessing.processor", "only the prefix contract has one")
+            if m["preprocessing"].get("processor"):
+                raise Invalid("preprocessing.processor", "only the prefix contract has one")
             _check_tasks(m["tasks"], graphs, m["dims"], m["schema_version"])
+            texts = (m.get("prompt") or {}).get("vision_text", {}).get("texts", {})
+            for tname, t in m["tasks"].items():  # a task without a question needs the vision graph's text of its own
+                if vision_text and tname != "vqa" and tname not in texts:
+                    raise Invalid(f"prompt.vision_text.texts.{tname}", "missing (the vision graph reads a text for every task)")
     except Invalid as e:
         raise BundleError(f"{where}: {e}") from None
     return Manifest(

@@ -450,10 +450,13 @@ class Timings:
 
 
 def encode(backend: Backend, pixel_values: np.ndarray, question_ids: np.ndarray | None = None,
-           question_mask: np.ndarray | None = None, image_prefix: bool = False) -> tuple[Any, np.ndarray]:
+           question_mask: np.ndarray | None = None, image_prefix: bool = False,
+           vision_text: dict[str, np.ndarray] | None = None) -> tuple[Any, np.ndarray]:
     """The states the decoder cross-attends to (kept on the backend), and their mask. `image_prefix`:
-    the text encoder's output is [image tokens; question], so the mask covers the image tokens too."""
-    image = backend.run("vision_encoder", {"pixel_values": pixel_values}, keep=("image_states",))["image_states"]
+    the text encoder's output is [image tokens; question], so the mask covers the image tokens too.
+    `vision_text`: the ids and mask of the text a vision graph reads beside the pixels (InstructBLIP's Q-Former)."""
+    image = backend.run("vision_encoder", {"pixel_values": pixel_values, **(vision_text or {})},
+                        keep=("image_states",))["image_states"]
     if question_ids is None:
         return image, np.ones((pixel_values.shape[0], _length(image)), dtype=np.int64)
     feeds = {"question_ids": question_ids, "question_mask": question_mask, "image_states": image}

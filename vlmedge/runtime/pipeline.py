@@ -132,6 +132,16 @@ def stream_pieces(steps: Steps, decode: Callable[[Sequence[int]], str], row: int
         yield piece
 
 
+class Questions(tuple):
+    """`question_ids`' (ids, mask), which also keeps the questions' texts (what a vision graph that reads the
+    question takes: InstructBLIP's Q-Former)."""
+
+    def __new__(cls, arrays: tuple[np.ndarray, np.ndarray], texts: tuple[str, ...]):
+        self = super().__new__(cls, arrays)
+        self.texts = texts
+        return self
+
+
 class Pipeline:
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 8, warn=None, shared_threads: bool = False):
@@ -155,6 +165,16 @@ class Pipeline:
         self.layers = int(m.dims["decoder_layers"])
         self.max_question_len = int(m.dims.get("max_question_len", 0))
         self.max_batch = m.axes["batch"].max if "batch" in m.axes else batch_size
+        # a question's rows hold the image's (BLIP-2 / InstructBLIP with Flan-T5: the tokenizer writes a placeholder
+        # per image row before the text), measured on the bundle's tokenizer
+        image_rows = int(m.dims.get("image_tokens", 0))
+        written = len(self.tokenizer.encode("a").ids) - len(self.tokenizer.encode("a", add_special_tokens=False).ids)
+        self.question_holds_image = 0 < image_rows <= written
+        self.vision_text = None  # the text a cross-attention bundle's vision graph reads (InstructBLIP with Flan-T5)
+        if m.contract == "cross-attention" and "vision_text" in (m.prompt or {}):
+            from vlmedge.runtime.prefix import VisionText
+
+            self.vision_text = VisionText(m.prompt["vision_text"], bundle.path, [t.name for t in m.graphs["vision_encoder"].inputs])
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -188,6 +208,9 @@ class Pipeline:
                 raise InputError(f"question {i}: {len(ids)} tokens, over the model's maximum of "
                                  f"{self.max_question_len} (dims.max_question_len); shorten it")
             rows.append(ids)
+        if self.vision_text is not None:
+            for q in questions:
+                self.vision_text.ids(q)  # checked here: one over the vision graph's length is this question's error
         pad = self.manifest.tasks["vqa"]["pad_id"]
         width = max(map(len, rows))
         ids = np.full((len(rows), width), pad, dtype=np.int64)
@@ -195,7 +218,7 @@ class Pipeline:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
-        return ids, mask
+        return Questions((ids, mask), tuple(questions))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.raw_text(ids).strip()
@@ -211,10 +234,24 @@ class Pipeline:
         and mask from `question_ids`), or those of the task's own prompt (Florence-2)."""
         backend = backend or self.backend
         spec = self.manifest.tasks[task]
+        vision = self.vision_feeds(task, px.shape[0], questions)
         if questions is None and spec.get("text_prompt_ids"):
             ids = np.tile(np.asarray(spec["text_prompt_ids"], dtype=np.int64), (px.shape[0], 1))
-            return encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False))
-        return encode(backend, px) if questions is None else encode(backend, px, *questions)
+            return encode(backend, px, ids, np.ones_like(ids), spec.get("image_prefix", False), vision)
+        return encode(backend, px, vision_text=vision) if questions is None else encode(backend, px, *questions, vision_text=vision)
+
+    def vision_feeds(self, task: str, n: int, questions=None) -> dict[str, np.ndarray] | None:
+        """What a vision graph that reads text takes beside the pixels (None for the others): each question's
+        ids and mask (the questions as `question_ids` keeps them), or the task's own text's for every image."""
+        if self.vision_text is None:
+            return None
+        if questions is None:
+            return self.vision_text.texts([self.manifest.prompt["vision_text"]["texts"][task]] * n)
+        texts = getattr(questions, "texts", None)
+        if texts is None:
+            raise InputError("questions: this bundle's vision graph reads each question's text; pass what "
+                             "question_ids() returns")
+        return self.vision_text.texts(texts)
 
     def task_text(self, task: str, ids: Sequence[int]) -> str:
         """A family task's answer text, read as its processor reads it (Florence-2: pure text)."""
@@ -355,8 +392,9 @@ class Pipeline:
             timings.encoder += time.perf_counter() - t1
         prompt = np.tile(np.asarray(self.manifest.tasks[task]["prompt_ids"], dtype=np.int64), (len(images), 1))
         # tokens read before the first generated one: the prompt, the states attended to, and the image
-        # tokens a question's encoder read (a question's states hold the question's positions only)
-        image = int(self.manifest.dims.get("image_tokens", 0)) if q is not None else 0
+        # tokens a question's encoder read (a question's states hold the question's positions only, except where
+        # the question's own rows hold the image: BLIP-2 / InstructBLIP with Flan-T5)
+        image = int(self.manifest.dims.get("image_tokens", 0)) if q is not None and not self.question_holds_image else 0
         return Steps(cross_decoder(self.backend, self.layers, states, mask, self.manifest.split_decoder), prompt, settings, timings,
                      context=prompt.shape[1] + mask.sum(1) + image)
 
@@ -433,7 +471,8 @@ class Pipeline:
         attention = attend(self.backend, self.layers, states, mask, spec["prompt_ids"], rows)
         image_attention = [None] * len(rows)
         if questions is not None and not spec.get("image_prefix") and "text_encoder" in self.manifest.explain["graphs"]:
-            image = self.backend.run("vision_encoder", {"pixel_values": px}, keep=("image_states",))["image_states"]
+            image = self.backend.run("vision_encoder", {"pixel_values": px, **(self.vision_feeds(task, len(px), questions) or {})},
+                                     keep=("image_states",))["image_states"]
             feeds = {"question_ids": questions[0], "question_mask": questions[1], "image_states": image}
             out = self.backend.run(self.backend.explain("text_encoder"), feeds)["image_attention"]
             image_attention = [out[b, :, :, : int(questions[1][b].sum())] for b in range(len(rows))]
@@ -515,7 +554,12 @@ def load(bundle: str | os.PathLike, device: str = "cpu", *, threads: int | None 
 
 def open_pipeline(bundle: Bundle, device: str = "cpu", threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   batch_size: int = 8, warn=None, shared_threads: bool = False) -> Pipeline:
-    """The pipeline of a loaded bundle's contract: cross-attention, or prefix (decoder-only VLMs)."""
+    """The pipeline of a loaded bundle's contract: cross-attention, prefix (decoder-only VLMs), or a dual encoder's
+    (a built-in such as shapes-clip, opened by name)."""
+    if bundle.manifest.contract == "dual-encoder":
+        from vlmedge.runtime.embedding import EmbeddingPipeline
+
+        return EmbeddingPipeline(bundle, device, threads, max_pixels, batch_size, warn, shared_threads)
     if bundle.manifest.contract == "prefix":
         from vlmedge.runtime.prefix import PrefixPipeline
 

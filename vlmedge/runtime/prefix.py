@@ -24,6 +24,13 @@ in the manifest's `prompt.vision_text`: the tokenizer file for that text (with i
 the graph's inputs it fills, `[ids, mask]`, each [frames, vision_text_len]. The text is the user turn's text
 as given (what the family's processor hands its second tokenizer), tokenised with special tokens and
 right-padded per call (`VisionText`).
+
+A bundle with a `cross_kv` graph (IDEFICS: gated cross-attention) keeps each image's `<image>` token in the
+prompt as a token and feeds the image to the decoder's cross-attention instead: `vision_encoder` per image,
+each row's images one after another through `cross_kv` (rows with fewer images padded with zero rows), and
+`cross_mask` written from the prompt ids by IdeficsProcessor's rule (`cross_mask`): each token sees the
+latest image before it, none before the first and none after `prompt.cross_attention.reset_token_id` (EOS)
+until the next image; every generated token sees what the prompt's last token saw.
 """
 
 from __future__ import annotations
@@ -131,7 +138,14 @@ class VisionText:
 
     def feeds(self, images: Sequence[ImageInput]) -> dict[str, np.ndarray]:
         """Each frame's row of its image's text ids and mask, right-padded to the longest."""
-        rows = [img.text_ids for img in images for _ in range(len(img.frames))]
+        return self.rows([img.text_ids for img in images for _ in range(len(img.frames))])
+
+    def texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """One row per text (a cross-attention bundle's vision graph: one frame per image)."""
+        return self.rows([self.ids(t) for t in texts])
+
+    def rows(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Ids and mask of these rows, right-padded to the longest."""
         width = max(map(len, rows))
         ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -152,6 +166,25 @@ def turn_text(conv: list[dict]) -> str:
     return "".join(part["text"] for m in conv if m["role"] == "user" for part in m["content"] if part.get("type") == "text")
 
 
+def cross_mask(ids: np.ndarray, image_token_id: int, reset_id: int, latents: int, images: int) -> np.ndarray:
+    """[batch, seq_len, images * latents] int64: 1 where a token sees an image's rows. Token t of a row sees
+    the row's k-th image (k counted from 0 along the row) when the latest image token at or before t is its
+    k-th and no `reset_id` token lies between that image token and t (the reset token itself still sees it)."""
+    B, S = ids.shape
+    latest = np.full((B, S), -1, dtype=np.int64)
+    for b in range(B):
+        count, reset = -1, False
+        for t in range(S):
+            token = int(ids[b, t])
+            if token == image_token_id:
+                count, reset = count + 1, False
+            latest[b, t] = -1 if reset else count
+            if token == reset_id:
+                reset = True
+    seen = (latest[:, :, None] == np.arange(images)[None, None, :]).astype(np.int64)  # (B, S, images)
+    return np.repeat(seen, latents, axis=2)
+
+
 def positions(mask: np.ndarray) -> np.ndarray:
     """HF `generate`'s position ids of a left-padded batch: cumulative mask minus one, pads at 1."""
     pos = np.cumsum(mask, axis=1) - 1
@@ -166,14 +199,17 @@ class PrefixDecoder:
     ROOM = 64  # cache rows allocated past the prompt when the cache is updated in place (doubled when full)
 
     def __init__(self, backend: Backend, dims: dict, embeds: np.ndarray, mask: np.ndarray, prompt_rows: int | None = None,
-                 blocks: np.ndarray | None = None, prompt_positions: np.ndarray | None = None):
+                 blocks: np.ndarray | None = None, prompt_positions: np.ndarray | None = None,
+                 cross: dict[str, np.ndarray] | None = None, prompt_cross_mask: np.ndarray | None = None):
         """`prompt_rows`: the most rows one prompt call takes (the manifest's `axes.prompt_batch`, which
         the ONNX Runtime target's GroupQueryAttention sets to 1). Such a graph also updates the cache in
         place: each layer's past and present are one buffer with room for the rows to come (on
         backends that can write into a buffer), so a step writes one row instead of copying the cache.
         `blocks`: the prompt's block_ids, for a decoder that takes them (None: it does not).
         `prompt_positions`: the prompt's position_ids when they are not HF generate's (M-RoPE: [3, batch,
-        seq_len]); by default the cumulative mask minus one."""
+        seq_len]); by default the cumulative mask minus one.
+        `cross`, `prompt_cross_mask`: a decoder with cross-attention (IDEFICS): the cross K/V of each row's
+        images, and which of them each prompt token sees [batch, seq_len, image_len]."""
         L = int(dims["decoder_layers"])
         self.backend = backend
         self.present, self.past = kv_names("present", L), kv_names("past", L)
@@ -186,6 +222,9 @@ class PrefixDecoder:
         self.in_place = prompt_rows is not None and hasattr(backend, "prepare_into")
         self.capacity = 0
         self.runner, self.bound = None, None  # in place: the decoder with this cache's buffers bound once
+        self.cross, self.prompt_cross_mask = cross or {}, prompt_cross_mask
+        # every generated token sees what the prompt's last token saw
+        self.step_cross_mask = None if prompt_cross_mask is None else np.ascontiguousarray(prompt_cross_mask[:, -1:])
 
     def start(self, prompt: np.ndarray) -> np.ndarray:
         B = prompt.shape[0]
@@ -199,19 +238,28 @@ class PrefixDecoder:
             self.capacity = self.mask.shape[1] + self.ROOM
         step = self.prompt_rows or B
         if step >= B:
-            logits, self.cache = self._prompt(self.embeds, self.mask, pos, self.blocks)
+            logits, self.cache = self._prompt(self.embeds, self.mask, pos, self.blocks, self._cross_feeds(slice(None), True))
             return logits
         parts = [self._prompt(self.embeds[s : s + step], self.mask[s : s + step], at(slice(s, s + step)),
-                              None if self.blocks is None else self.blocks[s : s + step]) for s in range(0, B, step)]
+                              None if self.blocks is None else self.blocks[s : s + step],
+                              self._cross_feeds(slice(s, s + step), True)) for s in range(0, B, step)]
         to_host = self.backend.to_host
         self.cache = [np.concatenate([to_host(c[i]) for _, c in parts]) for i in range(len(self.present))]
         if self.in_place:
             self.cache = [self.backend.buffer(c) for c in self.cache]
         return np.concatenate([logits for logits, _ in parts])
 
-    def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray, blocks: np.ndarray | None) -> tuple[np.ndarray, list]:
+    def _cross_feeds(self, rows: slice, prompt: bool) -> dict[str, np.ndarray]:
+        """The cross-attention inputs of these rows (none for a decoder without cross-attention)."""
+        if self.prompt_cross_mask is None:
+            return {}
+        mask = self.prompt_cross_mask if prompt else self.step_cross_mask
+        return {"cross_mask": mask[rows], **{k: v[rows] for k, v in self.cross.items()}}
+
+    def _prompt(self, embeds: np.ndarray, mask: np.ndarray, pos: np.ndarray, blocks: np.ndarray | None,
+                cross: dict[str, np.ndarray]) -> tuple[np.ndarray, list]:
         heads, _, dh = self.kv_shape
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **cross}
         if blocks is not None:
             feeds["block_ids"] = blocks
         if self.in_place:
@@ -230,6 +278,9 @@ class PrefixDecoder:
         self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
         if self.blocks is not None:
             self.blocks = self.blocks[rows]
+        if self.step_cross_mask is not None:
+            self.step_cross_mask = self.step_cross_mask[rows]
+            self.cross = {k: v[rows] for k, v in self.cross.items()}
 
     def reorder(self, rows: np.ndarray) -> None:
         if not np.array_equal(rows, np.arange(len(rows))):
@@ -240,7 +291,8 @@ class PrefixDecoder:
         embeds = self.backend.run("embed", {"input_ids": ids.reshape(B, 1).astype(np.int64)})["inputs_embeds"]
         self.mask = np.concatenate([self.mask, np.ones((B, 1), dtype=np.int64)], 1)
         pos = self.next_pos if self.rows is None else np.broadcast_to(self.next_pos[None], (self.rows, B, 1))
-        feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": np.ascontiguousarray(pos)}
+        feeds = {"inputs_embeds": embeds, "attention_mask": self.mask, "position_ids": np.ascontiguousarray(pos),
+                 **self._cross_feeds(slice(None), False)}
         if self.blocks is not None:  # a generated token attends causally
             self.blocks = np.concatenate([self.blocks, np.full((B, 1), -1, dtype=np.int64)], 1)
             feeds["block_ids"] = self.blocks
@@ -364,6 +416,9 @@ class PrefixPipeline(Pipeline):
                 raise BundleError(f"manifest.json preprocessing.processor.{key}: expected text")
         if not isinstance(self.manifest.prompt.get("add_special_tokens", True), bool):
             raise BundleError("manifest.json prompt.add_special_tokens: expected true or false")
+        self.cross_attention = "cross_kv" in self.manifest.graphs
+        if self.cross_attention != ("cross_attention" in self.manifest.prompt):
+            raise BundleError("manifest.json prompt.cross_attention: a prefix bundle has it exactly when it has a cross_kv graph")
         self.vision_text = None
         if "vision_text" in self.manifest.prompt:
             names = [t.name for t in self.manifest.graphs["vision_encoder"].inputs]
@@ -538,14 +593,46 @@ class PrefixPipeline(Pipeline):
         if self.mrope:
             grids = [[img.grid for img in item] for item in (inputs or [[] for _ in ids])]
             pos = mrope_positions(ids, mask, grids, image_id, int(self.manifest.preprocessing["processor"]["merge_size"]))
-        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None, blocks, pos)
+        cross, prompt_cross = (None, None) if not self.cross_attention else self._cross(ids, inputs)
+        return PrefixDecoder(self.backend, self.manifest.dims, embeds, mask, rows.max if rows else None, blocks, pos,
+                             cross, prompt_cross)
+
+    def _cross(self, ids: np.ndarray, inputs: list[list[ImageInput]] | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A cross-attention decoder's inputs (IDEFICS): the cross K/V of each row's images, one after another
+        (zero rows where a row has fewer), and the prompt's cross_mask."""
+        spec, image_id = self.manifest.prompt["cross_attention"], self.manifest.prompt["image_token_id"]
+        inputs = inputs if inputs is not None else [[] for _ in ids]
+        counts = [len(item) for item in inputs]
+        for i, (row, n) in enumerate(zip(ids, counts)):
+            if int((row == image_id).sum()) != n:
+                raise InputError(f"prompt: {int((row == image_id).sum())} image tokens for {n} images; the text "
+                                 f"holds {self.manifest.prompt['image_token']} of its own")
+        most = max(1, *counts)
+        if most > spec["max_images"]:
+            raise InputError(f"prompt: {most} images, over this bundle's maximum of {spec['max_images']} per prompt")
+        latents = int(self.manifest.dims["image_tokens"])
+        to_host = self.backend.to_host
+        width = self.manifest.graphs["cross_kv"].inputs[0].shape[-1]
+        states = np.zeros((len(ids), most * latents, width), np.float32)
+        px = [img.frames for item in inputs for img in item]
+        if px:
+            frames = np.concatenate(px)
+            features = np.concatenate([to_host(self.backend.run("vision_encoder", {"pixel_values": frames[s : s + self.max_frames]})
+                                               ["image_embeds"]) for s in range(0, len(frames), self.max_frames)])
+            at = 0
+            for i, n in enumerate(counts):
+                states[i, : n * latents] = features[at : at + n].reshape(n * latents, width)
+                at += n
+        out = self.backend.run("cross_kv", {"image_embeds": states})
+        cross = {t.name: np.asarray(to_host(out[t.name])) for t in self.manifest.graphs["cross_kv"].outputs}
+        return cross, cross_mask(ids, image_id, spec["reset_token_id"], latents, most)
 
     def embeddings(self, ids: np.ndarray, inputs: list[list[ImageInput]]) -> np.ndarray:
         """Text embeddings with the image-token rows replaced by the images' embeddings, in order."""
         to_host = self.backend.to_host
         embeds = np.array(to_host(self.backend.run("embed", {"input_ids": ids})["inputs_embeds"]))
         images = [img for item in inputs for img in item]
-        if not images:
+        if not images or self.cross_attention:  # IDEFICS: the images reach the decoder through cross_kv (`decoder`)
             return embeds
         if self.patch_vision:
             return self._merge(ids, embeds, np.concatenate(self._patch_features(images)))

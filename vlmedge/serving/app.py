@@ -38,6 +38,7 @@ from vlmedge.runtime.decoding import GenerationConfig
 from vlmedge.runtime.pipeline import Pipeline
 from vlmedge.serving import chat as chat_api
 from vlmedge.serving import embeddings as embeddings_api
+from vlmedge.serving import fusion as fusion_api
 from vlmedge.serving import protocol
 from vlmedge.serving.batcher import Batcher, Closing, QueueFull, Sink, Ticket
 from vlmedge.serving.inputs import (
@@ -134,6 +135,11 @@ def open_pipeline(options: ServeOptions, warn=None) -> Pipeline:
 
         return EmbeddingPipeline(bundle, options.device, options.threads, max_pixels=options.max_pixels,
                                  batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
+    if bundle.manifest.contract == "fusion":  # ViLT / BridgeTower: /v1/vqa and /v1/match (serving.fusion)
+        from vlmedge.runtime.fusion import FusionPipeline
+
+        return FusionPipeline(bundle, options.device, options.threads, max_pixels=options.max_pixels,
+                              batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
     return open_bundle(bundle, options.device, options.threads, max_pixels=options.max_pixels,
                        batch_size=options.max_batch, warn=warn, shared_threads=options.shared_threads)
 
@@ -142,6 +148,8 @@ def model_summary(pipe: Pipeline, name: str) -> dict[str, Any]:
     """What /v1/models says of the bundle: its family, tasks, precision, limits and source."""
     if getattr(pipe, "contract", None) == "dual-encoder":
         return embeddings_api.model_summary(pipe, name, __version__)
+    if getattr(pipe, "contract", None) == "fusion":
+        return fusion_api.model_summary(pipe, name, __version__)
     m = pipe.manifest
     return {
         "id": name, "object": "model", "created": int(pipe.bundle.path.stat().st_mtime), "owned_by": "vlmedge",
@@ -196,7 +204,8 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
             state["pipe"] = await run_in_threadpool(open_pipeline, options)
         pipe = state["pipe"]
         state["name"] = options.model_name or pipe.bundle.path.name
-        batcher = (embeddings_api.EmbeddingBatcher if getattr(pipe, "contract", None) == "dual-encoder" else Batcher)(
+        contract = getattr(pipe, "contract", None)
+        batcher = {"dual-encoder": embeddings_api.EmbeddingBatcher, "fusion": fusion_api.FusionBatcher}.get(contract, Batcher)(
             pipe, options.max_batch, options.max_wait_ms / 1000, options.max_queue, options.workers,
                           on_batch=lambda n, t: metrics.batch_size.observe(n),
                           on_depth=metrics.queue_depth.set, inflight=options.batching == "inflight")
@@ -219,6 +228,9 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
         def run() -> None:
             if getattr(pipe, "contract", None) == "dual-encoder":
                 embeddings_api.warm_up(pipe)
+                return
+            if getattr(pipe, "contract", None) == "fusion":
+                fusion_api.warm_up(pipe)
                 return
             if "caption" in pipe.tasks:
                 pipe.caption(image, max_new_tokens=2)
@@ -522,6 +534,8 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
 
     embeddings_api.add_routes(app, options, state, metrics, authorize=_authorize, read_body=_read_body, serving=_serving,
                               admit=_admit, model_error=_model_error, api_error=ApiError)
+    fusion_api.add_routes(app, options, state, metrics, authorize=_authorize, read_body=_read_body, serving=_serving,
+                          admit=_admit, model_error=_model_error, api_error=ApiError)
 
     @app.post("/v1/caption", summary="Caption an image", openapi_extra=_openapi_body("caption"))
     async def caption(request: Request) -> JSONResponse:
@@ -529,6 +543,8 @@ def create_app(options: ServeOptions, pipeline: Optional[Pipeline] = None) -> Fa
 
     @app.post("/v1/vqa", summary="Answer a question about an image", openapi_extra=_openapi_body("vqa"))
     async def vqa(request: Request) -> JSONResponse:
+        if getattr(state["pipe"], "contract", None) == "fusion":  # ViLT: answers from its vocabulary (serving.fusion)
+            return await app.state.fusion_vqa(request)
         return await _answer(request, "vqa")
 
     @app.get("/v1/models", summary="The served model, in OpenAI's list format")
