@@ -59,6 +59,23 @@ def test_variants_load_run_and_follow_fp32(smolvlm, variants):
         assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(variants / "int8" / f"{g}.onnx")).graph.node)
 
 
+def test_variants_store_the_tied_table_once(variants):
+    """A variant keeps the bundle's property: no weight stored twice. Where its `embed` and LM head still
+    hold the same table (FP16; weight-only INT4 leaves the head in float by default), `embed` reads it
+    from the decoder's weights file."""
+    from vlmedge.export.inspect import weight_report
+    from vlmedge.runtime.bundle import load_bundle
+
+    for precision in ("fp16", "int8", "int8-wo", "int4-wo"):
+        bundle = load_bundle(variants / precision)
+        report = weight_report(bundle)
+        assert not report["shared"], (precision, report["shared"])
+        graphs = bundle.manifest.graphs
+        if precision in ("fp16", "int4-wo"):
+            assert graphs["embed"].data_file == graphs["decoder"].data, precision
+            assert report["read_once"][0][0] == ("decoder", "embed")
+
+
 def test_compare_measures_every_graph_of_the_contract(smolvlm, variants, tmp_path):
     # the library call: the CLI's would turn on ONNX Runtime's process-wide thread pool, which the
     # rest of this test process (ONNX Runtime's own calibrator) cannot then share

@@ -69,26 +69,26 @@ def test_a_second_run_adds_nothing(indexed, encoder_bundles, photos, capsys):
     assert len(_rows(db)) == 10
 
 
-@pytest.mark.parametrize("query", ["a photo of a red circle.", "two large blue squares", "x"])
-def test_search_by_text_equals_brute_force_cosine(query, indexed, encoder_bundles, encoder_pipes, photos, capsys):
-    db, _ = indexed
-    assert main(["search", str(encoder_bundles["clip"][2]), "--db", str(db), query, "-k", "4", "--json"]) == 0
+def search_equals_brute_force_cosine(db: str, query: str, bundle, pipe, photos, capsys) -> None:
+    """`vlmedge search --db DB "text"` lists what a brute-force numpy cosine over the pipeline's embeddings
+    ranks first, with its scores; then an image query finds that image first (score 1). Shared with
+    test_milvus_server.py, which runs it on a Milvus server."""
+    assert main(["search", str(bundle), "--db", db, query, "-k", "4", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["results"]
-    pipe = encoder_pipes["clip"]
     paths = sorted(str(p.resolve()) for p in photos.iterdir())
     scores = pipe.embed_images(paths) @ pipe.embed_texts(query)
     order = np.argsort(-scores, kind="stable")[:4]
     assert [g["image"] for g in got] == [paths[i] for i in order]
     assert [g["score"] for g in got] == pytest.approx([float(scores[i]) for i in order], abs=1e-5)
-
-
-def test_search_by_image_finds_the_image_first(indexed, encoder_bundles, photos, capsys):
-    db, _ = indexed
     img = photos / "scene-03.png"
-    assert main(["search", str(encoder_bundles["clip"][2]), "--db", str(db), "--image", str(img), "-k", "2"]) == 0
-    first = capsys.readouterr().out.strip().splitlines()[0]
-    score, path = first.split(maxsplit=1)
+    assert main(["search", str(bundle), "--db", db, "--image", str(img), "-k", "2"]) == 0
+    score, path = capsys.readouterr().out.strip().splitlines()[0].split(maxsplit=1)
     assert path == str(img.resolve()) and float(score) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("query", ["a photo of a red circle.", "two large blue squares", "x"])
+def test_search_equals_brute_force_cosine(query, indexed, encoder_bundles, encoder_pipes, photos, capsys):
+    search_equals_brute_force_cosine(str(indexed[0]), query, encoder_bundles["clip"][2], encoder_pipes["clip"], photos, capsys)
 
 
 def test_a_bad_image_is_reported_and_the_rest_indexed(encoder_bundles, photos, tmp_path, capsys):

@@ -118,6 +118,33 @@ def test_export_validates(prefix_bundles, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_weight_is_stored_once(prefix_bundles, name, capsys):
+    """A tied token table (`embed`'s and the decoder's LM head) is stored once, in the decoder's weights
+    file, which `embed` reads; the bundle's files hold each weight once."""
+    from vlmedge.export.inspect import weight_report
+    from vlmedge.runtime.bundle import load_bundle
+
+    adapter, manifest, path = prefix_bundles(name)
+    bundle = load_bundle(path)
+    report = weight_report(bundle)
+    files = {f for g in manifest.graphs.values() for f in (g.file, g.data) if f}
+    on_disk = sum((path / f).stat().st_size for f in files)
+    assert on_disk == sum(bundle.graph_bytes(n) for n in manifest.graphs)
+    assert report["stored_bytes"] == report["unique_bytes"] and not report["shared"], report["shared"]
+    weights_files = sum((path / f).stat().st_size for f in {g.data for g in manifest.graphs.values()})
+    assert weights_files <= 1.05 * report["unique_bytes"]  # (a tiny model's graph files are mostly structure)
+    tied = adapter.model.config.get_text_config().tie_word_embeddings
+    assert (manifest.graphs["embed"].data_file == manifest.graphs["decoder"].data) == tied
+    if tied:
+        assert report["read_once"][0][0] == ("decoder", "embed")
+        from vlmedge.cli import main
+
+        assert main(["inspect", str(path)]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "stored once and read by several graphs (decoder and embed: 1 tensor" in out and "more than once" not in out
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_frames_and_prompt_ids_equal_the_processor(prefix_bundles, name):
     import vlmedge
 
@@ -305,6 +332,10 @@ def test_remote_code_families_are_refused_in_one_line(tmp_path):
     (lambda m: m["graphs"].pop("embed"), "needs graph 'embed'"),
     (lambda m: m["axes"].pop("seq_len"), "seq_len"),
     (lambda m: m["graphs"].update(decoder_step=m["graphs"]["decoder"]), "not a graph of the prefix contract"),
+    # the weights file a graph reads from another graph: that graph's own, with the same hash
+    (lambda m: m["graphs"]["embed"].update(data_file="vision_encoder.onnx.data"), "graphs.embed.data_file"),
+    (lambda m: m["graphs"]["embed"].update(data_file="decoder.onnx", data_sha256=m["graphs"]["decoder"]["sha256"]),
+     "graphs.embed.data_file"),
 ])
 def test_hostile_prefix_manifests_are_refused_in_one_line(prefix_bundles, tmp_path, edit, words):
     import json

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from vlmedge.errors import InputError
-from vlmedge.export.graphs import copy_graph
+from vlmedge.export.graphs import copy_graph, save_graph
 
 METHODS = ("entropy", "minmax", "percentile")
 DYNAMIC = "dynamic"
@@ -106,6 +106,7 @@ def quantize_graph(src: Path, dst: Path, method: str, cache: Path, feeds: Sequen
                          per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
                          weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=methods[method],
                          calibration_cache_path=str(cache), extra_options=options)
+    save_graph(onnx.load(str(dst)), dst)  # its weights beside it, as export writes them: mapped, and shared where tied
     return nodes
 
 
@@ -162,6 +163,7 @@ def quantize_graph_dynamic(src: Path, dst: Path, exclude: Iterable[str] = (), on
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
                              op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes)
+    save_graph(onnx.load(str(dst)), dst)
     return nodes
 
 

@@ -34,7 +34,7 @@ from vlmedge.calibration.data import HELD_OUT, CalibrationSet, load_calibration,
 from vlmedge.errors import InputError, ValidationError, first_line
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.backends.onnxruntime import session_options
-from vlmedge.export.graphs import copy_graph, save_graph
+from vlmedge.export.graphs import copy_graph, save_graph, share_weights
 from vlmedge.export.explain import explain_manifest
 from vlmedge.runtime.bundle import MANIFEST, Bundle, GraphSpec, TensorSpec, graph_hashes, load_bundle
 from vlmedge.runtime.prefix import extra_files
@@ -189,6 +189,7 @@ def _write_manifest(src: Bundle, work: Path, precision: dict) -> None:
     # MatMulNBits (a contrib op) and MatMulInteger are ONNX Runtime's, not TensorRT's: `build` refuses them
     ort_only = precision.get("format") == "matmulnbits" or precision.get("method") == "dynamic"
     target = "onnxruntime" if ort_only else m.target
+    graphs = share_weights(work, graphs)  # a weight the variant's graphs still hold alike (a tied table kept in float)
     explain = {}
     if m.contract == "cross-attention":  # each variant's explain graphs come from its own graphs
         graphs, explain = explain_manifest(work, graphs, m.explain)
@@ -372,6 +373,6 @@ def _check_tensorrt_rules(work: Path, src: Bundle) -> None:
     from vlmedge.calibration.int8 import tensorrt_qdq_problems
 
     for g in src.manifest.graphs.values():
-        problems = tensorrt_qdq_problems(onnx.load(str(work / g.file), load_external_data=False))
+        problems = tensorrt_qdq_problems(onnx.load(str(work / g.file)))
         if problems:
             raise ValidationError(f"{g.file}: breaks TensorRT's Q/DQ rules: {problems[0]}")

@@ -16,7 +16,7 @@ from typing import Callable
 from vlmedge import __version__
 from vlmedge.errors import ExportError, InputError, VlmedgeError, cause_chain, one_line, summary_line
 from vlmedge.export.explain import explain_manifest, image_grid
-from vlmedge.export.graphs import GraphDecl, TensorDecl, axis_ranges, graph_decls, save_graph
+from vlmedge.export.graphs import GraphDecl, TensorDecl, axis_ranges, graph_decls, save_graph, share_weights
 from vlmedge.models.base import TASKS, Adapter
 from vlmedge.outdir import OutputDir
 from vlmedge.runtime.bundle import MANIFEST, AxisRange, GraphSpec, Manifest, TensorSpec, graph_hashes, sha256_file
@@ -296,6 +296,7 @@ def export_bundle(adapter: Adapter, task: str, out: Path, options: ExportOptions
                       "encoder_mask": {0: B, 1: S}, "kv": tuple([{0: B, 2: P}] * (2 * L) + [{0: B, 2: S}] * (2 * L))}))
 
         graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
+        graphs = share_weights(tmp, graphs)  # Florence-2's token table: its language encoder's and decoder's
         # where the vision graph's positions are patches (not a Q-Former's queries), how they lie on the image
         grid = image_grid(int(image_states.shape[1]), info.preprocessing.height, info.preprocessing.width) \
             if getattr(adapter, "image_grid", True) else None

@@ -7,11 +7,12 @@ every dynamic axis carries the name the manifest and the TensorRT profiles use.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vlmedge.errors import ExportError
 from vlmedge.models.base import FamilyInfo
-from vlmedge.runtime.bundle import DATA_SUFFIX
+from vlmedge.runtime.bundle import DATA_SUFFIX, GraphSpec
 from vlmedge.runtime.decoding import kv_names
 
 # Ranges of the named axes: (min, opt, max). Batch and lengths are dynamic; image size is fixed.
@@ -111,7 +112,13 @@ def save_graph(model, path: Path) -> None:
     bundle opens faster and holds its weights once in memory (benchmarks/memory.py). The model's
     initializers become references to that file (onnx's own conversion, in place)."""
     import onnx
+    from onnx import numpy_helper
 
+    for i, t in enumerate(model.graph.initializer):  # onnx moves raw bytes only: FP16 converters write typed fields
+        if not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING:
+            arr = numpy_helper.to_array(t)
+            if arr.nbytes >= 1024:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
     data = path.with_name(path.name + DATA_SUFFIX)
     data.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
@@ -121,8 +128,107 @@ def save_graph(model, path: Path) -> None:
 
 
 def copy_graph(src: Path, dst: Path) -> None:
-    """Copy a graph file and its weights file, if it has one."""
+    """Copy a graph file and its weights file, if it has one. A graph that reads weights from another
+    graph's file (`share_weights`) is written with its weights in a file of its own, so that the copy
+    stands alone whatever is written beside it later."""
+    import onnx
+
+    own = src.name + DATA_SUFFIX
+    model = onnx.load(str(src), load_external_data=False)
+    if any({e.key: e.value for e in t.external_data}.get("location") != own
+           for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL):
+        save_graph(onnx.load(str(src)), dst)
+        return
     shutil.copyfile(src, dst)
-    data = src.with_name(src.name + DATA_SUFFIX)
+    data = src.with_name(own)
     if data.is_file():
         shutil.copyfile(data, dst.with_name(dst.name + DATA_SUFFIX))
+
+
+PAGE = 4096  # a weight appended to another graph's weights file starts on a page: it can be mapped where it lies
+
+
+def share_weights(out: Path, graphs: dict[str, GraphSpec]) -> dict[str, GraphSpec]:
+    """Store once a weight that two graphs of the bundle in `out` hold: a tied token table (the prefix
+    contract's `embed` and its decoder's LM head; Florence-2's language encoder and decoder). The graph with
+    the smaller weights file then reads the larger one's: its other weights are appended there, its own
+    weights file is removed, and its spec names the file it reads (`data_file`). Returns the specs with
+    their new hashes. A weight joins two graphs only where it has two or more dimensions and is not one
+    value repeated (so not the ones and zeros a freshly initialised norm has in both towers of a model)."""
+    import hashlib
+
+    import onnx
+
+    from vlmedge.runtime.bundle import sha256_file
+
+    own = sorted((n for n, g in graphs.items() if g.data_file is None and g.data and (out / g.data).is_file()),
+                 key=lambda n: -(out / graphs[n].data).stat().st_size)
+    stored: dict[str, dict[bytes, tuple[int, int]]] = {}  # weights file -> content -> (offset, length)
+    moved: dict[str, str] = {}  # graph -> the weights file it now reads
+    for name, g in graphs.items():  # shared before (a spec made again from the files): the file it reads
+        if g.data_file is None and not (g.data and (out / g.data).is_file()):
+            model = onnx.load(str(out / g.file), load_external_data=False)
+            files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+            if len(files) == 1:
+                moved[name] = files.pop()
+    for name in own:
+        g = graphs[name]
+        model = onnx.load(str(out / g.file), load_external_data=False)
+        tensors = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        raw = {}
+        with open(out / g.data, "rb") as f:
+            for t in tensors:
+                where = {e.key: e.value for e in t.external_data}
+                f.seek(int(where.get("offset", 0)))
+                raw[t.name] = f.read(int(where["length"]))
+        key = {n: hashlib.blake2b(b, digest_size=16).digest() + len(b).to_bytes(8, "little") for n, b in raw.items()}
+        joins = [t.name for t in tensors if len(t.dims) >= 2 and _varies(t, raw[t.name])]
+        host = next((file for file, index in stored.items() if any(key[n] in index for n in joins)), None)
+        if host is None:
+            stored[g.data] = {key[t.name]: _place(t) for t in tensors}
+            continue
+        index = stored[host]
+        with open(out / host, "r+b") as f:
+            for t in tensors:
+                if key[t.name] not in index:
+                    end = f.seek(0, 2)
+                    f.write(b"\0" * (-end % PAGE))
+                    index[key[t.name]] = (f.tell(), len(raw[t.name]))
+                    f.write(raw[t.name])
+                offset, length = index[key[t.name]]
+                del t.external_data[:]
+                for k, v in (("location", host), ("offset", str(offset)), ("length", str(length))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+        onnx.save(model, str(out / g.file))
+        (out / g.data).unlink()
+        moved[name] = host
+    if not moved:
+        return graphs
+    hashes = {file: sha256_file(out / file) for file in {*stored, *moved.values()}}
+    shared = dict(graphs)
+    for name, g in graphs.items():
+        if name in moved:
+            shared[name] = replace(g, sha256=sha256_file(out / g.file), data_sha256=hashes[moved[name]], data_file=moved[name])
+        elif g.data in hashes:
+            shared[name] = replace(g, data_sha256=hashes[g.data])
+    for name, file in moved.items():
+        if file not in {shared[n].data for n in shared if shared[n].data_file is None}:
+            raise ExportError(f"{graphs[name].file} reads weights from {file}, which is no graph's weights file")
+    return shared
+
+
+def _place(t) -> tuple[int, int]:
+    where = {e.key: e.value for e in t.external_data}
+    return int(where.get("offset", 0)), int(where["length"])
+
+
+def _varies(t, raw: bytes) -> bool:
+    """Whether a tensor's elements are not all the same value."""
+    import numpy as np
+    import onnx
+
+    size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    elems = np.frombuffer(raw, np.uint8).reshape(-1, size)
+    return bool((elems != elems[:1]).any())
+

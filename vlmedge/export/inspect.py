@@ -14,22 +14,28 @@ WEIGHT_MIN = 1024
 
 def weight_report(bundle: Bundle) -> dict:
     """The bundle's bytes by graph and by weight: each graph's file and the bytes of its initializers,
-    and which weights are stored in more than one graph (the same bytes, found by content hash), so
-    what the bundle holds twice shows: {"graphs": {name: {file_bytes, weight_bytes, weights,
-    shared_bytes}}, "stored_bytes", "unique_bytes", "shared": [(graphs, tensors, bytes of the copies past
-    the first)]}. Weights are the
-    initializers of WEIGHT_MIN bytes or more (not the small constants every graph has)."""
+    which weights more than one graph holds (the same bytes, found by content hash), and whether they
+    read one stored copy (a weights file two graphs share) or each store their own:
+    {"graphs": {name: {file_bytes, weight_bytes, weights, shared_bytes}}, "stored_bytes", "unique_bytes",
+    "shared": [(graphs, tensors, bytes of the copies past the first)], "read_once": [(graphs, tensors,
+    bytes)]}. Weights are the initializers of WEIGHT_MIN bytes or more (not the small constants every
+    graph has)."""
     import hashlib
 
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
 
     where: dict[str, set[str]] = {}  # content hash -> graphs holding it
+    places: dict[str, set[tuple]] = {}  # content hash -> where it is stored: (weights file, offset) or (graph, name)
     sizes: dict[str, int] = {}
     graphs = {}
     for name in bundle.manifest.graphs:
         path = bundle.graph_path(name)
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        stored_at = {t.name: (lambda e: (e["location"], int(e.get("offset", 0))))({x.key: x.value for x in t.external_data})
+                     for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        load_external_data_for_model(model, str(path.parent))
         held: dict[str, int] = {}
         for init in model.graph.initializer:
             raw = numpy_helper.to_array(init).tobytes()
@@ -37,19 +43,23 @@ def weight_report(bundle: Bundle) -> dict:
                 continue
             key = hashlib.blake2b(raw, digest_size=16).hexdigest()
             held[key] = len(raw)
+            places.setdefault(key, set()).add(stored_at.get(init.name, (name, init.name)))
         for key, n in held.items():
             where.setdefault(key, set()).add(name)
             sizes[key] = n
         graphs[name] = {"file_bytes": bundle.graph_bytes(name), "weight_bytes": sum(held.values()), "weights": len(held)}
     for name, g in graphs.items():
         g["shared_bytes"] = sum(sizes[k] for k, gs in where.items() if name in gs and len(gs) > 1)
-    groups: dict[tuple, list[int]] = {}
+    twice: dict[tuple, list[int]] = {}
+    once: dict[tuple, list[int]] = {}
     for key, gs in where.items():
-        if len(gs) > 1:
-            groups.setdefault(tuple(sorted(gs)), []).append(sizes[key] * (len(gs) - 1))  # the copies past the first
-    return {"graphs": graphs, "stored_bytes": sum(g["weight_bytes"] for g in graphs.values()),
-            "unique_bytes": sum(sizes.values()),
-            "shared": sorted(((gs, len(ns), sum(ns)) for gs, ns in groups.items()), key=lambda x: -x[2])}
+        if len(places[key]) > 1:
+            twice.setdefault(tuple(sorted(gs)), []).append(sizes[key] * (len(places[key]) - 1))  # the copies past the first
+        elif len(gs) > 1:
+            once.setdefault(tuple(sorted(gs)), []).append(sizes[key])
+    ranked = lambda groups: sorted(((gs, len(ns), sum(ns)) for gs, ns in groups.items()), key=lambda x: -x[2])  # noqa: E731
+    return {"graphs": graphs, "stored_bytes": sum(sizes[k] * len(p) for k, p in places.items()),
+            "unique_bytes": sum(sizes.values()), "shared": ranked(twice), "read_once": ranked(once)}
 
 
 def print_weights(report: dict, console: Console) -> None:
@@ -60,10 +70,12 @@ def print_weights(report: dict, console: Console) -> None:
         t.add_row(escape(name), _size(g["file_bytes"]), _size(g["weight_bytes"]), str(g["weights"]), _size(g["shared_bytes"]))
     console.print(t)
     stored, unique = report["stored_bytes"], report["unique_bytes"]
+    groups = lambda rows: "; ".join(f"{' and '.join(gs)}: {n} tensor{'s' if n > 1 else ''}, {_size(b)}" for gs, n, b in rows)  # noqa: E731
     line = f"weights: {_size(stored)} stored, {_size(unique)} unique"
+    if report["read_once"]:
+        line += f"; stored once and read by several graphs ({groups(report['read_once'])})"
     if stored > unique:
-        line += f"; {_size(stored - unique)} stored more than once (" + "; ".join(
-            f"{' and '.join(gs)}: {n} tensor{'s' if n > 1 else ''}, {_size(b)}" for gs, n, b in report["shared"]) + ")"
+        line += f"; {_size(stored - unique)} stored more than once ({groups(report['shared'])})"
     console.print(escape(line))
 
 

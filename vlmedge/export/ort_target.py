@@ -42,7 +42,7 @@ from vlmedge.errors import ExportError, InputError, ValidationError, first_line
 from vlmedge.export.attention_fusion import FUSED_DOMAIN, fuse_attention
 from vlmedge.export.decoder_fusion import fuse_prefix_decoder, merge_projections
 from vlmedge.outdir import OutputDir
-from vlmedge.export.graphs import save_graph
+from vlmedge.export.graphs import save_graph, share_weights
 from vlmedge.export.explain import explain_manifest
 from vlmedge.runtime.bundle import MANIFEST, TARGETS, AxisRange, graph_hashes, load_bundle
 from vlmedge.runtime.prefix import extra_files
@@ -164,6 +164,7 @@ def retarget(src: Path, out: Path, force: bool = False, log: Callable[[str], Non
         if fused.get("decoder", {}).get("GroupQueryAttention") and m.contract == "prefix":
             # ONNX Runtime's GroupQueryAttention takes a prompt after a past one row at a time
             axes["prompt_batch"] = AxisRange(1, 1, 1)
+        graphs = share_weights(tmp, graphs)
         explain = {}
         if m.contract == "cross-attention":  # fused attention has no probabilities: explain graphs only where unfused
             graphs, explain = explain_manifest(tmp, graphs, m.explain)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from vlmedge.errors import InputError
-from vlmedge.export.graphs import DEFAULT_MAX_BATCH, GraphDecl, TensorDecl, kv
+from vlmedge.export.graphs import DEFAULT_MAX_BATCH, GraphDecl, TensorDecl, kv, share_weights
 from vlmedge.models.base import FamilyInfo
 from vlmedge.runtime.bundle import PREFIX_SCHEMA_VERSION
 
@@ -196,6 +196,7 @@ def export_prefix(adapter, tasks: list[str], tmp: Path, options, on_graph: Calla
           "past": tuple([{0: auto, 2: auto}] * (2 * L)) + cross_dyn.get("cross", ())}),  # the cache, then cross K/V
     ]
     graphs, timings = trace_plan(plan, decls, tmp, options.opset, on_graph)
+    graphs = share_weights(tmp, graphs)  # a tied token table: `embed`'s and the decoder's LM head
     (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
     prompt = dict(info.prompt)
     if vision_text_inputs(info):  # the vision graph's own tokenizer, beside the LM's

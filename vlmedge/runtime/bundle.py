@@ -50,7 +50,8 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     data_sha256: str | None = None  # the graph's weights, in `<file>.data` beside it (None: inside the graph file)
-    data_file: str | None = None  # the weights file where it is another graph's (an explain graph's: its production graph's)
+    data_file: str | None = None  # the weights file where it is another graph's (an explain graph's: its production
+    # graph's; a graph sharing a tied table with another: that graph's, vlmedge.export.graphs.share_weights)
 
     @property
     def data(self) -> str | None:
@@ -62,9 +63,10 @@ DATA_SUFFIX = ".data"
 
 
 def graph_hashes(path: Path) -> dict[str, str | None]:
-    """GraphSpec's hashes of a written graph file: its own, and that of its weights file if it has one."""
+    """GraphSpec's hashes of a graph file written with its weights beside it: its own, and that of its
+    weights file if it has one (and no weights file of another graph that it reads)."""
     data = path.with_name(path.name + DATA_SUFFIX)
-    return {"sha256": sha256_file(path), "data_sha256": sha256_file(data) if data.is_file() else None}
+    return {"sha256": sha256_file(path), "data_sha256": sha256_file(data) if data.is_file() else None, "data_file": None}
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,13 @@ def canonical_io(graph: str, layers: int, contract: str = "cross-attention",
 def _check_graphs(graphs: dict[str, GraphSpec], axes: dict[str, AxisRange], dims: dict[str, int],
                   prep: dict[str, Any], contract: str = "cross-attention", schema: int = SCHEMA_VERSION,
                   vision_text: tuple[str, ...] = ()) -> None:
-    """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes."""
+    """Each graph's tensors: the names and ranks the decoding loop uses, defined axes, sane sizes; a
+    graph that reads another's weights file names the file of a graph that has one of its own."""
     for gname, g in graphs.items():
         w = f"graphs.{gname}"
+        if g.data_file is not None and not any(h.data_file is None and h.data == g.data_file and h.data_sha256 == g.data_sha256
+                                               for n, h in graphs.items() if n != gname):
+            raise Invalid(f"{w}.data_file", f"{g.data_file!r:.60} is not the weights file of another graph (with its data_sha256)")
         want_in, want_out = canonical_io(gname, dims["decoder_layers"], contract, schema)
         if contract == "prefix" and gname == "vision_encoder" and any(t.name == "image_newline" for t in g.outputs):
             want_out = {**want_out, "image_newline": 1}  # LLaVA-OneVision's row separator, a constant of the model
@@ -524,9 +530,10 @@ class Bundle:
         return self.path / self.manifest.graphs[name].file
 
     def graph_bytes(self, name: str) -> int:
-        """Bytes of a graph on disk: its file and its weights file."""
+        """Bytes of a graph on disk: its file and its weights file (a weights file it reads from another
+        graph counts as that graph's), so that the graphs' bytes add up to the bundle's."""
         g = self.manifest.graphs[name]
-        return sum((self.path / f).stat().st_size for f in (g.file, g.data) if f)
+        return sum((self.path / f).stat().st_size for f in (g.file, None if g.data_file else g.data) if f)
 
     @property
     def tokenizer_path(self) -> Path:
