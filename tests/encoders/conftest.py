@@ -42,3 +42,17 @@ def scene_images():
     from vlmedge.data.scenes import scenes
 
     return [s.image for s in scenes("test", 100, 6)]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Ten test scenes saved as PNG files in a folder: what `vlmedge index` reads (test_milvus.py,
+    test_milvus_server.py; test_vilt_bridgetower.py has photos of its own)."""
+    from PIL import Image
+
+    from vlmedge.data.scenes import scenes
+
+    d = tmp_path_factory.mktemp("photos")
+    for i, s in enumerate(scenes("test", 300, 10)):
+        Image.fromarray(s.image).save(d / f"scene-{i:02d}.png")
+    return d

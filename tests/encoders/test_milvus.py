@@ -8,21 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from vlmedge.cli import main
 
 pytest.importorskip("milvus_lite")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from vlmedge.data.scenes import scenes
-
-    d = tmp_path_factory.mktemp("photos")
-    for i, s in enumerate(scenes("test", 300, 10)):
-        Image.fromarray(s.image).save(d / f"scene-{i:02d}.png")
-    return d
 
 
 @pytest.fixture(scope="module")

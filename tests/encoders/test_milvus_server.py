@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from test_milvus import search_equals_brute_force_cosine
 from vlmedge.cli import main
@@ -130,16 +129,6 @@ def server(tmp_path_factory):
         raise
     yield f"http://127.0.0.1:{port}"
     stop()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from vlmedge.data.scenes import scenes
-
-    d = tmp_path_factory.mktemp("photos")
-    for i, s in enumerate(scenes("test", 300, 10)):
-        Image.fromarray(s.image).save(d / f"scene-{i:02d}.png")
-    return d
 
 
 def _index(bundle, photos, uri, *more, env=None):

@@ -59,7 +59,7 @@ def embed_on_ray(pipe, chunks: list, max_pixels: int, address: Optional[str] = N
                          logging_level=logging.ERROR)
                 break
             except Exception as e:  # a cluster that cannot be reached or started: one line, not a traceback
-                if attempt == 1 and address is None and "Timed out" in str(e):  # a local start on a busy machine
+                if attempt == 1 and address is None and "timed out" in str(e).lower():  # a local start on a busy machine
                     ray.shutdown()
                     continue
                 from vlmedge.errors import DependencyError, first_line
