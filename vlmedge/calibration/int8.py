@@ -167,9 +167,10 @@ def quantize_graph_dynamic(src: Path, dst: Path, exclude: Iterable[str] = (), on
     return nodes
 
 
-def tensorrt_qdq_problems(model) -> list[str]:
+def tensorrt_qdq_problems(model, base_dir: str = "") -> list[str]:
     """Where a Q/DQ graph breaks TensorRT's explicit-quantization rules: INT8 only, zero-points all
-    zero, scales positive, per-channel scales only on weights (constant DQ inputs)."""
+    zero, scales positive, per-channel scales only on weights (constant DQ inputs). `base_dir`: the
+    graph's folder, where a model loaded without its weights reads the scales it checks."""
     from onnx import TensorProto, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -177,7 +178,7 @@ def tensorrt_qdq_problems(model) -> list[str]:
 
     def value(name):
         if name in inits:
-            return numpy_helper.to_array(inits[name])
+            return numpy_helper.to_array(inits[name], base_dir)
         if name in consts:
             return numpy_helper.to_array(consts[name].attribute[0].t)
         return None

@@ -373,6 +373,6 @@ def _check_tensorrt_rules(work: Path, src: Bundle) -> None:
     from vlmedge.calibration.int8 import tensorrt_qdq_problems
 
     for g in src.manifest.graphs.values():
-        problems = tensorrt_qdq_problems(onnx.load(str(work / g.file)))
+        problems = tensorrt_qdq_problems(onnx.load(str(work / g.file), load_external_data=False), str(work))
         if problems:
             raise ValidationError(f"{g.file}: breaks TensorRT's Q/DQ rules: {problems[0]}")

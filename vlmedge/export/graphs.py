@@ -175,26 +175,29 @@ def share_weights(out: Path, graphs: dict[str, GraphSpec]) -> dict[str, GraphSpe
         g = graphs[name]
         model = onnx.load(str(out / g.file), load_external_data=False)
         tensors = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        raw = {}
+        key, joins = {}, []  # content of each weight (one weight in memory at a time), those that may join
         with open(out / g.data, "rb") as f:
             for t in tensors:
-                where = {e.key: e.value for e in t.external_data}
-                f.seek(int(where.get("offset", 0)))
-                raw[t.name] = f.read(int(where["length"]))
-        key = {n: hashlib.blake2b(b, digest_size=16).digest() + len(b).to_bytes(8, "little") for n, b in raw.items()}
-        joins = [t.name for t in tensors if len(t.dims) >= 2 and _varies(t, raw[t.name])]
+                offset, length = _place(t)
+                f.seek(offset)
+                raw = f.read(length)
+                key[t.name] = hashlib.blake2b(raw, digest_size=16).digest() + length.to_bytes(8, "little")
+                if len(t.dims) >= 2 and _varies(t, raw):
+                    joins.append(t.name)
         host = next((file for file, index in stored.items() if any(key[n] in index for n in joins)), None)
         if host is None:
             stored[g.data] = {key[t.name]: _place(t) for t in tensors}
             continue
         index = stored[host]
-        with open(out / host, "r+b") as f:
+        with open(out / g.data, "rb") as src, open(out / host, "r+b") as f:
             for t in tensors:
                 if key[t.name] not in index:
+                    offset, length = _place(t)
+                    src.seek(offset)
                     end = f.seek(0, 2)
                     f.write(b"\0" * (-end % PAGE))
-                    index[key[t.name]] = (f.tell(), len(raw[t.name]))
-                    f.write(raw[t.name])
+                    index[key[t.name]] = (f.tell(), length)
+                    f.write(src.read(length))
                 offset, length = index[key[t.name]]
                 del t.external_data[:]
                 for k, v in (("location", host), ("offset", str(offset)), ("length", str(length))):
