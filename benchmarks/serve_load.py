@@ -19,8 +19,10 @@ What it does, in one run on the CPU with `shapes-vlm` (greedy captions of 5-obje
 3. Streams: at --stream-concurrency levels (1 and 32), that many clients stream captions through
    `POST /v1/chat/completions` (stream=true) from the in-flight and the static server: the time to
    the first piece of text against the time to the whole answer, p50 and p99.
-4. Checks: at concurrency 32 static batching gives >= 2x the throughput of batch-1, and in-flight
-   batching at least static's throughput and a lower time to the first piece; at concurrency 1 the
+4. Checks: at concurrency 32 static batching gives >= 2x the throughput of batch-1; in-flight
+   batching gives >= 1.5x static's throughput and <= 0.5x its p50 for the short requests with --mixed
+   lengths (>= 0.5x the throughput when every request asks the same), and a lower time to the first
+   piece; at concurrency 1 the
    batching server adds <= 2 ms to the in-process p50; RSS flat (grows < 10% from the first level's
    start to the last level's end); no
    errors below saturation (the queue limit, 64, is never reached by 64 clients).
@@ -344,7 +346,8 @@ def main() -> None:
         checks["batching_speedup_c32"] = {"value": ratio, "target": ">= 2", "ok": ratio >= 2}
     if 32 in levels and {"inflight", "static"} <= set(by):
         ratio = by["inflight"][32]["rps"] / by["static"][32]["rps"]
-        checks["inflight_over_static_rps_c32"] = {"value": ratio, "target": ">= 1", "ok": ratio >= 1}
+        floor = 1.5 if lengths else 0.5
+        checks["inflight_over_static_rps_c32"] = {"value": ratio, "target": f">= {floor}", "ok": ratio >= floor}
     first = {(r["server"], r["concurrency"]): r["first_p50_ms"] for r in streams}
     if ("inflight", 32) in first and ("static", 32) in first:
         ratio = first[("inflight", 32)] / first[("static", 32)]

@@ -327,7 +327,7 @@ class Batcher:
 
     def _emit(self, fl: Inflight, rows: dict, tokens: dict, settle) -> None:
         """Each row's new text to its stream; rows that ended answer and leave."""
-        by_key = {r.key: r for r in fl.rows}
+        by_key = {r.key: r for r in fl.live}
         for key in tokens:
             w, text, *_ = rows[key]
             row = by_key[key]
