@@ -312,7 +312,8 @@ def quantize(
                                                 help="nodes returned to float at most (default: as many as the budget needs)"),
     block_size: int = typer.Option(32, "--block-size", help="weight-only: weights sharing a scale along the input axis: 32, 64 or 128"),
     graphs: Optional[str] = typer.Option(None, "--graphs", help="weight-only: comma-separated graphs (default: the decoder)"),
-    lm_head: bool = typer.Option(False, "--lm-head/--no-lm-head", help="weight-only: quantize the LM head too"),
+    lm_head: Optional[bool] = typer.Option(None, "--lm-head/--no-lm-head",
+                                           help="weight-only: the LM head at the variant's bits, or in float (default: in float, at 8 bits if tied to the token table)"),
     fmt: str = typer.Option("qdq", "--format", help="weight-only: qdq (DequantizeLinear, TensorRT and ONNX Runtime) or matmulnbits (ONNX Runtime only)"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
 ) -> None:

@@ -49,7 +49,7 @@ def test_int4_and_int8_weight_only_run_and_agree_with_fp32(shapes, variants):
         m = load_bundle(variants / name).manifest
         p = m.precision
         assert (p["dtype"], p["bits"], p["method"], p["format"], p["block_size"]) == (f"{name}-wo", bits, method, fmt, 32)
-        assert p["graphs"] == ["decoder"] and p["lm_head"] is False
+        assert p["graphs"] == ["decoder"] and p["lm_head"] is None and p["lm_head_bits"] is None  # its own head: float
         # MatMulNBits is ONNX Runtime's own op: that bundle is an ONNX Runtime-target one, which build refuses
         assert m.target == ("onnxruntime" if fmt == "matmulnbits" else "tensorrt-portable")
         assert p["accuracy"]["within_budget"] and p["nodes"]["decoder"] > 10 and p["nodes"]["vision_encoder"] == 0
@@ -94,6 +94,31 @@ def test_qdq_form_is_block_quantized_int4_dequantize_feeding_matmul(shapes, vari
     nbits = onnx.load(str(variants / "int8" / "decoder.onnx"))
     mnb = [n for n in nbits.graph.node if n.op_type == "MatMulNBits"]
     assert mnb and all(onnx.helper.get_attribute_value(a) == 8 for n in mnb for a in n.attribute if a.name == "bits")
+
+
+def test_a_tied_lm_head_is_stored_at_8_bits_by_default(bundles, shapes, tmp_path):
+    """GPT-2's LM head reads the token table the embedding lookup reads: left in float, ONNX Runtime
+    would hold the table twice. By default an INT4 variant stores that head at 8 bits (an untied head
+    stays float); --lm-head puts it at 4 bits, --no-lm-head keeps it in float."""
+    vit_gpt2 = bundles["vit-gpt2"][2]
+    tied, own = onnx.load(str(vit_gpt2 / "decoder.onnx")), onnx.load(str(shapes / "decoder.onnx"))
+    head = wo.weight_matmuls(tied, lm_head=True).keys() - wo.weight_matmuls(tied, lm_head=False).keys()
+    assert len(head) == 1
+    assert wo.head_bits(tied, 4, None) == dict.fromkeys(head, 8) and wo.head_bits(own, 4, None) == {}
+    assert wo.head_bits(tied, 4, True) == dict.fromkeys(head, 4) and wo.head_bits(tied, 4, False) == {}
+    quantize_bundle(vit_gpt2, tmp_path / "int4", QuantizeOptions("int4-wo", calib="synthetic:6", held_out=2, method="rtn"))
+    p = load_bundle(tmp_path / "int4").manifest.precision
+    assert p["lm_head"] is None and p["lm_head_bits"] == 8
+    model = onnx.load(str(tmp_path / "int4" / "decoder.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    (mm,) = [n for n in model.graph.node if n.name in head]
+    assert inits[dq[mm.input[1]].input[0]].data_type == onnx.TensorProto.INT8
+    assert {inits[n.input[0]].data_type for n in dq.values() if n is not dq[mm.input[1]]} == {onnx.TensorProto.INT4}
+    images = [s.image for s in scenes("test", 0, 4)]
+    ref = [g.ids for g in Pipeline(load_bundle(vit_gpt2)).caption(images, return_ids=True)]
+    got = [g.ids for g in Pipeline(load_bundle(tmp_path / "int4")).caption(images, return_ids=True)]
+    assert all(got) and wo.token_agreement(ref, got) >= 0.5
 
 
 def test_matmulnbits_form_equals_the_qdq_form(shapes, step_feeds):

@@ -144,6 +144,46 @@ def test_every_weight_is_stored_once(prefix_bundles, name, capsys):
         assert "stored once and read by several graphs (decoder and embed: 1 tensor" in out and "more than once" not in out
 
 
+_MAPPED = """
+import sys, onnxruntime as ort
+path, data = sys.argv[1], sys.argv[2]
+def mapped():  # bytes of `data` mapped into this process
+    out = 0
+    for line in open("/proc/self/maps"):
+        f = line.split()
+        if len(f) >= 6 and f[5] == data:
+            a, z = (int(x, 16) for x in f[0].split("-"))
+            out += z - a
+    return out
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+decoder = ort.InferenceSession(path + "/decoder.onnx", providers=["CPUExecutionProvider"])
+before, r0 = mapped(), rss()
+embed = ort.InferenceSession(path + "/embed.onnx", providers=["CPUExecutionProvider"])
+print(mapped() - before, rss() - r0)
+"""
+
+
+def test_the_embed_session_reads_the_tied_table_in_place(prefix_bundles):
+    """The second session that reads the tied table (`embed`, after the decoder's) maps it from the
+    decoder's weights file, the pages the system already caches, instead of a copy of its own."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    _, manifest, path = prefix_bundles("smolvlm")  # SmolVLM ties its LM head to the token table
+    assert manifest.graphs["embed"].data_file == manifest.graphs["decoder"].data
+    model = onnx.load(str(path / "embed.onnx"), load_external_data=False)
+    table = max(int(np.prod(i.dims)) * 4 for i in model.graph.initializer)
+    data = str((path / manifest.graphs["decoder"].data).resolve())
+    out = subprocess.run([sys.executable, "-c", _MAPPED, str(path), data], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mapped, grew = map(int, out.stdout.split())
+    assert mapped >= table  # the table, mapped from the decoder's file
+    assert grew < max(table // 2, 8 << 20), (grew, table)  # not copied (a tiny table is within the noise)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_frames_and_prompt_ids_equal_the_processor(prefix_bundles, name):
     import vlmedge

@@ -59,7 +59,7 @@ class QuantizeOptions:
     force: bool = False
     block_size: int = 32  # weight-only: weights sharing a scale along K
     graphs: tuple[str, ...] | None = None  # weight-only: graphs quantized (default: the decoder graphs)
-    lm_head: bool = False  # weight-only: quantize the LM head too
+    lm_head: bool | None = None  # weight-only: the LM head at the variant's bits (True), in float (False), or 8-bit if tied (None)
     format: str = "qdq"  # weight-only: qdq (DequantizeLinear with block_size) or matmulnbits (onnxruntime)
 
 
@@ -104,7 +104,7 @@ class _Variant:
         self.excluded: dict[str, dict[str, str]] = {g: {} for g in src.manifest.graphs}
         self.overflow: dict[str, dict[str, float]] = {}
         self._reference: dict[str, list] = {}
-        self._wo_cache: dict[str, dict] = {}  # weight-only: per graph, levels and scales per node, Hessians
+        self._wo_cache: dict[str, dict] = {}  # weight-only: per graph, levels and scales per node, Hessians, heads' bits
 
     def build(self, graph: str, only: list[str] | None = None, dst: Path | None = None) -> list[str]:
         """(Re)write one graph with the current exclusions; returns the nodes it quantized/converted."""
@@ -292,7 +292,10 @@ def quantize_bundle(src_dir: Path, out: Path, o: QuantizeOptions, log: Callable[
             "calibration": {**cs.describe(), "calibration_images": len(calib.images), "held_out_images": len(held.images),
                             "held_out_questions": len(held.questions)},
             **({"bits": 8 if o.precision == "int8-wo" else 4, "block_size": o.block_size, "graphs": list(o.graphs),
-                "lm_head": o.lm_head, "format": o.format} if o.precision in _WEIGHT_ONLY else {}),
+                "lm_head": o.lm_head, "format": o.format,
+                "lm_head_bits": next((b for g, c in v._wo_cache.items() for n, b in c.get("heads", {}).items()
+                                      if n in done.get(g, ()) and n not in v.excluded.get(g, {})), None)}
+               if o.precision in _WEIGHT_ONLY else {}),
             "nodes": {g: len(n) for g, n in done.items()},
             "excluded": {g: e for g, e in v.excluded.items() if e},
             "accuracy": {"fp32": _summary(base), o.precision: _summary(acc), "within_budget": True,

@@ -4,8 +4,12 @@ Decoding is memory-bound: every generated token reads every decoder weight once.
 weights in 8 or 4 bits (activations stay float) cuts the bytes read per token.
 
 - Which nodes: MatMul nodes whose weight (input B, shape [K, N]) is a 2-D float initializer, in the
-  graphs asked for (the decoder by default). The LM head (the MatMul producing
-  `logits`) is optional.
+  graphs asked for (the decoder by default). The LM head (the MatMul producing `logits`): with
+  `lm_head=True` at the variant's bits, with `False` in float; by default in float unless it is
+  tied, that is another node of the graph reads its weight too (GPT-2's token table, read by the
+  embedding lookup): then at 8 bits. Left in float, a tied table is held twice once ONNX Runtime
+  opens the graph (as stored, for the lookup, and packed for the head's GEMM); its 8-bit copy
+  weighs a quarter of that and is all but lossless.
 - Blocks: `block_size` consecutive weights along K (the input axis) of one output column share a
   scale, max |w| / qmax; zero-point 0 (symmetric); the last block of a K that the block size does not
   divide is shorter.
@@ -86,6 +90,43 @@ def weight_matmuls(model, lm_head: bool) -> dict[str, tuple[str, bool]]:
         if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2:
             out[n.name] = (name, transposed)
     return out
+
+
+TIED_HEAD_BITS = 8  # a tied LM head's bits unless --lm-head / --no-lm-head says otherwise
+
+
+def head_bits(model, bits: int, lm_head: bool | None) -> dict[str, int]:
+    """LM head node -> the bits it is quantized at: every head at `bits` if `lm_head`, none if
+    False, by default (None) the tied ones at 8 bits: their weight is also read by another node, or
+    an embedding lookup reads the same table (an exporter may fold the head's Transpose into a copy)."""
+    from onnx import numpy_helper
+
+    from vlmedge.calibration.int8 import lm_head as find_lm_head
+
+    heads = find_lm_head(model)
+    if lm_head is not None:
+        return {n: bits for n in heads} if lm_head else {}
+    weights = weight_matmuls(model, lm_head=True)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    tied = {}
+    for name in [n for n in heads if n in weights]:
+        (weight, transposed), skip = weights[name], {name}
+        head = next(n for n in model.graph.node if n.name == name)
+        if (t := producer.get(head.input[1])) is not None and t.op_type == "Transpose":
+            skip.add(t.name)
+        if any(weight in n.input for n in model.graph.node if n.name not in skip):
+            tied[name] = TIED_HEAD_BITS
+            continue
+        table = list(inits[weight].dims)[::1 if transposed else -1]  # [vocab, hidden], as a lookup reads it
+        for n in model.graph.node:
+            other = inits.get(n.input[0]) if n.op_type == "Gather" and n.input else None
+            if other is not None and list(other.dims) == table:
+                w = numpy_helper.to_array(inits[weight])
+                if np.array_equal(numpy_helper.to_array(other), w if transposed else w.T):
+                    tied[name] = TIED_HEAD_BITS
+                    break
+    return tied
 
 
 def _levels(bits: int) -> tuple[int, int]:
@@ -211,17 +252,24 @@ def _qdq(node, q: np.ndarray, s: np.ndarray, bits: int, block: int):
     return dq, [qt, sc]
 
 
-def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head: bool = False,
+def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head: bool | None = None,
                    feeds: Sequence[dict] | None = None, exclude: Iterable[str] = (), only: Iterable[str] | None = None,
                    cache: dict | None = None):
     """The weight-only model of `model` (changed in place and returned) and the node names quantized.
-    `cache` (a dict kept by the caller) holds each node's levels and scales, and the Hessians, so that
-    re-quantizing with some nodes left in float computes nothing twice."""
+    `lm_head`: see `head_bits`. `cache` (a dict kept by the caller) holds each node's levels and
+    scales, the Hessians and the heads' bits, so that re-quantizing with some nodes left in float
+    computes nothing twice."""
     import onnx
     from onnx import numpy_helper
 
+    from vlmedge.calibration.int8 import lm_head as find_lm_head
+
     cache = {} if cache is None else cache
-    targets = weight_matmuls(model, lm_head)
+    if "heads" not in cache:
+        cache["heads"] = head_bits(model, bits, lm_head)
+    heads = cache["heads"]
+    targets = {n: t for n, t in weight_matmuls(model, lm_head=True).items()
+               if n in heads or n not in set(find_lm_head(model))}
     skip = set(exclude)
     nodes = [n for n in targets if n not in skip and (only is None or n in set(only))]
     by_name = {n.name: n for n in model.graph.node}
@@ -232,19 +280,20 @@ def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head:
     for name in nodes:
         node = by_name[name]
         weight, transposed = targets[name]
-        key = (name, bits, block, method)
+        b = heads.get(name, bits)
+        key = (name, b, block, method)
         if key not in cache:
             w = numpy_helper.to_array(inits[weight]).astype(np.float32)
             w = np.ascontiguousarray(w.T) if transposed else w
-            cache[key] = gptq(w, cache["hessians"][node.input[0]], bits, block) if method == "gptq" else rtn(w, bits, block)
+            cache[key] = gptq(w, cache["hessians"][node.input[0]], b, block) if method == "gptq" else rtn(w, b, block)
         q, s = cache[key]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
         out = f"{node.output[0]}_nobias" if bias else node.output[0]
         if fmt == "matmulnbits":
-            mm, extra = _matmulnbits(node, out, q, s, bits, block)
+            mm, extra = _matmulnbits(node, out, q, s, b, block)
             new_nodes[name] = [mm]
         else:
-            dq, extra = _qdq(node, q, s, bits, block)
+            dq, extra = _qdq(node, q, s, b, block)
             mm = onnx.helper.make_node("MatMul", [node.input[0], dq.output[0]], [out], name=node.name)
             new_nodes[name] = [dq, mm]
         if bias:
@@ -295,7 +344,7 @@ def _drop_unused(model, nodes: list) -> None:
     model.graph.initializer.extend(kept)
 
 
-def quantize_graph(src: Path, dst: Path, bits: int, block: int, method: str, fmt: str, lm_head: bool,
+def quantize_graph(src: Path, dst: Path, bits: int, block: int, method: str, fmt: str, lm_head: bool | None,
                    feeds: Sequence[dict] | None, exclude: Iterable[str] = (), only: Iterable[str] | None = None,
                    cache: dict | None = None) -> list[str]:
     """Write the weight-only model of the graph file `src` to `dst`; returns the quantized node names."""
