@@ -28,9 +28,9 @@ def indexed(encoder_bundles, photos, tmp_path_factory):
 
 
 def _rows(db):
-    from pymilvus import MilvusClient
+    from vlmedge.retrieval.milvus import connect
 
-    c = MilvusClient(str(db))
+    c = connect(str(db))
     c.load_collection("images")
     rows = c.query("images", filter="", output_fields=["path", "embedding"], limit=1000)
     c.close()

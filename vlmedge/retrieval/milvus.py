@@ -68,10 +68,13 @@ def connect(uri: str):
     # pymilvus logs every failed call with its traceback, and warns of a client-side timestamp on Milvus Lite;
     # our errors say what failed in one line
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-    try:
-        return MilvusClient(uri)
-    except Exception as e:
-        raise RetrievalError(f"--db {uri}: cannot open ({first_line(e)[:300]})") from None
+    for attempt in range(2):
+        try:
+            return MilvusClient(uri)
+        except Exception as e:
+            # gRPC's "Too many pings" (a GOAWAY while the connection starts) is transient: tried once more
+            if attempt or "too many pings" not in str(e).lower():
+                raise RetrievalError(f"--db {uri}: cannot open ({first_line(e)[:300]})") from None
 
 
 class Collection:
