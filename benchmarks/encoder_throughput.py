@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from json_worker import JsonWorker  # (benchmarks/, this script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 32)
 TOLERANCE = 1e-4  # max abs difference between any two contenders' normalised embeddings
@@ -111,28 +113,14 @@ def worker(model_dir: Path, export_dir: Path, threads: int) -> None:
         print(json.dumps({"seconds": seconds}), flush=True)
 
 
-class OptimumSide:
+class OptimumSide(JsonWorker):
     def __init__(self, python: str, model_dir: Path, export_dir: Path, threads: int):
-        cmd = [python, str(Path(__file__).resolve()), "--worker", str(model_dir), str(export_dir), str(threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the Optimum worker exited (code {self.proc.wait()}); see its stderr above")
-        return json.loads(line)
+        super().__init__([python, str(Path(__file__).resolve()), "--worker", str(model_dir), str(export_dir), str(threads)],
+                         cwd=tempfile.gettempdir())
 
     def run(self, pixel_file: Path, ids, mask, calls: int, embeds: Path | None = None) -> list[float]:
-        req = {"pixel_values": str(pixel_file), "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "calls": calls,
-               "embeds": str(embeds) if embeds else None}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        return self._read()["seconds"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        return self.ask({"pixel_values": str(pixel_file), "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+                         "calls": calls, "embeds": str(embeds) if embeds else None})["seconds"]
 
 
 # -- the model and its bundle ---------------------------------------------------------------------------

@@ -60,6 +60,8 @@ import sys
 import time
 from pathlib import Path
 
+from json_worker import JsonWorker  # (benchmarks/, this script's folder)
+
 ROOT = Path(__file__).resolve().parent.parent
 GENAI_PACKAGE = "onnxruntime-genai==0.18.0"  # the newest on PyPI that installed here (Python 3.11, x86_64)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -155,35 +157,14 @@ def vlmedge_worker(bundles: list[str], threads: int, shared: bool) -> None:
         out.write(json.dumps(c.generate(req["ids"], int(req["new"]), req["eos"])) + "\n")
 
 
-class Worker:
+class Worker(JsonWorker):
     """A persistent contender subprocess (this file with --genai-worker or --vlmedge-worker)."""
 
     def __init__(self, python: Path, args: list[str]):
-        cmd = [str(python), str(Path(__file__).resolve()), *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker ended (exit status {self.proc.wait()}); see its stderr above")
-        return json.loads(line)
-
-    def ask(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+        super().__init__([str(python), str(Path(__file__).resolve()), *args])
 
     def generate(self, model: str, ids: list[int], new: int, eos: list[int] | None = None) -> dict:
         return self.ask({"model": model, "ids": ids, "new": new, "eos": eos})
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-        except Exception:  # noqa: BLE001 - already gone
-            self.proc.kill()
 
 
 # -- the Llama out of the SmolVLM ----------------------------------------------------------------------------

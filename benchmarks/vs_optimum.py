@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from json_worker import JsonWorker  # (benchmarks/, this script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.8  # vlmedge FP32 at least this many times faster than Optimum
@@ -64,27 +65,14 @@ def worker(model_dir: Path, export_dir: Path, threads: int, max_new: int) -> Non
         print(json.dumps({"seconds": seconds, "ids": ids}), flush=True)
 
 
-class OptimumSide:
+class OptimumSide(JsonWorker):
     def __init__(self, python: str, model_dir: Path, export_dir: Path, threads: int, max_new: int):
-        cmd = [python, str(Path(__file__).resolve()), "--worker", str(model_dir), str(export_dir), str(threads), str(max_new)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the Optimum worker exited (code {self.proc.wait()}); see its stderr above")
-        return json.loads(line)
+        super().__init__([python, str(Path(__file__).resolve()), "--worker", str(model_dir), str(export_dir), str(threads),
+                          str(max_new)], cwd=tempfile.gettempdir())
 
     def run(self, pixel_file: str) -> tuple[float, list[list[int]]]:
-        self.proc.stdin.write(json.dumps({"pixel_values": pixel_file}) + "\n")
-        self.proc.stdin.flush()
-        r = self._read()
+        r = self.ask({"pixel_values": pixel_file})
         return r["seconds"], r["ids"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 # -- the main side ----------------------------------------------------------------------------------------

@@ -267,11 +267,10 @@ def quantize_model(model, bits: int, block: int, method: str, fmt: str, lm_head:
     cache = {} if cache is None else cache
     if "heads" not in cache:
         cache["heads"] = head_bits(model, bits, lm_head)
-    heads = cache["heads"]
-    targets = {n: t for n, t in weight_matmuls(model, lm_head=True).items()
-               if n in heads or n not in set(find_lm_head(model))}
-    skip = set(exclude)
-    nodes = [n for n in targets if n not in skip and (only is None or n in set(only))]
+    heads, every_head = cache["heads"], set(find_lm_head(model))
+    targets = {n: t for n, t in weight_matmuls(model, lm_head=True).items() if n in heads or n not in every_head}
+    skip, only = set(exclude), None if only is None else set(only)
+    nodes = [n for n in targets if n not in skip and (only is None or n in only)]
     by_name = {n.name: n for n in model.graph.node}
     inits = {i.name: i for i in model.graph.initializer}
     if method == "gptq" and "hessians" not in cache and nodes:
