@@ -10,7 +10,8 @@
    processor keeps the checkpoint's mean, std and patching; `--side` px square images (448 by default:
    32 x 32 patches, 256 image tokens).
    Batch 1, greedy, a VQA prompt and `--new-tokens` tokens (`min_new_tokens` forces the count on both
-   sides): time to first token and per token of vlmedge (ONNX Runtime, CPU; `Timings`) against HF
+   sides): time to first token and per token of vlmedge (ONNX Runtime, CPU; `Timings`; the portable bundle
+   and its ONNX Runtime target, `--target onnxruntime`: RotaryEmbedding and GroupQueryAttention) against HF
    `generate` on the same patches and prompt ids (one call, each step stamped by a logits processor), HF
    as vlmedge's export loads it (eager attention) and as transformers loads it by default (SDPA); and
    vlmedge INT4 weight-only (decoder MatMuls and LM head, block 32, MatMulNBits) per token against vlmedge
@@ -21,10 +22,11 @@
    fastest), reported apart, since PyTorch's thread pool slows far more under contention than ONNX
    Runtime's and all-round figures then flatter vlmedge. The per-token floor (decoder weight bytes over
    the read bandwidth, measured at the end of the run) checks that no figure beats the memory; measured
-   under load, the bandwidth reads low and the floor high.
+   under load, the bandwidth reads low and the floor high. The first token's floor: the FLOPs PyTorch counts
+   on HF's first-token pass over ONNX Runtime's best float32 MatMul rate at the vision MLP's shape.
 
 Run:  .venv/bin/python benchmarks/prefix_families.py [--work /work/bench/pf] [--rounds 12] [--skip-tiny] [--json PATH]
-The model, its bundle and the INT4 variant are made once in --work and reused.
+The model, its bundle, its ONNX Runtime target and the INT4 variant are made once in --work and reused.
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ def prepare(work: Path, side: int) -> dict:
     from vlmedge.models.registry import load_adapter
     from vlmedge.outdir import OutputDir
 
+    from vlmedge.export.ort_target import retarget
+
     model, bundle, int4 = work / f"qwen2-vl-260m-{side}", work / f"bundle-{side}", work / f"bundle-{side}-int4"
+    ort = work / f"bundle-{side}-ort"
     made_file = work / f"made-{side}.json"
     made = json.loads(made_file.read_text()) if made_file.is_file() else {}
     if not (model / "config.json").is_file():
@@ -140,9 +145,15 @@ def prepare(work: Path, side: int) -> dict:
         quantize_bundle(bundle, int4, QuantizeOptions("int4-wo", calib="synthetic:8", held_out=2, method="rtn", lm_head=True,
                                                        format="matmulnbits", force=True, budget_vqa=1.0, budget_bleu=1.0))
         made["quantize_s"] = round(time.perf_counter() - t0, 1)
+    if not (ort / "manifest.json").is_file():
+        log(f"writing the ONNX Runtime target {ort} (validation on 2 images)")
+        t0 = time.perf_counter()
+        entry = retarget(bundle, ort, force=True, validate_images=2)
+        made["ort_target_s"] = round(time.perf_counter() - t0, 1)
+        made["ort_target_fused"] = entry["fused_nodes"]["decoder"]
     made_file.write_text(json.dumps(made, indent=2) + "\n")
     made["bundle_mb"], made["int4_mb"] = round(_size(bundle) / 1e6, 1), round(_size(int4) / 1e6, 1)
-    return {"model": model, "bundle": bundle, "int4": int4, **made}
+    return {"model": model, "bundle": bundle, "int4": int4, "ort": ort, **made}
 
 
 QUIET = 1.25  # a round is quiet when its probe ran within this of the run's fastest probe
@@ -181,6 +192,7 @@ def against_hf(args, paths: dict) -> dict:
     question = pick_questions(scene)[0].text
     N = args.new_tokens
     fp32, q4 = vlmedge.load(paths["bundle"], threads=THREADS), vlmedge.load(paths["int4"], threads=THREADS)
+    fused = vlmedge.load(paths["ort"], threads=THREADS)
     adapter = load_adapter(str(paths["model"]))
     hf = adapter.model  # eager attention: as the export traced it
     inputs, rows = fp32.prompt_inputs([[image]], [[user_turn(question)]])
@@ -222,8 +234,8 @@ def against_hf(args, paths: dict) -> dict:
         return stamp.at[0] - t0, statistics.median(steps), out[0, len(rows[0]):].tolist()
 
     log(f"prompt: {len(rows[0])} tokens (grid {inputs[0][0].grid}); {N} new tokens; {args.rounds} rounds")
-    contenders = (("vlmedge", lambda: ours(fp32)), ("hf-eager", lambda: theirs(hf)), ("hf-sdpa", lambda: theirs(sdpa)),
-                  ("vlmedge-int4", lambda: ours(q4)))
+    contenders = (("vlmedge", lambda: ours(fp32)), ("vlmedge-ort", lambda: ours(fused)), ("hf-eager", lambda: theirs(hf)),
+                  ("hf-sdpa", lambda: theirs(sdpa)), ("vlmedge-int4", lambda: ours(q4)))
     for _, fn in contenders:  # warm-up
         fn()
     times = {name: [] for name, _ in contenders}
@@ -244,7 +256,8 @@ def against_hf(args, paths: dict) -> dict:
                "best_per_token_ms": round(min(b for _, b in v) * 1000, 2),
                "first_token_ms_rounds": [round(a * 1000) for a, _ in v],
                "per_token_ms_rounds": [round(b * 1000, 1) for _, b in v]} for k, v in times.items()}
-    res["same_tokens_as_hf_eager"] = {k: tokens[k] == tokens["hf-eager"] for k in ("vlmedge", "hf-sdpa", "vlmedge-int4")}
+    res["same_tokens_as_hf_eager"] = {k: tokens[k] == tokens["hf-eager"] for k in ("vlmedge", "vlmedge-ort", "hf-sdpa",
+                                                                                  "vlmedge-int4")}
     res["tokens_generated"] = {k: len(v) for k, v in tokens.items()}
 
     # On a shared machine another process's load comes and goes within a run: a round's contenders ran
@@ -256,7 +269,7 @@ def against_hf(args, paths: dict) -> dict:
                 "of_medians": round(statistics.median(x[i] for x in times[a]) / statistics.median(y[i] for y in times[b]), 3),
                 "of_best": round(min(x[i] for x in times[a]) / min(y[i] for y in times[b]), 3)}
 
-    res["ratios"] = {f"{h} / vlmedge {what}": ratio(h, "vlmedge", i)
+    res["ratios"] = {f"{h} / {v} {what}": ratio(h, v, i) for v in ("vlmedge", "vlmedge-ort")
                      for h in ("hf-eager", "hf-sdpa") for i, what in enumerate(("first token", "per token"))}
     res["ratios"]["int4 / fp32 per token"] = ratio("vlmedge-int4", "vlmedge", 1)
 
@@ -272,11 +285,37 @@ def against_hf(args, paths: dict) -> dict:
         res["quiet"] = {k: {"first_token_ms": median_ms([a for a, _ in v]), "per_token_ms": median_ms([b for _, b in v])}
                         for k, v in kept.items()}
         res["quiet"]["ratios"] = {
-            f"{h} / vlmedge {what}": round(statistics.median(x[i] / y[i] for x, y in zip(kept[h], kept["vlmedge"])), 3)
-            for h in ("hf-eager", "hf-sdpa", "vlmedge-int4") for i, what in enumerate(("first token", "per token"))}
+            f"{h} / {v} {what}": round(statistics.median(x[i] / y[i] for x, y in zip(kept[h], kept[v])), 3)
+            for v in ("vlmedge", "vlmedge-ort") for h in ("hf-eager", "hf-sdpa", "vlmedge-int4")
+            for i, what in enumerate(("first token", "per token"))}
     res["floor"] = floor(paths["bundle"], res["vlmedge"]["per_token_ms"])
+    # the fused graph reads the same weights (its merged projections are the same bytes)
+    res["floor"]["ort_per_token_over_floor"] = round(res["vlmedge-ort"]["per_token_ms"] / res["floor"]["floor_ms"], 2)
+    res["first_token_floor"] = first_token_floor(sdpa, hf_inputs, res)
     res["prompt_tokens"], res["grid"], res["new_tokens"] = len(rows[0]), list(inputs[0][0].grid), N
     return res
+
+
+def first_token_floor(hf, hf_inputs: dict, res: dict) -> dict:
+    """The first token's arithmetic, counted by PyTorch on HF's own first-token pass (vision tower, merger,
+    prompt, one row of the LM head), over ONNX Runtime's best float32 MatMul rate at the tower's MLP shape:
+    no FP32 runtime makes the first token faster than that on this machine."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from decoder_only import gemm_rate
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        hf.generate(**hf_inputs, max_new_tokens=1, do_sample=False)
+    flops = counter.get_total_flops()
+    vision = hf.config.vision_config
+    patches = int(hf_inputs["image_grid_thw"].prod(-1).sum())
+    rate = gemm_rate(patches, vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio))
+    floor_ms = flops / rate * 1000
+    return {"gflop": round(flops / 1e9, 1), "matmul_gflops": round(rate / 1e9, 1), "floor_ms": round(floor_ms, 1),
+            **{f"{k}_over_floor": round(res[k]["first_token_ms"] / floor_ms, 2)
+               for k in ("vlmedge", "vlmedge-ort", "hf-eager", "hf-sdpa")},
+            "first_token_for_1_5x_hf_sdpa_ms": round(res["hf-sdpa"]["first_token_ms"] / 1.5, 1)}
 
 
 def table(res: dict) -> str:
@@ -287,11 +326,11 @@ def table(res: dict) -> str:
         lines.append(f"| {r['family']} ({r['architecture']}) | {' / '.join(str(g[k]) for k in g)} | {r['validation_s']} | "
                      f"{r['total_s']} | {r['bundle_kib']} |")
     q = res["qwen2_vl"]
-    lines += ["", f"Qwen2-VL-shaped, {q['parameters'] / 1e6:.0f} M parameters: export {q.get('export_s', '?')} s, "
+    lines += ["", f"Qwen2-VL-shaped, {q.get('parameters', 0) / 1e6:.0f} M parameters: export {q.get('export_s', '?')} s, "
                   f"bundle {q['bundle_mb']} MB (INT4-wo {q['int4_mb']} MB); prompt {q['prompt_tokens']} tokens, "
                   f"{q['new_tokens']} new tokens", "",
               "| | time to first token (ms) | per token (ms) |", "|---|---:|---:|"]
-    for k in ("vlmedge", "hf-eager", "hf-sdpa", "vlmedge-int4"):
+    for k in ("vlmedge", "vlmedge-ort", "hf-eager", "hf-sdpa", "vlmedge-int4"):
         lines.append(f"| {k}, median (best) | {q[k]['first_token_ms']} ({q[k]['best_first_token_ms']}) | "
                      f"{q[k]['per_token_ms']} ({q[k]['best_per_token_ms']}) |")
     lines += ["", "| ratio | median of per-round ratios | of medians | of best rounds |", "|---|---:|---:|---:|"]

@@ -312,3 +312,25 @@ def test_chat_of_two_turns_and_two_images_equals_hf_generate(block_bundles, name
     assert (blocks == _hf_blocks(name, inputs["token_type_ids"])).all() and set(blocks.ravel()) == {-1, 0, 1}
     eos = manifest.tasks["vqa"]["generation"]["eos_token_id"]
     assert list(got.ids) == _hf_generate(model, inputs, 1, eos)[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_the_onnxruntime_target_keeps_the_blocks_attention(block_bundles, tmp_path, name):
+    """GroupQueryAttention masks every prompt causally, so the ONNX Runtime target leaves these layers'
+    attention as it is (the rest is fused) and the prefill stays HF's; the portable graph reads each
+    grouped-query cache where it lies."""
+    import onnx
+
+    import vlmedge
+    from vlmedge.export.ort_target import fused_counts, retarget
+
+    adapter, manifest, path, _ = block_bundles(name)
+    portable = onnx.load(str(path / "decoder.onnx"), load_external_data=False)
+    assert not [n for n in portable.graph.node if "present.0.self.key" in n.input and n.op_type == "Expand"]
+    retarget(path, tmp_path / "ort", validate_images=2)
+    fused = fused_counts(tmp_path / "ort" / "decoder.onnx")
+    assert "GroupQueryAttention" not in fused and fused.get("SkipSimplifiedLayerNormalization", 0) > 0
+    images, texts = _images(3), _questions(name, 3)
+    ref = _model(adapter)(**_hf_inputs(name, adapter.source, images, texts)).logits[:, -1].numpy()
+    assert np.abs(_prefill(vlmedge.load(tmp_path / "ort"), images, texts) - ref).max() < 1e-4

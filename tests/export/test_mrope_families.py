@@ -274,3 +274,34 @@ def test_export_inspect_and_caption_through_the_cli(mrope_bundles, tmp_path, cap
     eos = manifest.tasks["vqa"]["generation"]["eos_token_id"]
     ref = _hf_generate(_model(adapter), _hf_inputs(adapter.source, reloaded, [_msgs(instruction)] * 2), 1, eos)
     assert [r["ids"] for r in got] == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_the_onnxruntime_target_fuses_m_rope_attention_and_keeps_hf_tokens(mrope_bundles, tmp_path, name):
+    """`--target onnxruntime`: each layer's attention as RotaryEmbedding (fed each call's M-RoPE cos/sin rows)
+    and GroupQueryAttention; prefill logits and tokens stay HF's."""
+    import onnx
+
+    import vlmedge
+    from vlmedge.export.ort_target import fused_counts, retarget
+
+    adapter, manifest, path, _ = mrope_bundles(name)
+    portable = onnx.load(str(path / "decoder.onnx"), load_external_data=False)
+    # the portable graph reads each grouped-query cache where it lies (no copy per query head)
+    assert not [n for n in portable.graph.node if "present.0.self.key" in n.input and n.op_type == "Expand"]
+    entry = retarget(path, tmp_path / "ort", validate_images=2)
+    layers = manifest.dims["decoder_layers"]
+    assert fused_counts(tmp_path / "ort" / "decoder.onnx") == {"GroupQueryAttention": layers, "RotaryEmbedding": 2 * layers,
+                                                              "SkipSimplifiedLayerNormalization": 2 * layers}
+    assert entry["token_agreement"] == {"caption": "2/2", "vqa": "2/2"}
+    model = _model(adapter)
+    pipe = vlmedge.load(tmp_path / "ort")
+    images, questions = _images(3), _questions(3)
+    inputs = _hf_inputs(adapter.source, [[img] for img in images], [_msgs(q) for q in questions])
+    assert np.abs(_prefill(pipe, images, questions) - model(**inputs).logits[:, -1].numpy()).max() < 1e-4
+    eos = manifest.tasks["vqa"]["generation"]["eos_token_id"]
+    for beams in (1, 3):  # three grids, left-padded
+        ours = [list(g.ids) for g in pipe.vqa(images, questions, return_ids=True, num_beams=beams, max_new_tokens=MAX_NEW)]
+        assert ours == _hf_generate(model, inputs, beams, eos)
+        assert max(map(len, ours)) > 3  # decode steps past the prompt: their positions carry rope_deltas

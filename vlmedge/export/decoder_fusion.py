@@ -18,6 +18,13 @@ attention mask (left padding, the prompt's hidden slot) goes in as an additive b
 positions; GroupQueryAttention adds the causal part. Positions go to RotaryEmbedding as given, so
 left-padded rows keep HF's positions. The cos/sin tables are the graph's own: the subgraph that
 computes them from `position_ids` is cut out and run over every position the bundle declares.
+M-RoPE (Qwen2-VL, Qwen2.5-VL: `position_ids[3, batch, seq]`) has no table by position: there the
+graph keeps its own cos/sin subgraph, and each call's rows (the first half of each token's cos/sin,
+checked equal to the second) are that call's table, which RotaryEmbedding reads at `b * seq + s`
+for token (b, s).
+
+A decoder whose prompt holds blocks that attend both ways (`block_ids`: PaliGemma, Gemma 3) is left
+as it is: GroupQueryAttention masks every prompt causally.
 
 Each layer is matched on the form the exporter writes (checked, never assumed); a layer that does
 not match stays as it is, and the target's validation compares tokens with the portable bundle's.
@@ -97,7 +104,7 @@ def _rotary(ix: _Index, rotated: str):
         sin_u = next(i for i in turned.input if ix.op(i, "Concat") is None)
         for x, cos_u in (plain.input, plain.input[::-1]):
             cu, su = ix.op(cos_u, "Unsqueeze"), ix.op(sin_u, "Unsqueeze")
-            if cu is None or su is None or ix.op(cu.input[0], "Cos") is None or ix.op(su.input[0], "Sin") is None:
+            if cu is None or su is None:  # what cos and sin are computed from is checked by running it
                 continue
             neg_src = ix.op(ix.op(cat.input[0], "Neg").input[0], "Slice")
             if neg_src is None or neg_src.input[0] != x:
@@ -165,6 +172,30 @@ def _tables(model, cos: str, sin: str, positions: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(c[:, :half], dtype=np.float32), np.ascontiguousarray(s[:, :half], dtype=np.float32)
 
 
+def _mrope_tables(model, cos: str, sin: str) -> str | None:
+    """Why the graph's M-RoPE cos/sin (batch, seq, head_dim), computed from 3-D position_ids, cannot feed
+    RotaryEmbedding as per-call caches, or None when they can: run on positions whose three rows
+    differ, both must be two equal halves (rotate-half form), as they are after Qwen2-VL's section
+    selection."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    positions = rng.integers(0, 512, size=(3, 2, 7)).astype(np.int64)
+    try:
+        sub = onnx.utils.Extractor(model).extract_model(["position_ids"], [cos, sin])
+        sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        c, s = sess.run(None, {"position_ids": positions})
+    except Exception as e:  # noqa: BLE001 (onnx and onnxruntime raise many types): the graph stays as it is
+        return f"the rotary tables do not follow from position_ids alone ({str(e).splitlines()[0][:120]})"
+    if c.ndim != 3 or c.shape[:2] != (2, 7) or s.shape != c.shape:
+        return f"the rotary tables are {list(c.shape)}, not (batch, seq, head size)"
+    half = c.shape[-1] // 2
+    if not (np.array_equal(c[..., :half], c[..., half:]) and np.array_equal(s[..., :half], s[..., half:])):
+        return "the rotary tables are not two equal halves (rotate-half form)"
+    return None
+
+
 def _input_dims(graph) -> dict[str, list]:
     """Each graph input's dimensions (None where symbolic)."""
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
@@ -179,6 +210,9 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
     g = model.graph
     ix = _Index(g)
     inputs = _input_dims(g)
+    if "block_ids" in inputs:  # GroupQueryAttention masks every prompt causally: the blocks' keys ahead would be lost
+        return {"fused_layers": 0, "left": {i: "the prompt's blocks attend both ways, and GroupQueryAttention is causal"
+                                            for i in range(layers)}}
     matched, left = {}, {}
     for i in range(layers):
         got = _match_layer(ix, i)
@@ -186,7 +220,11 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
     if not matched:
         return {"fused_layers": 0, "left": left}
     first = next(iter(matched.values()))
-    tables = _tables(model, first.cos, first.sin, positions)
+    if any((x.cos, x.sin) != (first.cos, first.sin) for x in matched.values()):
+        return {"fused_layers": 0, "left": {i: "the layers rotate by different tables" for i in range(layers)}}
+    # M-RoPE (Qwen2-VL): position_ids are (3, batch, seq), one row each for time, height and width
+    mrope = len(inputs["position_ids"]) == 3
+    tables = _mrope_tables(model, first.cos, first.sin) if mrope else _tables(model, first.cos, first.sin, positions)
     if isinstance(tables, str):
         return {"fused_layers": 0, "left": {i: tables for i in range(layers)}}
     kv_heads, head_dim = inputs["past.0.self.key"][1], inputs["past.0.self.key"][3]
@@ -198,10 +236,12 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
 
     new = []
     name = "vlmedge_fused"
-    g.initializer.extend([numpy_helper.from_array(tables[0], f"{name}.cos_cache"),
-                          numpy_helper.from_array(tables[1], f"{name}.sin_cache"),
-                          numpy_helper.from_array(np.array([0], np.int64), f"{name}.zero"),
+    if not mrope:
+        g.initializer.extend([numpy_helper.from_array(tables[0], f"{name}.cos_cache"),
+                              numpy_helper.from_array(tables[1], f"{name}.sin_cache")])
+    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{name}.zero"),
                           numpy_helper.from_array(np.array([1], np.int64), f"{name}.one_i"),
+                          numpy_helper.from_array(np.array([2], np.int64), f"{name}.two_i"),
                           numpy_helper.from_array(np.array(1.0, np.float32), f"{name}.one"),
                           numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), f"{name}.masked"),
                           numpy_helper.from_array(np.array([1, 2], np.int64), f"{name}.axes12")])
@@ -211,7 +251,25 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
     n("Shape", ["position_ids"], [f"{name}.pos_shape"])
     n("Gather", [f"{name}.mask_shape", f"{name}.zero"], [f"{name}.B"], axis=0)
     n("Gather", [f"{name}.mask_shape", f"{name}.one_i"], [f"{name}.T"], axis=0)
-    n("Gather", [f"{name}.pos_shape", f"{name}.one_i"], [f"{name}.S"], axis=0)
+    n("Gather", [f"{name}.pos_shape", f"{name}.two_i" if mrope else f"{name}.one_i"], [f"{name}.S"], axis=0)
+    rotary_positions = "position_ids"
+    if mrope:
+        # each call's own caches: row b * S + s is token (b, s)'s cos/sin (its first half), and
+        # RotaryEmbedding reads row position_ids[b, s] = b * S + s
+        g.initializer.extend([numpy_helper.from_array(np.array([head_dim // 2], np.int64), f"{name}.half"),
+                              numpy_helper.from_array(np.array([-1], np.int64), f"{name}.last"),
+                              numpy_helper.from_array(np.array([-1, head_dim // 2], np.int64), f"{name}.rows"),
+                              numpy_helper.from_array(np.array(0, np.int64), f"{name}.zero_s"),
+                              numpy_helper.from_array(np.array(1, np.int64), f"{name}.one_s")])
+        for which, table in (("cos", first.cos), ("sin", first.sin)):
+            n("Slice", [table, f"{name}.zero", f"{name}.half", f"{name}.last"], [f"{name}.{which}_half"])
+            n("Reshape", [f"{name}.{which}_half", f"{name}.rows"], [f"{name}.{which}_cache"])
+        n("Mul", [f"{name}.B", f"{name}.S"], [f"{name}.BS"])
+        n("Squeeze", [f"{name}.BS", f"{name}.zero"], [f"{name}.BS_s"])
+        n("Range", [f"{name}.zero_s", f"{name}.BS_s", f"{name}.one_s"], [f"{name}.flat"])
+        n("Concat", [f"{name}.B", f"{name}.S"], [f"{name}.BS_shape"], axis=0)
+        n("Reshape", [f"{name}.flat", f"{name}.BS_shape"], [f"{name}.rotary_positions"])
+        rotary_positions = f"{name}.rotary_positions"
     n("Sub", [f"{name}.T", f"{name}.one_i"], [f"{name}.T1"])
     n("Cast", [f"{name}.T1"], [f"{name}.T1_32"], to=6)
     n("Expand", [f"{name}.T1_32", f"{name}.B"], [f"{name}.seqlens_k"])
@@ -232,9 +290,9 @@ def fuse_prefix_decoder(model, layers: int, positions: int) -> dict:
             continue
         heads = width // head_dim
         q, k = f"{name}.{i}.q", f"{name}.{i}.k"
-        n("RotaryEmbedding", [layer.q_lin, "position_ids", f"{name}.cos_cache", f"{name}.sin_cache"], [q],
+        n("RotaryEmbedding", [layer.q_lin, rotary_positions, f"{name}.cos_cache", f"{name}.sin_cache"], [q],
           domain=FUSED_DOMAIN, num_heads=heads, interleaved=0)
-        n("RotaryEmbedding", [layer.k_lin, "position_ids", f"{name}.cos_cache", f"{name}.sin_cache"], [k],
+        n("RotaryEmbedding", [layer.k_lin, rotary_positions, f"{name}.cos_cache", f"{name}.sin_cache"], [k],
           domain=FUSED_DOMAIN, num_heads=kv_heads, interleaved=0)
         new.append(helper.make_node(
             "GroupQueryAttention",

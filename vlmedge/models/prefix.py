@@ -27,6 +27,7 @@ layer kind's window (`BlockPrefixDecoder`).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,22 @@ CAPTION_INSTRUCTION = "Describe the image."  # caption's user text when export i
 
 
 GROUPED = "vlmedge_grouped"
-# language models whose eager attention is plain softmax(QK^T * scale + mask) V over repeated KV heads
-GROUPED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# language models whose eager attention is softmax(QK^T * scale [soft-capped] + mask) V over repeated KV
+# heads (Gemma 2 soft-caps the scores with tanh; the others pass no softcap)
+GROUPED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "gemma", "gemma2",
+                                 "gemma3_text"})
 
 
-def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def grouped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
     """HF's eager attention without repeating the KV heads: each KV head's query heads are stacked as
     rows of one product, so the graph reads the cache where it lies instead of copying it
     `heads / kv_heads` times at every step."""
     b, heads, s, d = query.shape
     kv = key.shape[1]
-    scores = torch.matmul(query.reshape(b, kv, -1, d), key.transpose(2, 3)) * scaling
+    scores = torch.matmul(query.reshape(b, kv, -1, d), key.transpose(2, 3)) * (d ** -0.5 if scaling is None else scaling)
     scores = scores.reshape(b, heads, s, -1)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -59,12 +64,24 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     return out.reshape(b, heads, s, d).transpose(1, 2).contiguous(), probs
 
 
-def _register_grouped() -> None:
+@contextlib.contextmanager
+def grouped(config):
+    """`config`'s eager attention as `grouped_attention` while the block runs (language models of
+    GROUPED_MODEL_TYPES; others run as they are)."""
+    before = config._attn_implementation
+    if getattr(config, "model_type", None) not in GROUPED_MODEL_TYPES or before != "eager":
+        yield
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(GROUPED, grouped_attention)
     AttentionMaskInterface.register(GROUPED, eager_mask)
+    config._attn_implementation = GROUPED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 class PrefixDecoder(nn.Module):
@@ -82,16 +99,9 @@ class PrefixDecoder(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers.cache_utils import DynamicCache
 
-        config = self.lm.config
-        before = config._attn_implementation
-        if getattr(config, "model_type", None) in GROUPED_MODEL_TYPES and before == "eager":
-            _register_grouped()
-            config._attn_implementation = GROUPED
-        try:
+        with grouped(self.lm.config):
             out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                           cache=DynamicCache(pair_kv(past)), use_cache=True, return_dict=True)
-        finally:
-            config._attn_implementation = before
         logits = self.head(out.last_hidden_state[:, -1])
         return (logits, *flat_kv((layer.keys, layer.values) for layer in out.cache.layers))
 
@@ -140,9 +150,10 @@ class BlockPrefixDecoder(PrefixDecoder):
 
         masks = self.masks(inputs_embeds, attention_mask, block_ids)
         layered = len(masks) > 1 or getattr(self.lm.config, "layer_types", None) is not None
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=masks if layered else masks["full_attention"],
-                      position_ids=position_ids + self.position_offset, cache=DynamicCache(pair_kv(past)), use_cache=True,
-                      return_dict=True)
+        with grouped(self.lm.config):
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=masks if layered else masks["full_attention"],
+                          position_ids=position_ids + self.position_offset, cache=DynamicCache(pair_kv(past)),
+                          use_cache=True, return_dict=True)
         logits = self.head(out.last_hidden_state[:, -1])
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
