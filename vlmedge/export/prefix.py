@@ -32,6 +32,8 @@ def frames_per_image(info: FamilyInfo) -> int:
     if p["kind"] == "anyres":
         tile = info.preprocessing.height
         return max((h // tile) * (w // tile) for h, w in p["grid_pinpoints"]) + 1
+    if p.get("pan_and_scan"):  # Gemma 3: the image and its crops
+        return 1 + int(p["pan_and_scan"]["max_crops"])
     return 1
 
 

@@ -182,6 +182,8 @@ _PROCESSOR = Obj({"kind": Str(choices=("clip", "idefics3", "anyres", "fixed", "q
     "tile": Int(1, 16384), "longest_edge": Int(1, 16384), "split": Bool(),  # idefics3
     "grid_pinpoints": List(List(Int(1, 16384), 2, 2), 1, 256), "max_tiles": Int(1, 1024),  # anyres
     "fake_image_token": _TOKEN_TEXT, "global_image_token": _TOKEN_TEXT,
+    "pan_and_scan": Obj({"min_crop_size": Int(1, 16384), "max_crops": Int(2, 64), "min_ratio": Num(1, 1024),  # Gemma 3
+                         "intro": Str(max_len=256, what="text"), "crops_intro": Str(max_len=256, what="text")}),
 })
 # the text a vision graph reads beside the pixels: its tokenizer, the two graph inputs it fills (ids, mask), its
 # longest row, and the text of each task that brings no text of its own (a cross-attention caption's instruction)

@@ -15,7 +15,8 @@ text that stands for the image in the prompt.
   each image is padded to a square with the mean colour instead, one frame, plus one newline.
 - `fixed` (PaliGemma, Gemma 3): resize to height x width (aspect not kept), one frame; `image_tokens`
   placeholders, between `image_start` and `image_end` where the processor writes them (Gemma 3's
-  `\n\n<start_of_image>` ... `<end_of_image>\n\n`).
+  `\n\n<start_of_image>` ... `<end_of_image>\n\n`). With `pan_and_scan` (Gemma 3), an image far from
+  square also gives a frame per crop along its long side, and its text names the image, then the crops.
 - `qwen2_vl` (Qwen2-VL, Qwen2.5-VL): dynamic resolution. `smart_resize` to multiples of patch x merge
   pixels between `min_pixels` and `max_pixels` (aspect kept), then the image cut into patches, each patch
   repeated over the temporal patch and flattened, in merge-block order: the frames are
@@ -126,10 +127,35 @@ def _clip(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> Im
 
 
 def _fixed(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> ImageInput:
-    """SigLIP's processor (PaliGemma) and Gemma 3's without pan and scan: one frame of height x width."""
-    frame = _resize(img, int(prep["height"]), int(prep["width"]), prep["resample"])
-    text = p["image_token"] * int(p["image_tokens"])
-    return ImageInput(_frames([frame], prep), str(p.get("image_start", "")) + text + str(p.get("image_end", "")))
+    """SigLIP's processor (PaliGemma) and Gemma 3's: one frame of height x width; with `pan_and_scan`
+    (Gemma 3), then a frame of each crop (`pan_and_scan_crops`), the image's text naming them."""
+    full = str(p.get("image_start", "")) + p["image_token"] * int(p["image_tokens"]) + str(p.get("image_end", ""))
+    pas = p.get("pan_and_scan")
+    boxes = pan_and_scan_crops(img.size[1], img.size[0], pas) if pas else []
+    frames = [_resize(i, int(prep["height"]), int(prep["width"]), prep["resample"]) for i in [img, *map(img.crop, boxes)]]
+    if not boxes:
+        return ImageInput(_frames(frames, prep), full, size=(img.size[1], img.size[0]))
+    text = pas["intro"] + full + pas["crops_intro"] + " ".join([full] * len(boxes))
+    return ImageInput(_frames(frames, prep), text, size=(img.size[1], img.size[0]))
+
+
+def pan_and_scan_crops(height: int, width: int, spec: Mapping[str, Any]) -> list[tuple[int, int, int, int]]:
+    """Gemma 3's pan and scan (Hugging Face's `Gemma3ImageProcessor.pan_and_scan`): an image whose long side
+    is at least `min_ratio` times its short side is cut along the long side into about long/short crops
+    (half rounded up), at least 2 and at most `max_crops`, none narrower than `min_crop_size` (else no
+    crops). Returns Pillow boxes (left, top, right, bottom), row by row, the last one cut at the image's edge
+    as Hugging Face's slicing cuts it."""
+    low, most, ratio = int(spec["min_crop_size"]), int(spec["max_crops"]), float(spec["min_ratio"])
+    long_, short = (width, height) if width >= height else (height, width)
+    if long_ / short < ratio:
+        return []
+    n = max(2, min(int(math.floor(long_ / low)), int(math.floor(long_ / short + 0.5))))
+    n = min(most, n)
+    cols, rows = (n, 1) if width >= height else (1, n)
+    cw, ch = int(math.ceil(width / cols)), int(math.ceil(height / rows))
+    if min(cw, ch) < low:
+        return []
+    return [(x, y, min(x + cw, width), min(y + ch, height)) for y in range(0, ch * rows, ch) for x in range(0, cw * cols, cw)]
 
 
 # -- qwen2_vl (Qwen2-VL) ----------------------------------------------------------------------------
