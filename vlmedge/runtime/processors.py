@@ -133,9 +133,7 @@ def _fixed(img: Image.Image, prep: Mapping[str, Any], p: Mapping[str, Any]) -> I
     pas = p.get("pan_and_scan")
     boxes = pan_and_scan_crops(img.size[1], img.size[0], pas) if pas else []
     frames = [_resize(i, int(prep["height"]), int(prep["width"]), prep["resample"]) for i in [img, *map(img.crop, boxes)]]
-    if not boxes:
-        return ImageInput(_frames(frames, prep), full, size=(img.size[1], img.size[0]))
-    text = pas["intro"] + full + pas["crops_intro"] + " ".join([full] * len(boxes))
+    text = pas["intro"] + full + pas["crops_intro"] + " ".join([full] * len(boxes)) if boxes else full
     return ImageInput(_frames(frames, prep), text, size=(img.size[1], img.size[0]))
 
 
