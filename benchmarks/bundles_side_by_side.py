@@ -20,12 +20,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def timed_vqa(pipe, image, question: str, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, median seconds a token after it, the ids) of one VQA call that generates
+    exactly `new_tokens` tokens; the first token's time includes preprocessing."""
+    from vlmedge.runtime.decoding import Timings
+
+    t = Timings()
+    t0 = time.perf_counter()
+    g = pipe.vqa(image, question, return_ids=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, timings=t)
+    whole = time.perf_counter() - t0
+    return whole - sum(t.tokens), statistics.median(t.tokens), list(g.ids)
+
+
 def main(argv=None) -> int:
     from PIL import Image
 
     import vlmedge
     from vlmedge.data.scenes import pick_questions, scenes
-    from vlmedge.runtime.decoding import Timings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+")
@@ -41,14 +52,9 @@ def main(argv=None) -> int:
     tokens = {}
     for r in range(args.rounds):
         for b, pipe in pipes.items():
-            t = Timings()
-            t0 = time.perf_counter()
-            g = pipe.vqa(image, question, return_ids=True, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                         timings=t)
-            whole = time.perf_counter() - t0
+            first, per, tokens[b] = timed_vqa(pipe, image, question, args.new_tokens)
             if r:  # the first round warms up
-                times[b].append((whole - sum(t.tokens), statistics.median(t.tokens)))
-            tokens[b] = list(g.ids)
+                times[b].append((first, per))
     for b, v in times.items():
         print(f"{b}: first token {statistics.median(a for a, _ in v) * 1000:.0f} ms, "
               f"per token {statistics.median(s for _, s in v) * 1000:.2f} ms")

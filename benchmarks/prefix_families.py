@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bundles_side_by_side import timed_vqa  # noqa: E402
 from decoder_only import PAUSE, THREADS, floor, log, median_ms  # noqa: E402
 from family_export import _size  # noqa: E402
 
@@ -183,7 +184,6 @@ def against_hf(args, paths: dict) -> dict:
     import vlmedge
     from vlmedge.data.scenes import pick_questions, scenes
     from vlmedge.models.registry import load_adapter
-    from vlmedge.runtime.decoding import Timings
     from vlmedge.runtime.prefix import user_turn
 
     torch.set_num_threads(THREADS)
@@ -203,11 +203,7 @@ def against_hf(args, paths: dict) -> dict:
     sdpa.generation_config = hf.generation_config
 
     def ours(pipe):
-        t = Timings()
-        t0 = time.perf_counter()
-        g = pipe.vqa(image, question, return_ids=True, max_new_tokens=N, min_new_tokens=N, timings=t)
-        whole = time.perf_counter() - t0
-        return whole - sum(t.tokens), statistics.median(t.tokens), list(g.ids)
+        return timed_vqa(pipe, image, question, N)
 
     from transformers import LogitsProcessor, LogitsProcessorList
 

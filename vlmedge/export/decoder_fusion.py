@@ -154,45 +154,45 @@ def _match_layer(ix: _Index, i: int) -> _Layer | str:
     return _Layer(q_lin, k_lin, v_lin, t, float(scale.reshape(())), k_rot[1], k_rot[2])
 
 
-def _tables(model, cos: str, sin: str, positions: int) -> tuple[np.ndarray, np.ndarray] | str:
-    """cos/sin caches (positions, head_dim / 2) from the graph's own subgraph over position_ids."""
+def _run_rotary(model, cos: str, sin: str, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+    """The graph's cos/sin for `positions`, run from its own subgraph over position_ids, or why they
+    cannot feed RotaryEmbedding (not from position_ids alone, or not two equal halves: the rotate-half
+    form)."""
     import onnx
     import onnxruntime as ort
 
-    try:
-        sub = onnx.utils.Extractor(model).extract_model(["position_ids"], [cos, sin])
-        sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
-        c, s = sess.run(None, {"position_ids": np.arange(positions, dtype=np.int64)[None]})
-    except Exception as e:  # noqa: BLE001 (onnx and onnxruntime raise many types): the graph stays as it is
-        return f"the rotary tables do not follow from position_ids alone ({str(e).splitlines()[0][:120]})"
-    c, s = c.reshape(positions, -1), s.reshape(positions, -1)
-    half = c.shape[1] // 2
-    if not (np.array_equal(c[:, :half], c[:, half:]) and np.array_equal(s[:, :half], s[:, half:])):
-        return "the rotary tables are not two equal halves (rotate-half form)"
-    return np.ascontiguousarray(c[:, :half], dtype=np.float32), np.ascontiguousarray(s[:, :half], dtype=np.float32)
-
-
-def _mrope_tables(model, cos: str, sin: str) -> str | None:
-    """Why the graph's M-RoPE cos/sin (batch, seq, head_dim), computed from 3-D position_ids, cannot feed
-    RotaryEmbedding as per-call caches, or None when they can: run on positions whose three rows
-    differ, both must be two equal halves (rotate-half form), as they are after Qwen2-VL's section
-    selection."""
-    import onnx
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(0)
-    positions = rng.integers(0, 512, size=(3, 2, 7)).astype(np.int64)
     try:
         sub = onnx.utils.Extractor(model).extract_model(["position_ids"], [cos, sin])
         sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
         c, s = sess.run(None, {"position_ids": positions})
     except Exception as e:  # noqa: BLE001 (onnx and onnxruntime raise many types): the graph stays as it is
         return f"the rotary tables do not follow from position_ids alone ({str(e).splitlines()[0][:120]})"
-    if c.ndim != 3 or c.shape[:2] != (2, 7) or s.shape != c.shape:
-        return f"the rotary tables are {list(c.shape)}, not (batch, seq, head size)"
     half = c.shape[-1] // 2
-    if not (np.array_equal(c[..., :half], c[..., half:]) and np.array_equal(s[..., :half], s[..., half:])):
+    if s.shape != c.shape or not (np.array_equal(c[..., :half], c[..., half:]) and np.array_equal(s[..., :half], s[..., half:])):
         return "the rotary tables are not two equal halves (rotate-half form)"
+    return c, s
+
+
+def _tables(model, cos: str, sin: str, positions: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """cos/sin caches (positions, head_dim / 2) from the graph's own subgraph over position_ids."""
+    got = _run_rotary(model, cos, sin, np.arange(positions, dtype=np.int64)[None])
+    if isinstance(got, str):
+        return got
+    c, s = (t.reshape(positions, -1) for t in got)
+    half = c.shape[1] // 2
+    return np.ascontiguousarray(c[:, :half], dtype=np.float32), np.ascontiguousarray(s[:, :half], dtype=np.float32)
+
+
+def _mrope_tables(model, cos: str, sin: str) -> str | None:
+    """Why the graph's M-RoPE cos/sin (batch, seq, head_dim), computed from 3-D position_ids, cannot feed
+    RotaryEmbedding as per-call caches, or None when they can: run on positions whose three rows differ,
+    both must be two equal halves, as they are after Qwen2-VL's section selection."""
+    positions = np.random.default_rng(0).integers(0, 512, size=(3, 2, 7)).astype(np.int64)
+    got = _run_rotary(model, cos, sin, positions)
+    if isinstance(got, str):
+        return got
+    if got[0].ndim != 3 or got[0].shape[:2] != (2, 7):
+        return f"the rotary tables are {list(got[0].shape)}, not (batch, seq, head size)"
     return None
 
 
